@@ -1,0 +1,122 @@
+"""certbatch's exceptions: each carries its data and its process exit code.
+
+The command layer maps an exception to an exit code through `exit_code_for`, the one place that
+does so. Per-certificate failures are caught by the runner and recorded, so only errors that stop
+the whole run reach the command layer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_LOCKED = 75  # EX_TEMPFAIL from sysexits.h: cron wrappers know it means "try later"
+
+
+class CertbatchError(Exception):
+    """Base class: a failure with a message meant for the operator."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(CertbatchError):
+    """The configuration file is missing, unreadable or invalid."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, file: Path | str, key: str, problem: str) -> None:
+        self.file = str(file)
+        self.key = key
+        self.problem = problem
+        where = f"{self.file}: {key}" if key else self.file
+        super().__init__(f"{where}: {problem}")
+
+
+class UsageError(CertbatchError):
+    """The command line asks for something impossible (e.g. --only with an unknown name)."""
+
+    exit_code = EXIT_USAGE
+
+
+class LockBusy(CertbatchError):
+    """Another certbatch process holds the run lock."""
+
+    exit_code = EXIT_LOCKED
+
+    def __init__(self, path: Path, holder_pid: int | None) -> None:
+        self.path = path
+        self.holder_pid = holder_pid
+        who = f"process {holder_pid}" if holder_pid else "another process"
+        super().__init__(f"another certbatch run is in progress ({who} holds {path})")
+
+
+class StoreError(CertbatchError):
+    """Reading or writing the state folder failed."""
+
+
+class AcmeError(CertbatchError):
+    """The ACME server refused a request or could not be reached.
+
+    `type` is the RFC 8555 problem type (e.g. ``urn:ietf:params:acme:error:dns``) when the CA sent
+    one, and `detail` its human-readable text.
+    """
+
+    def __init__(self, detail: str, type: str | None = None, status: int | None = None) -> None:
+        self.type = type
+        self.detail = detail
+        self.status = status
+        super().__init__(f"{type}: {detail}" if type else detail)
+
+
+class RateLimited(AcmeError):
+    """The CA answered rateLimited (HTTP 429); do not retry before `retry_after`."""
+
+    def __init__(self, detail: str, retry_after: _dt.datetime | None,
+                 type: str | None = "urn:ietf:params:acme:error:rateLimited",
+                 status: int | None = 429) -> None:
+        self.retry_after = retry_after
+        super().__init__(detail, type=type, status=status)
+
+
+class ChallengeError(CertbatchError):
+    """Setting up or cleaning up a challenge response failed (webroot, standalone, dns script)."""
+
+
+class CertificateCheckError(CertbatchError):
+    """The CA's certificate does not parse, match the key, or cover the requested names."""
+
+
+class DeadlineExceeded(CertbatchError):
+    """A certificate took longer than its deadline."""
+
+
+class HookError(CertbatchError):
+    """A hook program failed or timed out."""
+
+    def __init__(self, hook: str, returncode: int | None, timed_out: bool,
+                 stderr_tail: str = "") -> None:
+        self.hook = hook
+        self.returncode = returncode
+        self.timed_out = timed_out
+        self.stderr_tail = stderr_tail
+        if timed_out:
+            what = "timed out"
+        elif returncode is not None and returncode < 0:
+            what = f"killed by signal {-returncode}"
+        else:
+            what = f"exited with status {returncode}"
+        msg = f"hook {hook} {what}"
+        last = stderr_tail.strip().splitlines()[-1:] if stderr_tail else []
+        if last:
+            msg += f": {last[0]}"
+        super().__init__(msg)
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The process exit code for an exception that ended a command."""
+    if isinstance(exc, CertbatchError):
+        return exc.exit_code
+    return EXIT_FAILURE
