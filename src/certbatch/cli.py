@@ -1,0 +1,410 @@
+"""The command line: parse options, call the core, render its report, return an exit code.
+
+Exit codes (also in `certbatch --help` and the README): 0 success or nothing due; 1 a certificate
+or the notify phase failed; 2 usage or configuration error; 75 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import config as config_mod
+from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CertbatchError, exit_code_for
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0   success, or nothing was due
+  1   a certificate or the notify phase failed
+  2   usage or configuration error
+  75  another certbatch run holds the lock (try later)"""
+
+
+# -- options accepted both before and after the command name -------------------------------------
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        root = ctx.find_root()
+        if value not in (None, False, 0) or key not in root.meta:
+            root.meta[key] = value
+    return callback
+
+
+def common_options(f: F) -> F:
+    """-c/-v/-q/--log-file, valid on the group and on every command."""
+    f = click.option("--log-file", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_remember("log_file"),
+                     help="Append timestamped log lines here (overrides logging.file).")(f)
+    f = click.option("-q", "--quiet", is_flag=True, expose_value=False,
+                     callback=_remember("quiet"), help="Print errors only.")(f)
+    f = click.option("-v", "--verbose", count=True, expose_value=False,
+                     callback=_remember("verbose"),
+                     help="More detail on stderr (-vv: debug, including ACME steps).")(f)
+    f = click.option("-c", "--config", type=click.Path(dir_okay=False), expose_value=False,
+                     callback=_remember("config"),
+                     help="Config file (default: $CERTBATCH_CONFIG, ./certbatch.yaml, "
+                          "/etc/certbatch/certbatch.yaml).")(f)
+    return f
+
+
+def _opt(ctx: click.Context, key: str) -> Any:
+    return ctx.find_root().meta.get(key)
+
+
+def load_settings(ctx: click.Context) -> config_mod.Settings:
+    path = config_mod.find_config(_opt(ctx, "config"))
+    settings = config_mod.load(path)
+    setup_logging(ctx, settings)
+    return settings
+
+
+def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> None:
+    logger = logging.getLogger("certbatch")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    verbose = _opt(ctx, "verbose") or 0
+    if verbose:
+        stderr = logging.StreamHandler(sys.stderr)
+        stderr.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        stderr.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(stderr)
+    log_file = _opt(ctx, "log_file") or (settings.log_file if settings else None)
+    if log_file:
+        try:
+            handler: logging.Handler = logging.FileHandler(log_file)
+        except OSError as exc:
+            raise CertbatchError(f"cannot open log file {log_file}: {exc.strerror}") from exc
+        handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+                                "%Y-%m-%dT%H:%M:%S%z")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    # Keep the acme library's wire dumps out unless asked for (they include JWS payloads).
+    logging.getLogger("acme").setLevel(logging.DEBUG if verbose > 2 else logging.WARNING)
+
+
+def out(line: str = "") -> None:
+    click.echo(line)
+
+
+def err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+@click.group(help=f"Renew TLS certificates over ACME in parallel, stage them, apply them in one "
+                  f"batch.\n\n{EXIT_CODES_HELP}",
+             context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="certbatch", message="certbatch %(version)s")
+@common_options
+def cli() -> None:
+    pass
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@common_options
+@click.option("--force", is_flag=True, help="Renew every selected certificate, due or not.")
+@click.option("--only", "only", multiple=True, metavar="NAME",
+              help="Only this certificate (repeatable).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the decision for each certificate; no network, no writes.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Certificates issued in parallel (default: renewal.workers, 4).")
+@click.option("--no-notify", is_flag=True,
+              help="Stage renewed certificates but leave the notify phase to `run-hook`.")
+@click.option("--jitter", type=click.FloatRange(0), default=None, metavar="SECONDS",
+              help="Sleep a random 0..SECONDS before the first ACME request, only if something "
+                   "is due (default: renewal.jitter, 0).")
+@click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON report on stdout (schema in the README).")
+@click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
+              help="Write Prometheus textfile metrics here after the run (overrides "
+                   "metrics.file).")
+@click.pass_context
+def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
+          workers: int | None, no_notify: bool, jitter: float | None, wait: float,
+          as_json: bool, metrics_file: str | None) -> int:
+    """Renew every certificate that is due, then apply the batch with one notify run."""
+    from . import render
+    from .runner import Runner, run_lock
+
+    settings = load_settings(ctx)
+    quiet = bool(_opt(ctx, "quiet"))
+    verbose = bool(_opt(ctx, "verbose"))
+    tty = sys.stdout.isatty() and sys.stderr.isatty()
+    progress = None
+    if tty and not quiet and not as_json and not dry_run:
+        progress = render.RichProgress(sys.stderr)
+    runner = Runner(settings, progress)
+    if dry_run:
+        # Touches nothing: no lock file, no state, no network.
+        report = runner.renew(force=force, only=only, dry_run=True)
+        if as_json:
+            out(render.dumps(render.report_to_dict(report)))
+        else:
+            for line in render.plan_lines(report):
+                out(line)
+        return EXIT_OK
+    try:
+        with run_lock(settings.paths.state, wait):
+            report = runner.renew(force=force, only=only, workers=workers, notify=not no_notify,
+                                  jitter=jitter)
+            metrics_path = metrics_file or settings.metrics_file
+            if metrics_path:
+                from . import metrics
+                metrics.write(Path(metrics_path), settings, runner.store, runner.spool, report)
+    finally:
+        if progress:
+            progress.stop()
+    if as_json:
+        out(render.dumps(render.report_to_dict(report)))
+    elif progress is not None:
+        progress.table(report)
+    elif not quiet and (report.changed or verbose):
+        for line in render.summary_lines(report, verbose):
+            out(line)
+    if progress is None:
+        for line in render.error_lines(report):
+            err(f"certbatch: {line}")
+    return report.exit_code
+
+
+def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
+    from . import render
+    from .runner import Runner, utcnow
+
+    runner = Runner(settings)
+    now = utcnow()
+    rows = []
+    for cert in settings.certificates.values():
+        decision, stored, status = runner.decide(cert, now)
+        days = None if stored is None else int((stored.not_after - now).total_seconds() // 86400)
+        rows.append({
+            "name": cert.name,
+            "domains": list(cert.domains),
+            "serial": stored.serial if stored else None,
+            "not_after": render.ts(stored.not_after) if stored else None,
+            "days_left": days,
+            "due": decision.does_work,
+            "decision": decision.action,
+            "reason": decision.reason,
+            "due_at": render.ts(decision.due_at),
+            "last_result": status.last_result,
+            "last_error": status.last_error,
+            "last_attempt": render.ts(status.last_attempt),
+            "last_success": render.ts(status.last_success),
+            "rate_limited_until": render.ts(status.rate_limited_until),
+        })
+    return rows
+
+
+@cli.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> int:
+    """Show every configured certificate: expiry, days left, due or not, last result."""
+    from . import render
+
+    settings = load_settings(ctx)
+    rows = status_data(settings)
+    if as_json:
+        from .spool import Spool
+        pending = Spool(settings.paths.spool, settings.paths.hooks).pending()
+        out(render.dumps({"schema_version": render.REPORT_SCHEMA_VERSION,
+                          "certificates": rows,
+                          "pending": [p.name for p in pending]}))
+    else:
+        for line in render.status_rows(rows):
+            out(line)
+    return EXIT_OK
+
+
+@cli.command("run-hook", epilog=EXIT_CODES_HELP)
+@common_options
+@click.option("--dry-run", is_flag=True,
+              help="Print the batch and each hook with its environment; run and change nothing.")
+@click.option("--deploy", "deploy", metavar="NAME", default=None,
+              help="Stage this stored certificate again through the deploy hooks instead.")
+@click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
+@click.pass_context
+def run_hook(ctx: click.Context, dry_run: bool, deploy: str | None, wait: float) -> int:
+    """Apply what is pending in the spool now (the notify phase), or re-stage one certificate."""
+    from .runner import Runner, run_lock
+
+    settings = load_settings(ctx)
+    runner = Runner(settings)
+    if deploy:
+        runner.select([deploy])  # usage error for an unknown name, before anything runs
+    if dry_run:
+        lines = deploy_plan(runner, deploy) if deploy else notify_plan(runner)
+        for line in lines:
+            out(line)
+        return EXIT_OK
+    with run_lock(settings.paths.state, wait):
+        if deploy:
+            result = runner.restage(deploy)
+            if result.failed:
+                err(f"certbatch: {result.name}: {result.error}")
+                return EXIT_FAILURE
+            if not _opt(ctx, "quiet"):
+                out(f"{result.name}: staged (serial {result.serial}); run `certbatch run-hook` "
+                    f"to apply")
+            return EXIT_OK
+        outcome = runner.run_notify()
+    if outcome.batch_id is None:
+        if not _opt(ctx, "quiet"):
+            out("nothing pending")
+        return EXIT_OK
+    if not outcome.ok:
+        err(f"certbatch: notify failed, batch kept pending: {outcome.error}")
+        return EXIT_FAILURE
+    if not _opt(ctx, "quiet"):
+        out(f"applied batch {outcome.batch_id}: {' '.join(outcome.names)}")
+    return EXIT_OK
+
+
+def _env_lines(env: dict[str, str]) -> list[str]:
+    return [f"      {k}={v}" for k, v in sorted(env.items())]
+
+
+def notify_plan(runner: Any) -> list[str]:
+    from .hooks import from_config
+
+    pending = runner.spool.pending()
+    if not pending:
+        return ["nothing pending"]
+    lines = [f"batch of {len(pending)} pending certificate{'s' * (len(pending) != 1)}:"]
+    for p in pending:
+        files = " ".join(sorted(f.name for f in p.folder.iterdir())) if p.folder.exists() else ""
+        lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
+                     f"serial {p.serial}")
+        lines.append(f"    {p.folder}: {files}")
+    commands = runner.spool.notify_commands(from_config(runner.settings.hooks.notify,
+                                                        "config:notify"))
+    env = runner.spool.notify_env([p.name for p in pending], [])
+    if not commands:
+        lines.append("no notify hooks found (hooks/notify.d/ is empty and no hooks.notify)")
+    for cmd in commands:
+        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
+        lines.extend(_env_lines(env))
+    return lines
+
+
+def deploy_plan(runner: Any, name: str) -> list[str]:
+    from .hooks import from_config
+
+    stored = runner.store.current(name)
+    if stored is None:
+        return [f"{name}: not issued yet, nothing to stage"]
+    cert = runner.settings.certificates[name]
+    lines = [f"would stage {name} (serial {stored.serial}, expires {stored.not_after:%Y-%m-%d}) "
+             f"from {stored.folder}"]
+    stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.XXXXXX"
+    env = runner.spool.deploy_env(name, stored.domains, stage_dir)
+    commands = runner.spool.deploy_commands(from_config(cert.deploy, "config:deploy"))
+    if not commands:
+        lines.append("no deploy hooks found (files are copied into the spool only)")
+    for cmd in commands:
+        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
+        lines.extend(_env_lines(env))
+    return lines
+
+
+@cli.command()
+@common_options
+@click.option("--online", is_flag=True, help="Also fetch the ACME directory.")
+@click.pass_context
+def check(ctx: click.Context, online: bool) -> int:
+    """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
+    from .hooks import discover
+
+    settings = load_settings(ctx)
+    problems: list[str] = []
+    out(f"config: {settings.path} (ok)")
+    out(f"acme directory: {settings.acme.directory}")
+    for label, path in (("state", settings.paths.state), ("spool", settings.paths.spool),
+                        ("hooks", settings.paths.hooks)):
+        if path.exists():
+            state = "exists" if os.access(path, os.W_OK) else "exists, NOT WRITABLE"
+            if "NOT" in state and label != "hooks":
+                problems.append(f"{label} folder {path} is not writable")
+        else:
+            state = "will be created" if label != "hooks" else "missing (no hooks will run)"
+        out(f"{label}: {path} ({state})")
+    out(f"certificates: {len(settings.certificates)}")
+    for cert in settings.certificates.values():
+        how = cert.challenge.type + (
+            f" webroot {cert.challenge.webroot}" if cert.challenge.webroot else
+            f" standalone {cert.challenge.standalone_address}:{cert.challenge.standalone_port}"
+            if cert.challenge.standalone else f" script {cert.challenge.script}")
+        out(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
+    for phase in ("deploy.d", "notify.d"):
+        folder = settings.paths.hooks / phase
+        hooks = discover(folder)
+        found = {h.name for h in hooks}
+        out(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)}")
+        if folder.is_dir():
+            for entry in sorted(folder.iterdir()):
+                if entry.name in found:
+                    out(f"  {entry.name} (executable)")
+                elif entry.is_file() and not os.access(entry, os.X_OK):
+                    out(f"  {entry.name} (NOT executable: skipped)")
+                else:
+                    out(f"  {entry.name} (skipped)")
+    if settings.hooks.notify:
+        out(f"hooks.notify: {settings.hooks.notify}")
+    if online:
+        from .acme_client import AcmeClient
+        from .store import Store
+        try:
+            client = AcmeClient(settings.acme, Store(settings.paths.state))
+            meta = client.directory_info()
+            out(f"acme directory reachable: {meta}")
+        except CertbatchError as exc:
+            problems.append(f"acme directory: {exc}")
+    for p in problems:
+        err(f"certbatch: problem: {p}")
+    return EXIT_FAILURE if problems else EXIT_OK
+
+
+# -- entry point: the one place that turns exceptions into exit codes ----------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = cli.main(args=argv, prog_name="certbatch", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE if isinstance(exc, click.UsageError) else exc.exit_code)
+    except click.Abort:
+        err("Aborted!")
+        sys.exit(EXIT_FAILURE)
+    except CertbatchError as exc:
+        err(f"certbatch: error: {exc}")
+        sys.exit(exit_code_for(exc))
+    except KeyboardInterrupt:
+        err("certbatch: interrupted")
+        sys.exit(130)
+    sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
+

@@ -1,0 +1,80 @@
+"""Private keys and certificate checks (cryptography only; imported on the issuance path, lazily)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtensionOID
+
+from .errors import CertificateCheckError
+
+_CURVES = {"ec-p256": ec.SECP256R1, "ec-p384": ec.SECP384R1}
+_RSA_BITS = {"rsa-2048": 2048, "rsa-3072": 3072, "rsa-4096": 4096}
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    serial: str  # lower-case hex, no separators
+    not_before: dt.datetime  # UTC, tz-aware
+    not_after: dt.datetime
+    names: tuple[str, ...]  # DNS subjectAltNames
+
+
+def generate_key(key_type: str) -> bytes:
+    """A new private key of `key_type` as unencrypted PKCS#8 PEM."""
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+    if key_type in _CURVES:
+        key = ec.generate_private_key(_CURVES[key_type]())
+    elif key_type in _RSA_BITS:
+        key = rsa.generate_private_key(public_exponent=65537, key_size=_RSA_BITS[key_type])
+    else:
+        raise ValueError(f"unknown key type {key_type!r}")
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def cert_info(cert: x509.Certificate) -> CertInfo:
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        names = tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        names = ()
+    return CertInfo(serial=format(cert.serial_number, "x"), not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc, names=names)
+
+
+def check_issued(fullchain_pem: bytes, key_pem: bytes, domains: tuple[str, ...] | list[str],
+                 now: dt.datetime | None = None) -> CertInfo:
+    """Check what the CA sent before it replaces anything: it parses, matches our key, covers
+    every requested name and is currently valid. Returns the leaf's details."""
+    try:
+        chain = x509.load_pem_x509_certificates(fullchain_pem)
+    except ValueError as exc:
+        raise CertificateCheckError(f"the CA's certificate chain does not parse: {exc}") from exc
+    leaf = chain[0]
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (leaf.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != key.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise CertificateCheckError("the CA's certificate does not match the private key")
+    info = cert_info(leaf)
+    missing = sorted(set(d.lower() for d in domains) - set(info.names))
+    if missing:
+        raise CertificateCheckError(
+            f"the CA's certificate does not cover {', '.join(missing)}")
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if not info.not_before - dt.timedelta(minutes=5) <= now < info.not_after:
+        raise CertificateCheckError(
+            f"the CA's certificate is not valid now ({info.not_before} .. {info.not_after})")
+    return info
+
+
+def split_fullchain(fullchain_pem: bytes) -> tuple[bytes, bytes]:
+    """(leaf PEM, intermediates PEM) from a full chain."""
+    certs = x509.load_pem_x509_certificates(fullchain_pem)
+    pems = [c.public_bytes(serialization.Encoding.PEM) for c in certs]
+    return pems[0], b"".join(pems[1:])

@@ -1,0 +1,201 @@
+"""Turning reports into text, tables and JSON for the command layer (no click here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from .runner import FAILED_OUTCOMES, CertResult, Progress, RunReport
+from .spool import NotifyOutcome
+
+REPORT_SCHEMA_VERSION = 1
+
+
+def ts(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def notify_to_dict(notify: NotifyOutcome | None) -> dict[str, Any] | None:
+    if notify is None:
+        return None
+    return {
+        "ran": notify.batch_id is not None,
+        "batch_id": notify.batch_id,
+        "names": list(notify.names),
+        "ok": notify.ok,
+        "error": str(notify.error) if notify.error else None,
+        "hooks": [{"hook": r.hook, "returncode": r.returncode, "timed_out": r.timed_out,
+                   "duration_seconds": round(r.duration, 3)} for r in notify.results],
+    }
+
+
+def cert_to_dict(c: CertResult) -> dict[str, Any]:
+    return {
+        "name": c.name,
+        "domains": list(c.domains),
+        "decision": c.decision.action,
+        "reason": c.decision.reason,
+        "due_at": ts(c.decision.due_at),
+        "outcome": c.outcome,
+        "error": c.error,
+        "serial": c.serial,
+        "not_after": ts(c.not_after),
+        "staged": c.staged,
+        "duration_seconds": round(c.duration, 3),
+    }
+
+
+def report_to_dict(report: RunReport) -> dict[str, Any]:
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "started_at": ts(report.started_at),
+        "duration_seconds": round(report.duration, 3),
+        "dry_run": report.dry_run,
+        "exit_code": report.exit_code,
+        "summary": summary_counts(report),
+        "certificates": [cert_to_dict(c) for c in report.certificates],
+        "notify": notify_to_dict(report.notify),
+        "notify_skipped": report.notify_skipped,
+        "pending_after": report.pending_after,
+    }
+
+
+def summary_counts(report: RunReport) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for c in report.certificates:
+        counts[c.outcome] = counts.get(c.outcome, 0) + 1
+    return counts
+
+
+def dumps(data: Any) -> str:
+    return json.dumps(data, indent=2, sort_keys=False)
+
+
+def plan_lines(report: RunReport) -> list[str]:
+    """`renew --dry-run`: one line per certificate with its decision."""
+    width = max((len(c.name) for c in report.certificates), default=0)
+    return [f"{c.name:<{width}}  {c.decision.action:<12}  {c.decision.reason}"
+            for c in report.certificates]
+
+
+def summary_lines(report: RunReport, verbose: bool = False) -> list[str]:
+    """Short plain-text summary: every certificate that did something, then notify."""
+    lines = []
+    width = max((len(c.name) for c in report.certificates), default=0)
+    for c in report.certificates:
+        if c.outcome in FAILED_OUTCOMES:
+            continue  # failures go to stderr, see error_lines
+        if c.outcome in ("not-due", "rate-limited") and not verbose:
+            continue
+        detail = f"serial {c.serial}, expires {c.not_after:%Y-%m-%d}" if (
+            c.serial and c.not_after and c.outcome not in ("not-due", "rate-limited")) \
+            else c.decision.reason
+        lines.append(f"{c.name:<{width}}  {c.outcome:<12}  {detail}")
+    n = report.notify
+    if n is not None and n.batch_id is not None and n.ok:
+        lines.append(f"notify: applied batch {n.batch_id} ({len(n.names)} certificate"
+                     f"{'s' if len(n.names) != 1 else ''})")
+    counts = summary_counts(report)
+    total = ", ".join(f"{v} {k}" for k, v in counts.items())
+    lines.append(f"{len(report.certificates)} certificates: {total} "
+                 f"({report.duration:.1f} s)")
+    return lines
+
+
+def error_lines(report: RunReport) -> list[str]:
+    lines = [f"{c.name}: {c.outcome}: {c.error}" for c in report.failures]
+    n = report.notify
+    if n is not None and not n.ok:
+        lines.append(f"notify failed, batch kept pending for the next run "
+                     f"({len(n.names)} certificates): {n.error}")
+    return lines
+
+
+def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+    headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "LAST RESULT"]
+    table = [headers] + [[
+        r["name"], ",".join(r["domains"]),
+        r["not_after"][:10] if r["not_after"] else "-",
+        "-" if r["days_left"] is None else str(r["days_left"]),
+        r["decision"] if r["due"] else "no",
+        (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else ""),
+    ] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+            + "  " + row[-1] for row in table]
+
+
+class RichProgress(Progress):
+    """A live display for terminals: done/total, certificates in flight, failures."""
+
+    def __init__(self, stream: TextIO) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        self.console = Console(file=stream, stderr=True)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
+                            console=self.console, transient=True)
+        self.task: Any = None
+        self.current: list[str] = []
+        self.failed = 0
+
+    def planned(self, results: Sequence[CertResult]) -> None:
+        total = sum(1 for r in results if r.decision.does_work)
+        if total:
+            self.bar.start()
+            self.task = self.bar.add_task("renewing", total=total, current="")
+
+    def _refresh(self) -> None:
+        shown = ", ".join(self.current[:4]) + (" ..." if len(self.current) > 4 else "")
+        failed = f"  [red]{self.failed} failed[/red]" if self.failed else ""
+        self.bar.update(self.task, current=shown + failed)
+
+    def started(self, result: CertResult) -> None:
+        if self.task is not None:
+            self.current.append(result.name)
+            self._refresh()
+
+    def finished(self, result: CertResult) -> None:
+        if self.task is None:
+            return
+        if result.name in self.current:
+            self.current.remove(result.name)
+        if result.failed:
+            self.failed += 1
+            self.console.print(f"[red]{result.name}: {result.error}[/red]")
+        self.bar.advance(self.task)
+        self._refresh()
+
+    def notifying(self, count: int) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.bar.stop()
+            self.task = None
+
+    def table(self, report: RunReport) -> None:
+        from rich.table import Table
+
+        t = Table(title=None, show_lines=False)
+        for col in ("certificate", "outcome", "serial", "expires", "detail"):
+            t.add_column(col)
+        colors = {"failed": "red", "not-staged": "red", "issued": "green", "renewed": "green",
+                  "restaged": "green", "rate-limited": "yellow"}
+        for c in report.certificates:
+            color = colors.get(c.outcome, "")
+            outcome = f"[{color}]{c.outcome}[/{color}]" if color else c.outcome
+            t.add_row(c.name, outcome, c.serial or "-",
+                      f"{c.not_after:%Y-%m-%d}" if c.not_after else "-",
+                      c.error or c.decision.reason)
+        self.console.print(t)
+        for line in summary_lines(report)[-2:]:
+            if line.startswith("notify") or line[0].isdigit():
+                self.console.print(line)
+        n = report.notify
+        if n is not None and not n.ok:
+            self.console.print(f"[red]{error_lines(report)[-1]}[/red]")

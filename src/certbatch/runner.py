@@ -1,0 +1,307 @@
+"""One run of certbatch: decide, issue in parallel, stage, notify once. Returns a report.
+
+The runner never prints; the command layer renders its report. The ACME stack is imported only
+when some certificate needs a new order, so a run with nothing due stays fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import renewal
+from .config import CertificateSettings, Settings
+from .errors import EXIT_FAILURE, EXIT_OK, CertbatchError, LockBusy, RateLimited, UsageError
+from .fsutil import FileLock, ensure_dir
+from .hooks import from_config
+from .renewal import Decision
+from .spool import CertFiles, NotifyOutcome, Spool
+from .store import CertStatus, Store, StoredCert
+
+if TYPE_CHECKING:
+    from .acme_client import AcmeClient
+
+log = logging.getLogger("certbatch.runner")
+
+# Outcomes of one certificate in a run.
+ISSUED = "issued"
+RENEWED = "renewed"
+RESTAGED = "restaged"
+NOT_DUE = "not-due"
+RATE_LIMITED = "rate-limited"
+FAILED = "failed"
+NOT_STAGED = "not-staged"  # renewed and stored, but a deploy hook failed
+PLANNED = "planned"  # --dry-run
+FAILED_OUTCOMES = (FAILED, NOT_STAGED)
+
+# A 429 without Retry-After: wait this long before asking again.
+DEFAULT_RATE_LIMIT_WAIT = dt.timedelta(hours=1)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+@dataclass
+class CertResult:
+    """One certificate's decision and outcome in a run."""
+
+    name: str
+    domains: tuple[str, ...]
+    decision: Decision
+    outcome: str = PLANNED
+    error: str | None = None
+    serial: str | None = None
+    not_after: dt.datetime | None = None
+    staged: bool = False
+    duration: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.outcome in FAILED_OUTCOMES
+
+
+@dataclass
+class RunReport:
+    started_at: dt.datetime
+    dry_run: bool = False
+    certificates: list[CertResult] = field(default_factory=list)
+    notify: NotifyOutcome | None = None  # None: notify phase not run (dry-run, --no-notify)
+    notify_skipped: str | None = None
+    duration: float = 0.0
+    pending_after: int = 0  # entries left in the spool after the run
+
+    @property
+    def failures(self) -> list[CertResult]:
+        return [c for c in self.certificates if c.failed]
+
+    @property
+    def notify_failed(self) -> bool:
+        return self.notify is not None and not self.notify.ok
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURE if self.failures or self.notify_failed else EXIT_OK
+
+    @property
+    def changed(self) -> bool:
+        """Whether the run did anything worth telling a cron mail about."""
+        return any(c.outcome not in (NOT_DUE, RATE_LIMITED, PLANNED) for c in self.certificates) \
+            or (self.notify is not None and self.notify.batch_id is not None)
+
+
+class Progress:
+    """Callbacks for a live display; the default does nothing."""
+
+    def planned(self, results: Sequence[CertResult]) -> None: ...
+    def started(self, result: CertResult) -> None: ...
+    def finished(self, result: CertResult) -> None: ...
+    def notifying(self, count: int) -> None: ...
+
+
+@contextlib.contextmanager
+def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
+    """One renew or run-hook per state folder. `wait`: seconds to wait (0: fail at once)."""
+    ensure_dir(state_dir)
+    lock = FileLock(state_dir / ".lock")
+    if not lock.acquire(timeout=wait):
+        raise LockBusy(lock.path, lock.holder_pid())
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+class Runner:
+    def __init__(self, settings: Settings, progress: Progress | None = None) -> None:
+        self.settings = settings
+        self.store = Store(settings.paths.state)
+        self.spool = Spool(settings.paths.spool, settings.paths.hooks,
+                           deploy_timeout=settings.hooks.deploy_timeout,
+                           notify_timeout=settings.hooks.notify_timeout)
+        self.progress = progress or Progress()
+        self._client: AcmeClient | None = None
+
+    # -- selection and decisions ---------------------------------------------------------------
+
+    def select(self, only: Sequence[str] = ()) -> list[CertificateSettings]:
+        certs = self.settings.certificates
+        unknown = [n for n in only if n not in certs]
+        if unknown:
+            raise UsageError(f"no certificate named {', '.join(unknown)} in {self.settings.path}")
+        return [c for n, c in certs.items() if not only or n in only]
+
+    def decide(self, cert: CertificateSettings, now: dt.datetime,
+               force: bool = False) -> tuple[Decision, StoredCert | None, CertStatus]:
+        stored = self.store.current(cert.name)
+        status = self.store.status(cert.name)
+        decision = renewal.decide(cert, stored, status, now,
+                                  self.settings.renewal.before_expiry, force)
+        return decision, stored, status
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def renew(self, *, force: bool = False, only: Sequence[str] = (), dry_run: bool = False,
+              workers: int | None = None, notify: bool = True, jitter: float | None = None,
+              sleep: Callable[[float], None] = time.sleep) -> RunReport:
+        """Renew what is due, stage it, and run the notify phase once."""
+        t0 = time.monotonic()
+        now = utcnow()
+        report = RunReport(started_at=now, dry_run=dry_run)
+        work: list[tuple[CertificateSettings, CertResult, StoredCert | None, CertStatus]] = []
+        for cert in self.select(only):
+            decision, stored, status = self.decide(cert, now, force)
+            result = CertResult(cert.name, cert.domains, decision)
+            if stored:
+                result.serial, result.not_after = stored.serial, stored.not_after
+            if not dry_run and not decision.does_work:
+                result.outcome = RATE_LIMITED if decision.action == renewal.RATE_LIMITED \
+                    else NOT_DUE
+            report.certificates.append(result)
+            log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
+            if decision.does_work:
+                work.append((cert, result, stored, status))
+        self.progress.planned(report.certificates)
+        if dry_run:
+            report.duration = time.monotonic() - t0
+            return report
+
+        if any(r.decision.needs_order for _, r, _, _ in work):
+            delay = self.settings.renewal.jitter if jitter is None else jitter
+            if delay > 0:
+                pause = random.uniform(0, delay)
+                log.info("jitter: sleeping %.1f s before the first ACME request", pause)
+                sleep(pause)
+
+        n_workers = max(1, workers or self.settings.renewal.workers)
+        if work:
+            with ThreadPoolExecutor(max_workers=min(n_workers, len(work)),
+                                    thread_name_prefix="certbatch") as pool:
+                list(pool.map(lambda item: self._process(*item), work))
+
+        if notify:
+            failed = [r.name for r in report.certificates if r.failed]
+            if self.spool.pending():
+                self.progress.notifying(len(self.spool.pending()))
+            report.notify = self.spool.notify(from_config(self.settings.hooks.notify,
+                                                          "config:notify"), failed)
+            if report.notify.batch_id:
+                level = logging.INFO if report.notify.ok else logging.ERROR
+                log.log(level, "notify batch %s (%s): %s", report.notify.batch_id,
+                        " ".join(report.notify.names), "ok" if report.notify.ok
+                        else report.notify.error)
+        else:
+            report.notify_skipped = "--no-notify"
+        report.pending_after = len(self.spool.pending())
+        report.duration = time.monotonic() - t0
+        return report
+
+    def _acme(self) -> AcmeClient:
+        # Imported here, not at module level: a run with nothing due never loads the ACME stack.
+        if self._client is None:
+            from .acme_client import AcmeClient
+            self._client = AcmeClient(self.settings.acme, self.store)
+        return self._client
+
+    def _process(self, cert: CertificateSettings, result: CertResult,
+                 stored: StoredCert | None, status: CertStatus) -> None:
+        """Issue (if needed) and stage one certificate; record everything in `result`/status."""
+        t0 = time.monotonic()
+        self.progress.started(result)
+        status.last_attempt = utcnow()
+        try:
+            if result.decision.needs_order:
+                stored = self._issue(cert)
+                result.outcome = ISSUED if result.decision.action == renewal.ISSUE else RENEWED
+                status.rate_limited_until = None
+            else:
+                result.outcome = RESTAGED
+            assert stored is not None
+            result.serial, result.not_after = stored.serial, stored.not_after
+            status.unstaged_version = stored.version
+            self._stage(cert, stored, result)
+            if result.staged:
+                status.unstaged_version = None
+                status.last_success = utcnow()
+        except RateLimited as exc:
+            until = exc.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT
+            status.rate_limited_until = until
+            result.outcome = FAILED
+            result.error = f"{exc} (not retried before {until:%Y-%m-%d %H:%M:%S}Z)"
+        except CertbatchError as exc:
+            result.outcome = FAILED
+            result.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one certificate's bug must not stop the others
+            log.exception("%s: unexpected error", cert.name)
+            result.outcome = FAILED
+            result.error = f"internal error: {type(exc).__name__}: {exc}"
+        result.duration = time.monotonic() - t0
+        status.last_result = result.outcome
+        status.last_error = result.error
+        if result.error:
+            log.error("%s: %s", cert.name, result.error)
+        else:
+            log.info("%s: %s in %.1f s", cert.name, result.outcome, result.duration)
+        try:
+            self.store.save_status(cert.name, status)
+        except OSError as exc:
+            log.error("%s: could not save status: %s", cert.name, exc)
+        self.progress.finished(result)
+
+    def _issue(self, cert: CertificateSettings) -> StoredCert:
+        """Order a new certificate with a new key, check it, store it (the old set stays on any
+        failure)."""
+        from . import crypto
+
+        key_pem = crypto.generate_key(cert.key)
+        deadline = time.monotonic() + self.settings.renewal.deadline
+        issued = self._acme().issue(cert.name, cert.domains, key_pem, cert.challenge, deadline)
+        info = crypto.check_issued(issued.fullchain_pem, key_pem, cert.domains)
+        return self.store.save_certificate(
+            cert.name, key_type=cert.key, domains=cert.domains, privkey_pem=key_pem,
+            cert_pem=issued.cert_pem, chain_pem=issued.chain_pem,
+            fullchain_pem=issued.fullchain_pem, serial=info.serial,
+            not_before=info.not_before, not_after=info.not_after, issued_at=utcnow())
+
+    def _stage(self, cert: CertificateSettings, stored: StoredCert, result: CertResult) -> None:
+        outcome = self.spool.stage(self.cert_files(stored),
+                                   from_config(cert.deploy, "config:deploy"))
+        if outcome.ok:
+            result.staged = True
+        else:
+            result.outcome = NOT_STAGED
+            result.error = f"renewed, not staged: {outcome.error}"
+
+    def cert_files(self, stored: StoredCert) -> CertFiles:
+        files = self.store.read_files(stored)
+        return CertFiles(
+            name=stored.name, domains=stored.domains, privkey_pem=files["privkey.pem"],
+            cert_pem=files["cert.pem"], chain_pem=files["chain.pem"],
+            fullchain_pem=files["fullchain.pem"], serial=stored.serial,
+            not_before=stored.not_before, not_after=stored.not_after)
+
+    # -- run-hook ------------------------------------------------------------------------------
+
+    def run_notify(self) -> NotifyOutcome:
+        """The notify phase now, on whatever is pending (an operator's `run-hook`)."""
+        return self.spool.notify(from_config(self.settings.hooks.notify, "config:notify"), ())
+
+    def restage(self, name: str) -> CertResult:
+        """Stage one stored certificate again through the deploy hooks (`run-hook --deploy`)."""
+        cert = self.select([name])[0]
+        stored = self.store.current(name)
+        if stored is None:
+            raise UsageError(f"certificate {name} has not been issued yet; run `certbatch renew`")
+        status = self.store.status(name)
+        result = CertResult(name, stored.domains,
+                            Decision(renewal.RESTAGE, "requested with run-hook --deploy"))
+        self._process(cert, result, stored, status)
+        return result

@@ -1,0 +1,217 @@
+"""Accounts, keys and certificates on disk: atomic, versioned, private.
+
+Layout under the state folder (all folders 0700, private keys 0600)::
+
+    accounts/<hash of directory URL>/account.key  regr.json  directory.txt
+    certs/<name>/live -> versions/<version>       symlink, switched atomically
+    certs/<name>/versions/<version>/privkey.pem cert.pem chain.pem fullchain.pem meta.json
+    certs/<name>/status.json                     outcome of the last run for this certificate
+
+A new issuance is written completely into a fresh version folder (each file fsynced) before the
+`live` symlink is renamed onto it, so a reader that resolves `live` once always gets a key and a
+certificate from the same issuance, and a crash at any point leaves the previous set in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import StoreError
+from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir
+
+KEEP_VERSIONS = 3  # the live set plus two older ones, for a manual rollback
+PEM_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
+
+
+def _ts(value: dt.datetime | None) -> str | None:
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def _parse_ts(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+@dataclass(frozen=True)
+class StoredCert:
+    """The live certificate set of one name, as described by its meta.json."""
+
+    name: str
+    version: str
+    folder: Path
+    domains: tuple[str, ...]
+    key_type: str
+    serial: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    issued_at: dt.datetime
+
+    def path(self, filename: str) -> Path:
+        return self.folder / filename
+
+
+@dataclass
+class CertStatus:
+    """What happened to a certificate in the last runs (state, not configuration)."""
+
+    last_attempt: dt.datetime | None = None
+    last_result: str | None = None  # renewed | not-due | failed | rate-limited | not-staged | ...
+    last_error: str | None = None
+    last_success: dt.datetime | None = None
+    rate_limited_until: dt.datetime | None = None
+    unstaged_version: str | None = None  # renewed and stored, but deploy hooks failed
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key in ("last_attempt", "last_success", "rate_limited_until"):
+            data[key] = _ts(data[key])
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> CertStatus:
+        data = json.loads(text)
+        for key in ("last_attempt", "last_success", "rate_limited_until"):
+            data[key] = _parse_ts(data.get(key))
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+class Store:
+    """The state folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _dir(self, *parts: str) -> Path:
+        """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask)."""
+        path = ensure_dir(self.root)
+        for part in parts:
+            path = ensure_dir(path / part)
+        return path
+
+    # -- accounts ------------------------------------------------------------------------------
+
+    def _account_dir(self, directory_url: str) -> Path:
+        digest = hashlib.sha256(directory_url.encode()).hexdigest()[:16]
+        return self.root / "accounts" / digest
+
+    def load_account(self, directory_url: str) -> tuple[bytes, str | None] | None:
+        """(account key PEM, registration JSON or None) for this ACME directory, if any."""
+        folder = self._account_dir(directory_url)
+        try:
+            key = (folder / "account.key").read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            regr: str | None = (folder / "regr.json").read_text()
+        except FileNotFoundError:
+            regr = None
+        return key, regr
+
+    def save_account(self, directory_url: str, key_pem: bytes, regr_json: str) -> None:
+        folder = self._dir("accounts", self._account_dir(directory_url).name)
+        atomic_write(folder / "directory.txt", directory_url + "\n", 0o600)
+        atomic_write(folder / "account.key", key_pem, 0o600)
+        atomic_write(folder / "regr.json", regr_json, 0o600)
+
+    # -- certificates --------------------------------------------------------------------------
+
+    def cert_dir(self, name: str) -> Path:
+        return self.root / "certs" / name
+
+    def current(self, name: str) -> StoredCert | None:
+        """The live set for `name`, or None if it was never issued (or its metadata is gone)."""
+        live = self.cert_dir(name) / "live"
+        try:
+            version = os.readlink(live)
+            meta = json.loads((live.parent / version / "meta.json").read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{live}: unreadable certificate metadata: {exc}") from exc
+        return StoredCert(
+            name=name, version=Path(version).name, folder=live.parent / version,
+            domains=tuple(meta["domains"]), key_type=meta["key_type"], serial=meta["serial"],
+            not_before=_parse_ts(meta["not_before"]),  # type: ignore[arg-type]
+            not_after=_parse_ts(meta["not_after"]),  # type: ignore[arg-type]
+            issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
+        )
+
+    def read_files(self, stored: StoredCert) -> dict[str, bytes]:
+        """The four PEM files of one version (read from its own folder, never via `live`)."""
+        return {f: (stored.folder / f).read_bytes() for f in PEM_FILES}
+
+    def save_certificate(self, name: str, *, key_type: str, domains: tuple[str, ...],
+                         privkey_pem: bytes, cert_pem: bytes, chain_pem: bytes,
+                         fullchain_pem: bytes, serial: str, not_before: dt.datetime,
+                         not_after: dt.datetime, issued_at: dt.datetime) -> StoredCert:
+        """Write a complete new version and switch `live` to it in one rename."""
+        base = self._dir("certs", name)
+        versions = self._dir("certs", name, "versions")
+        version = f"{issued_at.strftime('%Y%m%dT%H%M%SZ')}-{serial[-12:]}"
+        folder = versions / version
+        if folder.exists():  # a leftover from a crash with the same serial: replace it
+            shutil.rmtree(folder)
+        tmp = versions / f".{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ensure_dir(tmp)
+        try:
+            atomic_write(tmp / "privkey.pem", privkey_pem, 0o600)
+            atomic_write(tmp / "cert.pem", cert_pem, 0o644)
+            atomic_write(tmp / "chain.pem", chain_pem, 0o644)
+            atomic_write(tmp / "fullchain.pem", fullchain_pem, 0o644)
+            meta = {"name": name, "domains": list(domains), "key_type": key_type,
+                    "serial": serial, "not_before": _ts(not_before),
+                    "not_after": _ts(not_after), "issued_at": _ts(issued_at)}
+            atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            os.rename(tmp, folder)
+            fsync_dir(versions)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        atomic_symlink(f"versions/{version}", base / "live")
+        self._prune(versions, keep=version)
+        stored = self.current(name)
+        assert stored is not None
+        return stored
+
+    def _prune(self, versions: Path, keep: str) -> None:
+        """Drop old versions and temp folders left by a crashed write (runs are serialized by
+        the run lock, so no other writer can own them)."""
+        for leftover in versions.glob(".*.tmp"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        names = sorted(p.name for p in versions.iterdir() if not p.name.startswith("."))
+        for old in names[:-KEEP_VERSIONS]:
+            if old != keep:
+                shutil.rmtree(versions / old, ignore_errors=True)
+
+    # -- per-certificate run status ------------------------------------------------------------
+
+    def status(self, name: str) -> CertStatus:
+        try:
+            return CertStatus.from_json((self.cert_dir(name) / "status.json").read_text())
+        except FileNotFoundError:
+            return CertStatus()
+        except (ValueError, TypeError, KeyError):
+            # A damaged status file only loses history; it must never stop renewals.
+            return CertStatus()
+
+    def save_status(self, name: str, status: CertStatus) -> None:
+        self._dir("certs", name)
+        atomic_write(self.cert_dir(name) / "status.json", status.to_json(), 0o600)
+
+    def names(self) -> list[str]:
+        """Names that have a folder in the store (configured or not)."""
+        with contextlib.suppress(FileNotFoundError):
+            return sorted(p.name for p in (self.root / "certs").iterdir() if p.is_dir())
+        return []

@@ -1,0 +1,98 @@
+"""The renewal decision, table-driven with an injected `now`."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from certbatch import renewal
+from certbatch.config import CertificateSettings, ChallengeSettings
+from certbatch.store import CertStatus, StoredCert
+
+UTC = dt.timezone.utc
+T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
+DAY = dt.timedelta(days=1)
+
+
+def cert(domains=("a.example", "b.example"), key="ec-p256") -> CertificateSettings:
+    return CertificateSettings(name="a", domains=tuple(domains), key=key,
+                               challenge=ChallengeSettings(type="dns-01", script=Path("/bin/true")))
+
+
+def stored(days: float = 90, domains=("a.example", "b.example"), key="ec-p256",
+           version="v1") -> StoredCert:
+    return StoredCert(name="a", version=version, folder=Path("/nonexistent"), domains=tuple(domains),
+                      key_type=key, serial="01", not_before=T0, not_after=T0 + days * DAY,
+                      issued_at=T0)
+
+
+@pytest.mark.parametrize("lifetime_days, now_offset_days, before_expiry, expected", [
+    # 90-day certificate: due when a third (30 days) remains, i.e. from day 60
+    (90, 59.9, None, renewal.SKIP),
+    (90, 60.0, None, renewal.RENEW),
+    (90, 89.0, None, renewal.RENEW),
+    (90, 91.0, None, renewal.RENEW),  # expired
+    # 6-day certificate (short-lived): due when half remains, i.e. from day 3
+    (6, 2.9, None, renewal.SKIP),
+    (6, 3.0, None, renewal.RENEW),
+    # 9.9 days is still short-lived; 10 days is not (third: due at 6.67 days)
+    (9.9, 4.9, None, renewal.SKIP),
+    (9.9, 4.95, None, renewal.RENEW),
+    (10, 6.0, None, renewal.SKIP),
+    (10, 6.7, None, renewal.RENEW),
+    # explicit before_expiry overrides the fraction rule
+    (90, 59.0, dt.timedelta(days=14), renewal.SKIP),
+    (90, 75.9, dt.timedelta(days=14), renewal.SKIP),
+    (90, 76.0, dt.timedelta(days=14), renewal.RENEW),
+])
+def test_due_rule(lifetime_days, now_offset_days, before_expiry, expected):
+    decision = renewal.decide(cert(), stored(lifetime_days), CertStatus(),
+                              T0 + now_offset_days * DAY, before_expiry)
+    assert decision.action == expected
+    assert decision.needs_order == (expected == renewal.RENEW)
+
+
+def test_missing_certificate_is_issued():
+    d = renewal.decide(cert(), None, CertStatus(), T0, None)
+    assert d.action == renewal.ISSUE and d.needs_order
+
+
+@pytest.mark.parametrize("configured, reason_part", [
+    (cert(domains=("a.example", "b.example", "c.example")), "added c.example"),
+    (cert(domains=("a.example",)), "removed b.example"),
+    (cert(key="rsa-2048"), "key type changed (ec-p256 -> rsa-2048)"),
+])
+def test_changed_certificate_is_reissued_even_when_not_due(configured, reason_part):
+    d = renewal.decide(configured, stored(90), CertStatus(), T0 + DAY, None)
+    assert d.action == renewal.REISSUE
+    assert reason_part in d.reason
+
+
+def test_domain_order_is_not_a_change():
+    d = renewal.decide(cert(domains=("b.example", "a.example")), stored(90), CertStatus(),
+                       T0 + DAY, None)
+    assert d.action == renewal.SKIP
+
+
+def test_force_renews_a_fresh_certificate():
+    d = renewal.decide(cert(), stored(90), CertStatus(), T0 + DAY, None, force=True)
+    assert d.action == renewal.FORCE and d.needs_order
+
+
+def test_rate_limit_is_honoured_until_it_passes_even_with_force():
+    status = CertStatus(rate_limited_until=T0 + 2 * DAY)
+    during = renewal.decide(cert(), None, status, T0 + DAY, None, force=True)
+    assert during.action == renewal.RATE_LIMITED and not during.does_work
+    after = renewal.decide(cert(), None, status, T0 + 3 * DAY, None)
+    assert after.action == renewal.ISSUE
+
+
+def test_unstaged_version_is_restaged_without_an_order():
+    status = CertStatus(unstaged_version="v1")
+    d = renewal.decide(cert(), stored(90, version="v1"), status, T0 + DAY, None)
+    assert d.action == renewal.RESTAGE and d.does_work and not d.needs_order
+    # a newer live version than the unstaged one means nothing is left to restage
+    d2 = renewal.decide(cert(), stored(90, version="v2"), status, T0 + DAY, None)
+    assert d2.action == renewal.SKIP
