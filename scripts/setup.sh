@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what certbatch, its demo and its tests need on a Debian machine (run as root), into a
+# virtualenv at .venv (Debian's own Python refuses system-wide pip installs, PEP 668).
+# Usage: scripts/setup.sh [--test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(pebble curl openssl ca-certificates)
+[ "${1:-}" = "--test" ] && packages+=(nginx shellcheck)
+python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
+command -v python3 >/dev/null || packages+=(python3 python3-venv)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "setup: please install as root: apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # (On a full Debian install nginx also starts its own service on port 80; the tests leave
+    # it alone and run their own nginx on free loopback ports.)
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}"

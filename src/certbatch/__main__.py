@@ -1,0 +1,5 @@
+"""`python -m certbatch`."""
+
+from .cli import main
+
+main()
