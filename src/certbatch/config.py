@@ -6,9 +6,16 @@ Every error names the file, the key path and what is wrong, and is raised before
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from certbatch.errors import ConfigError
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 DEFAULT_CONFIG_PATHS = (Path("certbatch.yaml"), Path("/etc/certbatch/certbatch.yaml"))
@@ -95,7 +102,7 @@ class Settings:
 
 def find_config(explicit: str | os.PathLike[str] | None,
                 environ: dict[str, str] | None = None) -> Path:
-    """The config file to use: --config, else $CERTBATCH_CONFIG, else ./certbatch.yaml, else /etc."""
+    """The config file: --config, else $CERTBATCH_CONFIG, else ./certbatch.yaml, else /etc."""
     env = os.environ if environ is None else environ
     if explicit:
         return Path(explicit)
@@ -107,6 +114,571 @@ def find_config(explicit: str | os.PathLike[str] | None,
     return DEFAULT_CONFIG_PATHS[-1]
 
 
-def load(path: Path) -> Settings:
+# --- Loading -------------------------------------------------------------------------------------
+
+CHALLENGE_TYPES = ("http-01", "dns-01")
+DEFAULT_KEY_TYPE = "ec-p256"
+DEFAULT_STANDALONE_ADDRESS = "0.0.0.0"
+DEFAULT_STANDALONE_PORT = 80
+
+_TOP_KEYS = ("acme", "paths", "renewal", "hooks", "logging", "metrics", "defaults", "certificates")
+_ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout")
+_EAB_KEYS = ("kid", "hmac_key")
+_PATHS_KEYS = ("state", "spool", "hooks")
+_RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter")
+_HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout")
+_FILE_KEYS = ("file",)
+_DEFAULTS_KEYS = ("key", "challenge", "deploy")
+_CERT_KEYS = ("domains", "key", "challenge", "deploy")
+_CHALLENGE_KEYS = {
+    "http-01": ("type", "webroot", "standalone"),
+    "dns-01": ("type", "script", "wait"),
+}
+_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", "script", "wait")
+_STANDALONE_KEYS = ("port", "address")
+
+_CERT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_CERT_NAME_MAX = 64
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+# The common case in one match; only names that fail it go through the slower diagnosis.
+_DOMAIN_RE = re.compile(rf"(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}")
+_DOMAIN_CHARS_RE = re.compile(r"[a-z0-9.*-]*")
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw]?)")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
+_URL_RE = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
+_SIMPLE_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+# libyaml's parser is several times faster than the pure-Python one; the constructor and the
+# duplicate-key walk below are Python either way.
+_BaseLoader: Any = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+
+
+def load(path: Path | str) -> Settings:
     """Read and validate the config file; raise ConfigError naming file, key and problem."""
-    raise NotImplementedError
+    path = Path(path)
+    file = str(path)
+    abs_path = Path(os.path.abspath(path))
+    data = _read_yaml(path, file)
+    return _Checker(file, abs_path.parent).settings(data, abs_path)
+
+
+def _read_yaml(path: Path, file: str) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(file, "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(file, "", "is a folder, not a file") from None
+    except PermissionError:
+        raise ConfigError(file, "", "permission denied") from None
+    except OSError as e:
+        raise ConfigError(file, "", f"cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(file, "", f"not UTF-8 text (bad byte at offset {e.start})") from None
+    loader = _BaseLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_duplicate_keys(node, file)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as e:
+        raise ConfigError(file, "", f"invalid YAML {_yaml_problem(e)}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(file, "", f"invalid YAML: {_one_line(str(e))}") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(e: yaml.MarkedYAMLError) -> str:
+    mark = e.problem_mark or e.context_mark
+    where = f"at line {mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+    text = e.problem or e.context or "syntax error"
+    if e.problem and e.context:
+        cmark = e.context_mark
+        cwhere = f" at line {cmark.line + 1}:{cmark.column + 1}" if cmark is not None else ""
+        text = f"{e.problem} ({e.context}{cwhere})"
+    return _one_line(f"{where}: {text}")
+
+
+def _check_duplicate_keys(root: yaml.Node, file: str) -> None:
+    """Refuse a key given twice in one mapping: PyYAML would silently keep the last one.
+
+    Walks the composed node tree (not the built objects) so the key path and both lines are known.
+    Merge keys (`<<`) are skipped: overriding a merged key is what they are for.
+    """
+    stack: list[tuple[yaml.Node, str]] = [(root, "")]
+    seen_nodes: set[int] = set()
+    while stack:
+        node, where = stack.pop()
+        if id(node) in seen_nodes:  # an alias: checked where the anchor was
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue  # the constructor refuses unhashable keys itself
+                if key_node.tag == _MERGE_TAG:
+                    continue
+                ident = (key_node.tag, key_node.value)
+                line = key_node.start_mark.line + 1
+                if ident in lines:
+                    raise ConfigError(file, _join(where, key_node.value),
+                                      f"duplicate key (first at line {lines[ident]},"
+                                      f" again at line {line})")
+                lines[ident] = line
+                # Scalars hold no keys: skip them, and building their path strings.
+                if not isinstance(value_node, yaml.ScalarNode):
+                    stack.append((value_node, _join(where, key_node.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node.value)
+                         if not isinstance(item, yaml.ScalarNode))
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _join(parent: str, key: Any) -> str:
+    """The key path of `key` inside `parent`, always on one line."""
+    if isinstance(key, str) and _SIMPLE_KEY_RE.fullmatch(key):
+        return f"{parent}.{key}" if parent else key
+    return f"{parent}[{key!r}]"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _describe(value: Any) -> str:
+    """How a YAML value reads in an error message: its kind, and the value if it is short."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({_short(value)})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__} ({_short(value)})"
+
+
+def _suggest(word: Any, choices: tuple[str, ...]) -> str:
+    import difflib  # only on the error path
+
+    close = difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _parse_duration(value: Any) -> float:
+    """Seconds from a number or a string like "45s", "10m", "12h", "30d", "2w"; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(
+            f"expected a duration (seconds, or a string like '45s', '10m', '12h', '30d', '2w'),"
+            f" got {_describe(value)}")
+    if isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if m is None:
+            if value.strip().startswith("-"):
+                raise ValueError(f"must not be negative, got {_short(value)}")
+            raise ValueError(
+                f"not a duration: {_short(value)} (use seconds, or a number followed by"
+                " s, m, h, d or w, e.g. '90s', '10m', '30d')")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"must be a finite duration, got {_short(value)}")
+    if seconds < 0:
+        raise ValueError(f"must not be negative, got {_short(value)}")
+    return seconds
+
+
+def _domain_problem(name: str) -> str:
+    """Why `name` (which failed the fast check) is not an acceptable certificate name."""
+    if not name:
+        return "empty domain name"
+    if not name.isascii():
+        try:
+            hint = f" (did you mean {name.encode('idna').decode('ascii')!r}?)"
+        except UnicodeError:  # the stdlib codec is IDNA 2003: not every name converts
+            hint = ""
+        return (f"{_short(name)} is not ASCII: give internationalized names in punycode (xn--)"
+                f" form{hint}")
+    if any(c.isspace() for c in name):
+        return f"{_short(name)} contains whitespace"
+    if ":" in name or "/" in name:
+        if _is_ip(name.strip("[]")):
+            return f"{_short(name)} is an IP address; only DNS names are supported"
+        if "://" in name:
+            return f"{_short(name)} is a URL; give only the host name (e.g. 'example.com')"
+        if "/" in name:
+            return f"{_short(name)} contains '/'; give only the host name, not a URL or path"
+        return f"{_short(name)} contains ':'; give only the host name, without a port"
+    if _is_ip(name):
+        return f"{_short(name)} is an IP address; only DNS names are supported"
+    if name.endswith("."):
+        return f"{_short(name)} ends with a dot; leave the trailing dot out"
+    labels = name.split(".")
+    if "" in labels:
+        return f"{_short(name)} has an empty label (a leading dot or '..')"
+    bad = _DOMAIN_CHARS_RE.match(name)
+    if bad is not None and bad.end() < len(name):
+        return f"{_short(name)} contains the invalid character {name[bad.end()]!r}"
+    if name == "*":
+        return "a bare '*' is not a name; write a wildcard as '*.example.com'"
+    for i, label in enumerate(labels):
+        if "*" in label and (i > 0 or label != "*"):
+            return (f"{_short(name)}: '*' is only allowed as the whole leftmost label"
+                    " (e.g. '*.example.com')")
+    if labels[0] == "*" and len(labels) < 3:
+        return (f"{_short(name)}: a wildcard needs at least two labels after '*.'"
+                " (e.g. '*.example.com')")
+    for label in labels:
+        if len(label) > 63:
+            return f"{_short(name)} has a label of {len(label)} characters; the limit is 63"
+        if label.startswith("-") or label.endswith("-"):
+            return f"{_short(name)} has a label that starts or ends with '-' ({label!r})"
+    if len(name) > 253:
+        return f"{_short(name)} is {len(name)} characters long; the limit is 253"
+    if labels[-1].isdigit():
+        return f"{_short(name)} ends in an all-digit label, which no host name does"
+    return f"{_short(name)} is not a valid domain name"
+
+
+def _is_ip(text: str) -> bool:
+    import ipaddress  # only on the error path
+
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _Checker:
+    """Turns parsed YAML into Settings; knows the file (for messages) and its folder (for paths)."""
+
+    def __init__(self, file: str, base: Path) -> None:
+        self.file = file
+        self.base = base
+
+    def fail(self, key: str, problem: str) -> NoReturn:
+        raise ConfigError(self.file, key, _one_line(problem))
+
+    # -- generic pieces ---------------------------------------------------------------------------
+
+    def section(self, value: Any, key: str, allowed: tuple[str, ...]) -> dict[Any, Any]:
+        """A mapping whose keys must all be in `allowed`; null counts as empty."""
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping, got {_describe(value)}")
+        for k in value:
+            if k not in allowed:
+                self.unknown(key, k, allowed)
+        return value
+
+    def unknown(self, parent: str, k: Any, allowed: tuple[str, ...]) -> NoReturn:
+        hint = _suggest(k, allowed) or f" (expected one of: {', '.join(allowed)})"
+        self.fail(_join(parent, k), f"unknown key{hint}")
+
+    def opt_str(self, m: dict[Any, Any], parent: str, name: str) -> str | None:
+        value = m.get(name)
+        if value is None:
+            return None
+        return self.string(value, _join(parent, name))
+
+    def req_str(self, m: dict[Any, Any], parent: str, name: str) -> str:
+        value = m.get(name)
+        if value is None:
+            self.fail(_join(parent, name), "required key is missing or empty")
+        return self.string(value, _join(parent, name))
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str):
+            hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
+            self.fail(key, f"expected a string, got {_describe(value)}{hint}")
+        if not value.strip():
+            self.fail(key, "must not be empty")
+        if "\0" in value:
+            self.fail(key, "must not contain a NUL character")
+        return value
+
+    def opt_path(self, m: dict[Any, Any], parent: str, name: str) -> Path | None:
+        text = self.opt_str(m, parent, name)
+        return None if text is None else self.resolve(text)
+
+    def resolve(self, text: str) -> Path:
+        """Relative paths are relative to the config file's folder, not to the working directory."""
+        p = Path(text)
+        return p if p.is_absolute() else self.base / p
+
+    def duration(self, m: dict[Any, Any], parent: str, name: str, default: float,
+                 positive: bool) -> float:
+        value = m.get(name)
+        if value is None:
+            return default
+        try:
+            seconds = _parse_duration(value)
+        except ValueError as e:
+            self.fail(_join(parent, name), str(e))
+        if positive and seconds == 0:
+            self.fail(_join(parent, name), "must be greater than zero")
+        return seconds
+
+    def integer(self, m: dict[Any, Any], parent: str, name: str, default: int,
+                lo: int, hi: int) -> int:
+        value = m.get(name)
+        if value is None:
+            return default
+        # bool is a subclass of int: `workers: yes` must not mean 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(_join(parent, name), f"expected an integer, got {_describe(value)}")
+        if not lo <= value <= hi:
+            self.fail(_join(parent, name), f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def command(self, value: Any, key: str) -> HookCommandSpec:
+        """A hook: a string for /bin/sh -c, or a non-empty list of strings used as argv."""
+        if isinstance(value, str):
+            return self.string(value, key)
+        if isinstance(value, list):
+            if not value:
+                self.fail(key, "empty list; give the program and its arguments")
+            return tuple(self.string(v, f"{key}[{i}]") for i, v in enumerate(value))
+        self.fail(key, "expected a string (shell command) or a list (argv),"
+                       f" got {_describe(value)}")
+
+    def key_type(self, value: Any, key: str) -> str:
+        if value not in KEY_TYPES or not isinstance(value, str):
+            hint = _suggest(value, KEY_TYPES) if isinstance(value, str) else ""
+            self.fail(key, f"unknown key type {_short(value)}{hint}; expected one of:"
+                           f" {', '.join(KEY_TYPES)}")
+        return value
+
+    # -- sections ---------------------------------------------------------------------------------
+
+    def settings(self, data: Any, path: Path) -> Settings:
+        if data is None:
+            self.fail("", "the file is empty; it needs at least 'acme' and 'certificates'")
+        if not isinstance(data, dict):
+            self.fail("", f"the top level must be a mapping, got {_describe(data)}")
+        top = self.section(data, "", _TOP_KEYS)
+        acme = self.acme(top.get("acme"))
+        paths = self.paths(top.get("paths"))
+        renewal = self.renewal(top.get("renewal"))
+        hooks = self.hooks(top.get("hooks"))
+        log_file = self.opt_path(self.section(top.get("logging"), "logging", _FILE_KEYS),
+                                 "logging", "file")
+        metrics_file = self.opt_path(self.section(top.get("metrics"), "metrics", _FILE_KEYS),
+                                     "metrics", "file")
+        d_key, d_challenge, d_deploy = self.defaults(top.get("defaults"))
+        certificates = self.certificates(top.get("certificates"), d_key, d_challenge, d_deploy)
+        return Settings(path=path, acme=acme, paths=paths, renewal=renewal, hooks=hooks,
+                        certificates=certificates, log_file=log_file, metrics_file=metrics_file)
+
+    def acme(self, raw: Any) -> AcmeSettings:
+        if raw is None:
+            self.fail("acme", "required section is missing (it needs at least 'directory')")
+        m = self.section(raw, "acme", _ACME_KEYS)
+        directory = self.req_str(m, "acme", "directory")
+        if not _URL_RE.fullmatch(directory):
+            self.fail("acme.directory",
+                      f"must be an http:// or https:// URL, got {_short(directory)}")
+        email = self.opt_str(m, "acme", "email")
+        if email is not None and not _EMAIL_RE.fullmatch(email):
+            self.fail("acme.email", f"not an email address: {_short(email)}")
+        ca_bundle = self.opt_path(m, "acme", "ca_bundle")
+        if ca_bundle is not None and not ca_bundle.is_file():
+            what = "is not a regular file" if ca_bundle.exists() else "does not exist"
+            self.fail("acme.ca_bundle", f"{ca_bundle} {what}")
+        eab = None
+        if m.get("eab") is not None:
+            e = self.section(m["eab"], "acme.eab", _EAB_KEYS)
+            eab = EAB(kid=self.req_str(e, "acme.eab", "kid"),
+                      hmac_key=self.req_str(e, "acme.eab", "hmac_key"))
+        timeout = self.duration(m, "acme", "timeout", 30.0, positive=True)
+        return AcmeSettings(directory=directory, email=email, ca_bundle=ca_bundle, eab=eab,
+                            timeout=timeout)
+
+    def paths(self, raw: Any) -> PathSettings:
+        m = self.section(raw, "paths", _PATHS_KEYS)
+        return PathSettings(state=self.opt_path(m, "paths", "state") or DEFAULT_STATE,
+                            spool=self.opt_path(m, "paths", "spool") or DEFAULT_SPOOL,
+                            hooks=self.opt_path(m, "paths", "hooks") or DEFAULT_HOOKS)
+
+    def renewal(self, raw: Any) -> RenewalSettings:
+        m = self.section(raw, "renewal", _RENEWAL_KEYS)
+        before = None
+        if m.get("before_expiry") is not None:
+            seconds = self.duration(m, "renewal", "before_expiry", 0.0, positive=True)
+            try:
+                before = dt.timedelta(seconds=seconds)
+            except OverflowError:
+                self.fail("renewal.before_expiry", "too large")
+        return RenewalSettings(
+            before_expiry=before,
+            workers=self.integer(m, "renewal", "workers", 4, 1, 64),
+            deadline=self.duration(m, "renewal", "deadline", 600.0, positive=True),
+            jitter=self.duration(m, "renewal", "jitter", 0.0, positive=False))
+
+    def hooks(self, raw: Any) -> HookSettings:
+        m = self.section(raw, "hooks", _HOOKS_KEYS)
+        notify = None if m.get("notify") is None else self.command(m["notify"], "hooks.notify")
+        return HookSettings(
+            notify=notify,
+            deploy_timeout=self.duration(m, "hooks", "deploy_timeout", 120.0, positive=True),
+            notify_timeout=self.duration(m, "hooks", "notify_timeout", 300.0, positive=True))
+
+    def defaults(self, raw: Any) -> tuple[str, ChallengeSettings | None, HookCommandSpec | None]:
+        m = self.section(raw, "defaults", _DEFAULTS_KEYS)
+        key = DEFAULT_KEY_TYPE if m.get("key") is None else self.key_type(m["key"], "defaults.key")
+        challenge = None
+        if m.get("challenge") is not None:
+            challenge = self.challenge(m["challenge"], "defaults.challenge")
+        deploy = None if m.get("deploy") is None else self.command(m["deploy"], "defaults.deploy")
+        return key, challenge, deploy
+
+    def challenge(self, raw: Any, key: str) -> ChallengeSettings:
+        if not isinstance(raw, dict):
+            self.fail(key, f"expected a mapping with a 'type' key, got {_describe(raw)}")
+        self.section(raw, key, _ANY_CHALLENGE_KEYS)
+        ctype = raw.get("type")
+        if ctype is None:
+            self.fail(f"{key}.type", "required key is missing: http-01 or dns-01")
+        if not isinstance(ctype, str) or ctype not in CHALLENGE_TYPES:
+            hint = _suggest(ctype, CHALLENGE_TYPES) if isinstance(ctype, str) else ""
+            self.fail(f"{key}.type",
+                      f"unknown challenge type {_short(ctype)}{hint}; expected http-01 or dns-01")
+        allowed = _CHALLENGE_KEYS[ctype]
+        for k in raw:
+            if k not in allowed:
+                self.fail(_join(key, k), f"not valid for {ctype} challenges"
+                                         f" (valid keys: {', '.join(allowed)})")
+        if ctype == "dns-01":
+            return self.dns01(raw, key)
+        return self.http01(raw, key)
+
+    def http01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
+        has_webroot = m.get("webroot") is not None
+        has_standalone = m.get("standalone") is not None
+        if has_webroot and has_standalone:
+            self.fail(key, "http-01 takes 'webroot' or 'standalone', not both")
+        if not has_webroot and not has_standalone:
+            self.fail(f"{key}.webroot", "missing: http-01 needs 'webroot' (the web server's"
+                                        " document root) or 'standalone'")
+        if has_webroot:
+            webroot = self.resolve(self.string(m["webroot"], f"{key}.webroot"))
+            if not webroot.is_dir():
+                what = "is not a folder" if webroot.exists() else "does not exist"
+                self.fail(f"{key}.webroot", f"{webroot} {what}")
+            return ChallengeSettings(type="http-01", webroot=webroot)
+        where = f"{key}.standalone"
+        if not isinstance(m["standalone"], dict):
+            self.fail(where, f"expected a mapping like {{port: 80, address: 0.0.0.0}},"
+                             f" got {_describe(m['standalone'])}")
+        s = self.section(m["standalone"], where, _STANDALONE_KEYS)
+        port = self.integer(s, where, "port", DEFAULT_STANDALONE_PORT, 1, 65535)
+        address = self.opt_str(s, where, "address") or DEFAULT_STANDALONE_ADDRESS
+        import ipaddress  # only standalone configs pay for it
+
+        try:
+            address = str(ipaddress.ip_address(address))
+        except ValueError:
+            self.fail(f"{where}.address",
+                      f"must be an IP address such as 0.0.0.0 or ::, got {_short(address)}")
+        return ChallengeSettings(type="http-01", standalone_address=address, standalone_port=port)
+
+    def dns01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
+        script = self.resolve(self.req_str(m, key, "script"))
+        if not script.is_file():
+            what = "is not a regular file" if script.exists() else "does not exist"
+            self.fail(f"{key}.script", f"{script} {what}")
+        if not os.access(script, os.X_OK):
+            self.fail(f"{key}.script", f"{script} is not executable (chmod +x it)")
+        wait = self.duration(m, key, "wait", 0.0, positive=False)
+        return ChallengeSettings(type="dns-01", script=script, wait=wait)
+
+    def certificates(self, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
+                     d_deploy: HookCommandSpec | None) -> dict[str, CertificateSettings]:
+        if raw is None:
+            self.fail("certificates", "required section is missing or empty:"
+                                      " configure at least one certificate")
+        if not isinstance(raw, dict):
+            self.fail("certificates",
+                      f"expected a mapping of certificate names, got {_describe(raw)}")
+        if not raw:
+            self.fail("certificates", "no certificates configured; at least one is required")
+        out: dict[str, CertificateSettings] = {}
+        for name, body in raw.items():
+            out[name] = self.certificate(name, body, d_key, d_challenge, d_deploy)
+        return out
+
+    def certificate(self, name: Any, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
+                    d_deploy: HookCommandSpec | None) -> CertificateSettings:
+        key = _join("certificates", name)
+        if not isinstance(name, str):
+            self.fail(key, f"certificate names must be strings, got {_describe(name)}"
+                           " (quote it)")
+        if len(name) > _CERT_NAME_MAX or not _CERT_NAME_RE.fullmatch(name):
+            self.fail(key, f"invalid certificate name {_short(name)}: use up to {_CERT_NAME_MAX}"
+                           " lowercase letters, digits, '.', '_' and '-', starting with a letter"
+                           " or digit")
+        if not isinstance(raw, dict):
+            self.fail(key, f"expected a mapping with at least 'domains', got {_describe(raw)}")
+        m = self.section(raw, key, _CERT_KEYS)
+        domains = self.domains(m.get("domains"), f"{key}.domains")
+        key_type = d_key if m.get("key") is None else self.key_type(m["key"], f"{key}.key")
+        if m.get("challenge") is not None:
+            challenge = self.challenge(m["challenge"], f"{key}.challenge")
+        elif d_challenge is not None:
+            challenge = d_challenge
+        else:
+            self.fail(f"{key}.challenge", "no challenge configured, here or in defaults.challenge")
+        if challenge.type != "dns-01":
+            for i, d in enumerate(domains):
+                if d.startswith("*."):
+                    self.fail(f"{key}.domains[{i}]", f"wildcard {d!r} needs a dns-01 challenge"
+                                                      f" (this certificate uses {challenge.type})")
+        deploy = d_deploy if m.get("deploy") is None else self.command(m["deploy"], f"{key}.deploy")
+        return CertificateSettings(name=name, domains=domains, key=key_type, challenge=challenge,
+                                   deploy=deploy)
+
+    def domains(self, raw: Any, key: str) -> tuple[str, ...]:
+        if raw is None:
+            self.fail(key, "missing: a certificate needs at least one domain")
+        if isinstance(raw, str):
+            self.fail(key, f"expected a list of names, got a string; write [{raw}]")
+        if not isinstance(raw, list):
+            self.fail(key, f"expected a list of names, got {_describe(raw)}")
+        if not raw:
+            self.fail(key, "empty list: a certificate needs at least one domain")
+        out: list[str] = []
+        first_index: dict[str, int] = {}
+        for i, value in enumerate(raw):
+            where = f"{key}[{i}]"
+            if not isinstance(value, str):
+                self.fail(where, f"expected a domain name (string), got {_describe(value)}")
+            name = value.lower()
+            if not (name.isascii() and len(name) <= 253 and _DOMAIN_RE.fullmatch(name)
+                    and not name.rpartition(".")[2].isdigit()
+                    and not (name.startswith("*.") and name.count(".") < 2)):
+                self.fail(where, _domain_problem(name if name.isascii() else value))
+            if name in first_index:
+                self.fail(where, f"duplicate domain {name!r} (also at index {first_index[name]})")
+            first_index[name] = i
+            out.append(name)
+        return tuple(out)
