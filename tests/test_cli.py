@@ -56,9 +56,12 @@ def test_unknown_option_is_a_usage_error():
 
 
 def simple_config(tmp_path: Path, pebble=None, **sections) -> Path:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+
     class Fake:
         directory_url = "https://127.0.0.1:9/dir"  # never contacted by these tests
-        ca_bundle = "/dev/null"
+        ca_bundle = bundle
 
         def env(self):
             return {}

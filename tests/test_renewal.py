@@ -23,7 +23,8 @@ def cert(domains=("a.example", "b.example"), key="ec-p256") -> CertificateSettin
 
 def stored(days: float = 90, domains=("a.example", "b.example"), key="ec-p256",
            version="v1") -> StoredCert:
-    return StoredCert(name="a", version=version, folder=Path("/nonexistent"), domains=tuple(domains),
+    return StoredCert(name="a", version=version, folder=Path("/nonexistent"),
+                      domains=tuple(domains),
                       key_type=key, serial="01", not_before=T0, not_after=T0 + days * DAY,
                       issued_at=T0)
 

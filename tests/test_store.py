@@ -110,7 +110,8 @@ def test_process_killed_mid_write_leaves_previous_set(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
         st.atomic_write = killer
         nb = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-        st.Store(__import__("pathlib").Path({str(tmp_path)!r})).save_certificate("site", key_type="ec-p256",
+        from pathlib import Path
+        st.Store(Path({str(tmp_path)!r})).save_certificate("site", key_type="ec-p256",
             domains=("a.example",), privkey_pem=b"NEWKEY", cert_pem=b"NEWCERT", chain_pem=b"",
             fullchain_pem=b"NEWCERT", serial="0b", not_before=nb,
             not_after=nb + dt.timedelta(days=90), issued_at=nb + dt.timedelta(days=1))

@@ -82,14 +82,14 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> N
     log_file = _opt(ctx, "log_file") or (settings.log_file if settings else None)
     if log_file:
         try:
-            handler: logging.Handler = logging.FileHandler(log_file)
+            file_handler = logging.FileHandler(log_file)
         except OSError as exc:
             raise CertbatchError(f"cannot open log file {log_file}: {exc.strerror}") from exc
-        handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+        file_handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
         fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
                                 "%Y-%m-%dT%H:%M:%S%z")
-        handler.setFormatter(fmt)
-        logger.addHandler(handler)
+        file_handler.setFormatter(fmt)
+        logger.addHandler(file_handler)
     # Keep the acme library's wire dumps out unless asked for (they include JWS payloads).
     logging.getLogger("acme").setLevel(logging.DEBUG if verbose > 2 else logging.WARNING)
 

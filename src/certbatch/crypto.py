@@ -1,4 +1,4 @@
-"""Private keys and certificate checks (cryptography only; imported on the issuance path, lazily)."""
+"""Private keys and certificate checks (cryptography only; imported lazily, on issuance)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtensionOID
 
 from .errors import CertificateCheckError
 
@@ -39,7 +38,7 @@ def generate_key(key_type: str) -> bytes:
 
 def cert_info(cert: x509.Certificate) -> CertInfo:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = tuple(n.lower() for n in san.get_values_for_type(x509.DNSName))
     except x509.ExtensionNotFound:
         names = ()
