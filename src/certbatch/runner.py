@@ -181,6 +181,8 @@ class Runner:
                 log.info("jitter: sleeping %.1f s before the first ACME request", pause)
                 sleep(pause)
 
+        if any(r.decision.needs_order for _, r, _, _ in work):
+            self._acme()  # one client (directory, account) for all workers, made before the pool
         n_workers = max(1, workers or self.settings.renewal.workers)
         if work:
             with ThreadPoolExecutor(max_workers=min(n_workers, len(work)),

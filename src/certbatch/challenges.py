@@ -1,0 +1,360 @@
+"""Publish ACME challenge responses: http-01 webroot, http-01 standalone, dns-01 script.
+
+The ACME client hands a solver plain `ChallengeResponse` records (no acme/josepy types) for ALL
+authorizations of one certificate, then calls `prepare()` once, answers the challenges, and
+always calls `cleanup()`. Publishing everything before answering anything matters for dns-01:
+``*.example.com`` and ``example.com`` share the record name ``_acme-challenge.example.com.`` and
+the CA must see both values at once.
+
+`cleanup()` never raises: it logs what it could not undo, so it never hides the error that made
+the issuance fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import http.server
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .config import ChallengeSettings
+from .errors import ChallengeError, DeadlineExceeded
+from .fsutil import atomic_write
+
+log = logging.getLogger("certbatch.challenges")
+
+HTTP01 = "http-01"
+DNS01 = "dns-01"
+WELL_KNOWN = ".well-known/acme-challenge"
+SCRIPT_TIMEOUT = 60.0  # seconds per dns script call (less if the deadline is closer)
+CLEANUP_TIMEOUT = 60.0  # seconds per `remove` call; runs even after the deadline has passed
+
+# ACME tokens are base64url (RFC 8555 8.1); anything else could escape the webroot.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+@dataclass(frozen=True)
+class ChallengeResponse:
+    """What to publish for one authorization.
+
+    `domain` is the identifier without ``*.`` (a wildcard authorization is for the base name and
+    has `wildcard` set). `key_authorization` is the http-01 file content; `txt_value` is the
+    dns-01 TXT record value (empty for http-01).
+    """
+
+    type: str
+    domain: str
+    token: str
+    key_authorization: str
+    txt_value: str = ""
+    wildcard: bool = False
+
+    @property
+    def record_name(self) -> str:
+        """The dns-01 TXT record name, fully qualified: ``_acme-challenge.<domain>.``."""
+        return f"_acme-challenge.{self.domain.rstrip('.')}."
+
+    @property
+    def http_path(self) -> str:
+        return f"/{WELL_KNOWN}/{self.token}"
+
+
+class Solver(Protocol):
+    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
+        """Publish every response; raise ChallengeError / DeadlineExceeded on failure."""
+
+    def cleanup(self) -> None:
+        """Remove whatever `prepare` published (also after a partial `prepare`). Never raises."""
+
+
+def make_solver(challenge: ChallengeSettings, name: str) -> Solver:
+    """The solver for a certificate's challenge settings; `name` prefixes the log lines."""
+    if challenge.type == HTTP01 and challenge.standalone:
+        assert challenge.standalone_port is not None
+        return StandaloneSolver(challenge.standalone_address or "", challenge.standalone_port,
+                                name)
+    if challenge.type == HTTP01 and challenge.webroot is not None:
+        return WebrootSolver(challenge.webroot, name)
+    if challenge.type == DNS01 and challenge.script is not None:
+        return DnsScriptSolver(challenge.script, name)
+    raise ChallengeError(f"incomplete {challenge.type} challenge settings")
+
+
+def _check_token(token: str) -> str:
+    if not _TOKEN_RE.fullmatch(token):
+        raise ChallengeError(f"the CA sent a token that is not base64url: {token[:40]!r}")
+    return token
+
+
+# -- http-01 webroot -----------------------------------------------------------------------------
+
+# Creating/removing the shared .well-known folders is serialized between threads, so one
+# certificate's cleanup never deletes a folder another is about to write into.
+_webroot_lock = threading.Lock()
+
+
+class WebrootSolver:
+    """Write ``<webroot>/.well-known/acme-challenge/<token>`` files for a web server to serve."""
+
+    def __init__(self, webroot: Path, name: str) -> None:
+        self.webroot = webroot
+        self.name = name
+        self._files: list[Path] = []
+        self._created_dirs: list[Path] = []  # deepest last
+
+    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
+        if not responses:
+            return
+        folder = self.webroot / WELL_KNOWN
+        with _webroot_lock:
+            try:
+                self._make_dirs(folder)
+                for resp in responses:
+                    path = folder / _check_token(resp.token)
+                    self._files.append(path)
+                    atomic_write(path, resp.key_authorization.encode("ascii"), 0o644)
+                    log.debug("%s: http-01 token for %s written to %s", self.name,
+                              resp.domain, path)
+            except OSError as exc:
+                raise ChallengeError(f"cannot write http-01 token in {folder}: "
+                                     f"{exc.strerror or exc}") from exc
+        log.info("%s: %d http-01 token(s) published in %s", self.name, len(responses), folder)
+
+    def _make_dirs(self, folder: Path) -> None:
+        missing = []
+        for parent in [folder, *folder.parents]:
+            if parent == self.webroot or parent.exists():
+                break
+            missing.append(parent)
+        for path in reversed(missing):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            # mkdir honours the umask; the web server user must be able to traverse these.
+            os.chmod(path, 0o755)
+            self._created_dirs.append(path)
+
+    def cleanup(self) -> None:
+        with _webroot_lock:
+            for path in self._files:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as exc:
+                    log.warning("%s: cannot remove http-01 token %s: %s", self.name, path, exc)
+            for folder in reversed(self._created_dirs):
+                with contextlib.suppress(OSError):  # not empty: someone else's file lives there
+                    folder.rmdir()
+        self._files.clear()
+        self._created_dirs.clear()
+
+
+# -- http-01 standalone --------------------------------------------------------------------------
+
+class _ChallengeHTTPServer(http.server.ThreadingHTTPServer):
+    """Serves key authorizations from a token map; shared by all certificates on one address."""
+
+    daemon_threads = True
+
+    def __init__(self, address: str, port: int) -> None:
+        if ":" in address:
+            self.address_family = socket.AF_INET6
+        self.tokens: dict[str, str] = {}
+        self.tokens_lock = threading.Lock()
+        self.users = 0
+        super().__init__((address, port), _ChallengeHandler)
+
+
+class _ChallengeHandler(http.server.BaseHTTPRequestHandler):
+    server: _ChallengeHTTPServer
+    server_version = "certbatch"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        prefix = f"/{WELL_KNOWN}/"
+        token = self.path[len(prefix):] if self.path.startswith(prefix) else ""
+        with self.server.tokens_lock:
+            body = self.server.tokens.get(token)
+        if body is None:
+            self.send_error(404)
+            return
+        data = body.encode("ascii")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
+        log.debug("http-01 standalone %s: %s", self.client_address[0], format % args)
+
+
+_servers: dict[tuple[str, int], _ChallengeHTTPServer] = {}
+_servers_lock = threading.Lock()
+
+
+def _acquire_server(address: str, port: int) -> _ChallengeHTTPServer:
+    """The running server for address:port, started on first use (refcounted)."""
+    with _servers_lock:
+        server = _servers.get((address, port))
+        if server is None:
+            try:
+                server = _ChallengeHTTPServer(address, port)
+            except OSError as exc:
+                hint = ""
+                if exc.errno == errno.EADDRINUSE:
+                    hint = " (another program listens there: use a webroot instead)"
+                elif exc.errno == errno.EACCES:
+                    hint = " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                raise ChallengeError(
+                    f"http-01 standalone: cannot listen on {_hostport(address, port)}: "
+                    f"{exc.strerror or exc}{hint}") from exc
+            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                                      name=f"http-01 {_hostport(address, port)}", daemon=True)
+            thread.start()
+            _servers[(address, port)] = server
+            log.info("http-01 standalone server listening on %s", _hostport(address, port))
+        server.users += 1
+        return server
+
+
+def _release_server(address: str, port: int, server: _ChallengeHTTPServer) -> None:
+    with _servers_lock:
+        server.users -= 1
+        if server.users > 0:
+            return
+        del _servers[(address, port)]
+        # Close the socket before anyone can try to bind the port again.
+        server.shutdown()
+        server.server_close()
+    log.info("http-01 standalone server on %s stopped", _hostport(address, port))
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address or '*'}:{port}"
+
+
+class StandaloneSolver:
+    """Answer http-01 from certbatch's own HTTP server (one per address:port, shared)."""
+
+    def __init__(self, address: str, port: int, name: str) -> None:
+        self.address = address
+        self.port = port
+        self.name = name
+        self._server: _ChallengeHTTPServer | None = None
+        self._tokens: list[str] = []
+
+    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
+        if not responses:
+            return  # all authorizations reused: no need to bind the port
+        tokens = {_check_token(r.token): r.key_authorization for r in responses}
+        self._server = _acquire_server(self.address, self.port)
+        with self._server.tokens_lock:
+            self._server.tokens.update(tokens)
+        self._tokens.extend(tokens)
+        log.info("%s: %d http-01 token(s) served on %s", self.name, len(tokens),
+                 _hostport(self.address, self.port))
+
+    def cleanup(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        with server.tokens_lock:
+            for token in self._tokens:
+                server.tokens.pop(token, None)
+        self._tokens.clear()
+        try:
+            _release_server(self.address, self.port, server)
+        except Exception:  # noqa: BLE001 - cleanup must not raise
+            log.exception("%s: stopping the http-01 standalone server failed", self.name)
+
+
+# -- dns-01 script -------------------------------------------------------------------------------
+
+class DnsScriptSolver:
+    """Run ``<script> add|remove <domain> <record-name> <value>`` for every TXT record.
+
+    The script gets its data in argv (no shell) and in CERTBATCH_ACTION, CERTBATCH_DOMAIN,
+    CERTBATCH_RECORD_NAME and CERTBATCH_RECORD_VALUE. `remove` is called with the same arguments
+    for every `add` that was attempted, even a failed one, since it may have half worked.
+    """
+
+    def __init__(self, script: Path, name: str) -> None:
+        self.script = script
+        self.name = name
+        self._added: list[tuple[str, str, str]] = []
+
+    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
+        if not responses:
+            return
+        for resp in responses:
+            record = (resp.domain.rstrip("."), resp.record_name, resp.txt_value)
+            if record in self._added:
+                continue
+            self._added.append(record)
+            self._run("add", record, deadline, deadline_bound=True)
+        log.info("%s: %d dns-01 TXT record(s) added by %s", self.name, len(self._added),
+                 self.script)
+
+    def cleanup(self) -> None:
+        for record in self._added:
+            try:
+                self._run("remove", record, time.monotonic() + CLEANUP_TIMEOUT,
+                          deadline_bound=False)
+            except (ChallengeError, DeadlineExceeded) as exc:
+                log.warning("%s: %s", self.name, exc)
+        if self._added:
+            log.info("%s: dns-01 TXT record(s) removed", self.name)
+        self._added.clear()
+
+    def _run(self, action: str, record: tuple[str, str, str], deadline: float,
+             deadline_bound: bool) -> None:
+        domain, record_name, value = record
+        argv = [str(self.script), action, domain, record_name, value]
+        env = dict(os.environ, CERTBATCH_ACTION=action, CERTBATCH_DOMAIN=domain,
+                   CERTBATCH_RECORD_NAME=record_name, CERTBATCH_RECORD_VALUE=value)
+        what = f"dns script {self.script} {action} {record_name}"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"deadline exceeded before {what}")
+        timeout = min(SCRIPT_TIMEOUT, remaining)
+        log.debug("%s: running %s", self.name, what)
+        try:
+            # A session of its own, so a timeout kills the script's children too (a `sleep`
+            # holding our pipes would otherwise keep us waiting).
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
+        except OSError as exc:
+            raise ChallengeError(f"cannot run {what}: {exc.strerror or exc}") from exc
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            if deadline_bound and timeout < SCRIPT_TIMEOUT:
+                raise DeadlineExceeded(f"deadline exceeded while {what} was "
+                                       f"running (killed after {timeout:.1f} s)") from None
+            raise ChallengeError(f"{what} timed out after {timeout:g} s") from None
+        finally:
+            if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): do not leak it
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        for line in out.decode(errors="replace").splitlines():
+            log.debug("%s: %s: %s", self.name, self.script.name, line)
+        if proc.returncode != 0:
+            lines = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]
+            status = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+                      else f"exited with status {proc.returncode}")
+            raise ChallengeError(f"{what} {status}" + (f": {lines[-1]}" if lines else ""))

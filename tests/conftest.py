@@ -1,0 +1,135 @@
+"""Shared fixtures: a real Pebble ACME server (see pebble_server.py) and helpers around it.
+
+Fixtures:
+  pebble           session-scoped PebbleInstance (directory_url, ca_bundle, management_url,
+                   challtestsrv_url, http_port, dns_port, env(), root_pem(), add_servfail(host),
+                   clear_servfail(host), restart_pebble()). Don't restart it: use pebble_factory.
+  pebble_factory   function-scoped: ``pebble_factory(config=None, **extra_env)`` starts a separate
+                   instance (e.g. ``PEBBLE_WFE_NONCEREJECT="50"``), stopped at teardown.
+  webroot_server   serves a fresh webroot folder on 127.0.0.1:pebble.http_port; yields its Path.
+  account_store    a fresh in-memory AccountStore that counts loads and saves.
+
+Without /usr/bin/pebble the Pebble tests are skipped, or fail when CERTBATCH_REQUIRE_PEBBLE=1.
+When a test using Pebble fails, the tail of the Pebble and challtestsrv logs is added to the report.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pebble_server import PebbleInstance, find_binaries, start_pebble
+
+PEBBLE_MISSING = "pebble not installed: apt-get install pebble"
+_live: list[PebbleInstance] = []
+
+
+def _require_pebble() -> None:
+    if find_binaries() is None:
+        if os.environ.get("CERTBATCH_REQUIRE_PEBBLE") == "1":
+            pytest.fail(PEBBLE_MISSING)
+        pytest.skip(PEBBLE_MISSING)
+
+
+@pytest.fixture(scope="session")
+def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
+    """One Pebble + challtestsrv for the whole session (PEBBLE_VA_NOSLEEP=1)."""
+    _require_pebble()
+    inst = start_pebble(tmp_path_factory.mktemp("pebble"))
+    _live.append(inst)
+    try:
+        yield inst
+    finally:
+        inst.stop()
+        _live.remove(inst)
+
+
+@pytest.fixture
+def pebble_factory(tmp_path_factory: pytest.TempPathFactory
+                   ) -> Iterator[Callable[..., PebbleInstance]]:
+    """Start extra instances: ``pebble_factory(config={...}, PEBBLE_WFE_NONCEREJECT="50")``.
+
+    `config` overrides keys of Pebble's config file ("pebble" section); keyword arguments are
+    added to Pebble's environment. All instances are stopped at teardown.
+    """
+    _require_pebble()
+    started: list[PebbleInstance] = []
+
+    def factory(config: dict[str, Any] | None = None, **extra_env: str) -> PebbleInstance:
+        inst = start_pebble(tmp_path_factory.mktemp("pebble-extra"), extra_env, config)
+        started.append(inst)
+        _live.append(inst)
+        return inst
+
+    try:
+        yield factory
+    finally:
+        for inst in started:
+            inst.stop()
+            _live.remove(inst)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def webroot_server(pebble: PebbleInstance, tmp_path: Path) -> Iterator[Path]:
+    """A web server for http-01 webroot tests: serves `<tmp>/webroot` on pebble.http_port."""
+    webroot = tmp_path / "webroot"
+    webroot.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(webroot))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", pebble.http_port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield webroot
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class MemoryAccountStore:
+    """AccountStore in memory; `loads` and `saves` count the calls."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, tuple[bytes, str]] = {}
+        self.loads = 0
+        self.saves = 0
+        self._lock = threading.Lock()
+
+    def load_account(self, directory_url: str) -> tuple[bytes, str | None] | None:
+        with self._lock:
+            self.loads += 1
+            return self.accounts.get(directory_url)
+
+    def save_account(self, directory_url: str, key_pem: bytes, regr_json: str) -> None:
+        with self._lock:
+            self.saves += 1
+            self.accounts[directory_url] = (key_pem, regr_json)
+
+
+@pytest.fixture
+def account_store() -> MemoryAccountStore:
+    return MemoryAccountStore()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Attach the Pebble logs to the report of a failed test that used Pebble."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    uses_pebble = {"pebble", "pebble_factory"} & set(getattr(item, "fixturenames", ()))
+    if report.failed and uses_pebble:
+        for inst in _live:
+            report.sections.append((f"Pebble {inst.directory_url}", inst.logs()))
