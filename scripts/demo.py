@@ -38,6 +38,7 @@ def run(*args: str, env: dict[str, str]) -> int:
 def main() -> int:
     shutil.rmtree(DEMO, ignore_errors=True)
     (DEMO / "hooks" / "notify.d").mkdir(parents=True)
+    (DEMO / "hooks" / "deploy.d").mkdir(parents=True)
     (DEMO / "hooks" / "dns").mkdir(parents=True)
     shutil.copy(ROOT / "hooks" / "dns" / "challtestsrv.sh", DEMO / "hooks" / "dns")
     shutil.copy(ROOT / "hooks" / "deploy.d" / "combined-pem", DEMO / "hooks" / "deploy.d")

@@ -187,3 +187,22 @@ def test_nginx_end_to_end_three_renewed_one_reload(tmp_path, pebble):
             assert new != old[n]
             assert nginx.wait_for_serial(n, new) == new
         assert nginx.reload_count() == 1
+
+
+def test_unwritable_spool_keeps_certificate_stored_and_restages_later(tmp_path, pebble):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the spool path runs through a regular file: every write fails
+    cfg = write_config(tmp_path, pebble, {"s1": {"domains": ["s1.batch.example.com"]}},
+                       paths={"spool": str(blocker / "spool")})
+    first = run(["renew", "--json"], cfg, pebble)
+    assert first.returncode == 1
+    entry = json.loads(first.stdout)["certificates"][0]
+    assert entry["outcome"] == "not-staged" and "renewed, not staged" in entry["error"]
+    serial = live(tmp_path, "s1")["serial"]  # the certificate itself is safely stored
+
+    write_config(tmp_path, pebble, {"s1": {"domains": ["s1.batch.example.com"]}})
+    second = run(["renew", "--json"], cfg, pebble)
+    assert second.returncode == 0, second.stderr
+    entry = json.loads(second.stdout)["certificates"][0]
+    assert entry["outcome"] == "restaged" and entry["staged"]
+    assert live(tmp_path, "s1")["serial"] == serial  # no new order

@@ -8,7 +8,6 @@ from pathlib import Path
 from .config import Settings
 from .fsutil import atomic_write
 from .runner import FAILED_OUTCOMES, RunReport
-from .spool import Spool
 from .store import Store
 
 
@@ -16,7 +15,7 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
 
 
-def render(settings: Settings, store: Store, spool: Spool, report: RunReport,
+def render(settings: Settings, store: Store, report: RunReport,
            now: float | None = None) -> str:
     """The metrics text for this run (Prometheus text exposition format 0.0.4)."""
     now = time.time() if now is None else now
@@ -52,7 +51,7 @@ def render(settings: Settings, store: Store, spool: Spool, report: RunReport,
            "Outcome of the certificate's last run (label result).", result)
     metric("certbatch_spool_pending_certificates", "gauge",
            "Certificates staged in the spool and not yet applied by a notify hook.",
-           [("", float(len(spool.pending())))])
+           [("", float(report.pending_after))])
     notify_ok = 0.0 if report.notify_failed else 1.0
     metric("certbatch_notify_ok", "gauge", "0 if the last notify phase failed, else 1.",
            [("", notify_ok)])
@@ -65,7 +64,7 @@ def render(settings: Settings, store: Store, spool: Spool, report: RunReport,
     return "\n".join(lines) + "\n"
 
 
-def write(path: Path, settings: Settings, store: Store, spool: Spool, report: RunReport) -> None:
+def write(path: Path, settings: Settings, store: Store, report: RunReport) -> None:
     """Replace the metrics file atomically (the collector may read it at any moment)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, render(settings, store, spool, report), 0o644)
+    atomic_write(path, render(settings, store, report), 0o644)

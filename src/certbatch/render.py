@@ -58,6 +58,7 @@ def report_to_dict(report: RunReport) -> dict[str, Any]:
         "certificates": [cert_to_dict(c) for c in report.certificates],
         "notify": notify_to_dict(report.notify),
         "notify_skipped": report.notify_skipped,
+        "notify_error": report.notify_error,
         "pending_after": report.pending_after,
     }
 
@@ -110,6 +111,8 @@ def error_lines(report: RunReport) -> list[str]:
     if n is not None and not n.ok:
         lines.append(f"notify failed, batch kept pending for the next run "
                      f"({len(n.names)} certificates): {n.error}")
+    if report.notify_error:
+        lines.append(f"notify failed: {report.notify_error}")
     return lines
 
 
@@ -132,8 +135,13 @@ class RichProgress(Progress):
 
     def __init__(self, stream: TextIO) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(file=stream, stderr=True)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

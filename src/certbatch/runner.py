@@ -76,6 +76,7 @@ class RunReport:
     certificates: list[CertResult] = field(default_factory=list)
     notify: NotifyOutcome | None = None  # None: notify phase not run (dry-run, --no-notify)
     notify_skipped: str | None = None
+    notify_error: str | None = None  # the notify phase could not run at all (broken spool)
     duration: float = 0.0
     pending_after: int = 0  # entries left in the spool after the run
 
@@ -85,7 +86,7 @@ class RunReport:
 
     @property
     def notify_failed(self) -> bool:
-        return self.notify is not None and not self.notify.ok
+        return self.notify_error is not None or (self.notify is not None and not self.notify.ok)
 
     @property
     def exit_code(self) -> int:
@@ -191,18 +192,25 @@ class Runner:
 
         if notify:
             failed = [r.name for r in report.certificates if r.failed]
-            if self.spool.pending():
-                self.progress.notifying(len(self.spool.pending()))
-            report.notify = self.spool.notify(from_config(self.settings.hooks.notify,
-                                                          "config:notify"), failed)
-            if report.notify.batch_id:
+            try:
+                pending = self.spool.pending()
+                if pending:
+                    self.progress.notifying(len(pending))
+                report.notify = self.spool.notify(from_config(self.settings.hooks.notify,
+                                                              "config:notify"), failed)
+            except (CertbatchError, OSError) as exc:
+                # The spool itself is broken: a notify failure, reported like one (exit 1).
+                report.notify_error = f"spool {self.settings.paths.spool}: {exc}"
+                log.error("notify phase failed: %s", report.notify_error)
+            if report.notify is not None and report.notify.batch_id:
                 level = logging.INFO if report.notify.ok else logging.ERROR
                 log.log(level, "notify batch %s (%s): %s", report.notify.batch_id,
                         " ".join(report.notify.names), "ok" if report.notify.ok
                         else report.notify.error)
         else:
             report.notify_skipped = "--no-notify"
-        report.pending_after = len(self.spool.pending())
+        with contextlib.suppress(CertbatchError, OSError):
+            report.pending_after = len(self.spool.pending())
         report.duration = time.monotonic() - t0
         return report
 
@@ -274,13 +282,20 @@ class Runner:
             not_before=info.not_before, not_after=info.not_after, issued_at=utcnow())
 
     def _stage(self, cert: CertificateSettings, stored: StoredCert, result: CertResult) -> None:
-        outcome = self.spool.stage(self.cert_files(stored),
-                                   from_config(cert.deploy, "config:deploy"))
-        if outcome.ok:
+        """Stage the stored set; any failure here leaves it stored but "not-staged", so the next
+        run stages it again without a new order."""
+        try:
+            outcome = self.spool.stage(self.cert_files(stored),
+                                       from_config(cert.deploy, "config:deploy"))
+            error = None if outcome.ok else str(outcome.error)
+        except (CertbatchError, OSError) as exc:
+            error = str(exc)
+        if error is None:
             result.staged = True
         else:
             result.outcome = NOT_STAGED
-            result.error = f"renewed, not staged: {outcome.error}"
+            what = "renewed" if result.decision.needs_order else "stored"
+            result.error = f"{what}, not staged: {error}"
 
     def cert_files(self, stored: StoredCert) -> CertFiles:
         files = self.store.read_files(stored)
