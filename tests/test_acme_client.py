@@ -4,18 +4,13 @@ behaviours Pebble cannot produce (rate limits, 5xx, dropped connections)."""
 from __future__ import annotations
 
 import datetime as dt
-import http.client
-import http.server
 import json
 import logging
 import socket
-import ssl
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +19,12 @@ from conftest import MemoryAccountStore
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fault_proxy import (  # proxy_fixture: the `proxy` fixture
+    Fault,
+    FaultProxy,
+    proxy_fixture,  # noqa: F401
+    rate_limited,
+)
 from pebble_server import PebbleInstance
 
 from certbatch import acme_client
@@ -321,127 +322,6 @@ def test_unreachable_ca(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # -- fault-injecting proxy (mocks CA behaviour Pebble lacks) -------------------------------------
-
-@dataclass
-class Fault:
-    """Answer a matching request ourselves instead of forwarding it to Pebble."""
-
-    method: str
-    path_prefix: str
-    status: int = 0  # 0: drop the connection without an answer
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    times: int = 1  # how many matching requests to intercept
-    after: int = 0  # let this many matching requests through first
-    delay: float = 0.0  # seconds to wait before acting (a CA that hangs)
-    hits: int = 0
-    seen: int = 0
-
-
-class FaultProxy:
-    """A TLS reverse proxy on loopback in front of Pebble that can inject faults.
-
-    It keeps the client's Host header, and Pebble derives its URLs (and the JWS "url" it
-    expects) from Host, so the client talks to the proxy only and signatures stay valid.
-    """
-
-    def __init__(self, inst: PebbleInstance) -> None:
-        self.inst = inst
-        self.faults: list[Fault] = []
-        self.requests: list[tuple[str, str]] = []
-        upstream = ssl.create_default_context(cafile=str(inst.ca_bundle))
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                self.relay()
-
-            do_POST = do_HEAD = do_GET  # noqa: N815
-
-            def relay(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                proxy.requests.append((self.command, self.path))
-                for fault in proxy.faults:
-                    if self.command != fault.method or not self.path.startswith(
-                            fault.path_prefix):
-                        continue
-                    fault.seen += 1
-                    if fault.seen > fault.after and fault.hits < fault.times:
-                        fault.hits += 1
-                        time.sleep(fault.delay)
-                        if not fault.status:
-                            self.close_connection = True
-                            return
-                        headers = dict(fault.headers)
-                        if fault.status < 400:  # a success must carry a fresh nonce
-                            nonce = self.upstream("HEAD", "/nonce-plz", b"")[1]
-                            headers["Replay-Nonce"] = nonce["Replay-Nonce"]
-                        self.answer(fault.status, headers, fault.body)
-                        return
-                self.answer(*self.upstream(self.command, self.path, body))
-
-            def upstream(self, method: str, path: str, body: bytes
-                         ) -> tuple[int, dict[str, str], bytes]:
-                conn = http.client.HTTPSConnection("127.0.0.1", inst.acme_port,
-                                                   context=upstream, timeout=10)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "keep-alive", "content-length")}
-                conn.request(method, path, body, headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                conn.close()
-                return resp.status, {k: v for k, v in resp.getheaders() if k.lower() not in
-                                     ("connection", "transfer-encoding", "content-length")}, data
-
-            def answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(body)
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(str(inst.tls.cert), str(inst.tls.key))
-        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
-        self.directory_url = f"https://127.0.0.1:{self.server.server_address[1]}/dir"
-        self.thread = threading.Thread(target=self.server.serve_forever,
-                                       kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
-
-    def count(self, method: str, prefix: str) -> int:
-        return sum(1 for m, p in self.requests if m == method and p.startswith(prefix))
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def proxy(pebble: PebbleInstance) -> Iterator[FaultProxy]:
-    p = FaultProxy(pebble)
-    try:
-        yield p
-    finally:
-        p.close()
-
-
-def rate_limited(retry_after: str | None) -> Fault:
-    problem = {"type": "urn:ietf:params:acme:error:rateLimited",
-               "detail": "too many new orders recently", "status": 429}
-    headers = {"Content-Type": "application/problem+json"}
-    if retry_after is not None:
-        headers["Retry-After"] = retry_after
-    return Fault("POST", "/order-plz", 429, headers, json.dumps(problem).encode(), times=99)
-
 
 @pytest.mark.parametrize("header, expected", [
     ("3600", "delta"),

@@ -171,3 +171,35 @@ def test_config_option_before_or_after_the_command(tmp_path):
     assert before.stdout.startswith("site")
     cwd = run(["renew", "--dry-run"], None, cwd=tmp_path)
     assert cwd.returncode == 0 and cwd.stdout == before.stdout
+
+
+def test_unreachable_ca_fails_every_certificate_quickly_once(tmp_path):
+    """A CA that is down: one connection attempt for the run, every certificate reported."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+
+    class Down:
+        directory_url = f"https://127.0.0.1:{port}/dir"
+        ca_bundle = bundle
+
+        def env(self):
+            return {}
+
+    cfg = write_config(tmp_path, Down(), {f"d{i}": {"domains": [f"d{i}.example.com"]}
+                                          for i in range(6)}, renewal={"workers": 2})
+    t0 = time.monotonic()
+    result = run(["renew", "--log-file", str(tmp_path / "log")], cfg)
+    elapsed = time.monotonic() - t0
+    assert result.returncode == 1
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 6
+    assert all("cannot reach the CA" in line and str(port) in line for line in errors)
+    assert elapsed < 20  # one bounded connection attempt, not one per certificate
+    log = (tmp_path / "log").read_text()
+    assert log.count("fetching ACME directory") == 1

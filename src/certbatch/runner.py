@@ -46,6 +46,9 @@ FAILED_OUTCOMES = (FAILED, NOT_STAGED)
 DEFAULT_RATE_LIMIT_WAIT = dt.timedelta(hours=1)
 
 
+WorkItem = tuple[CertificateSettings, "CertResult", "StoredCert | None", CertStatus]
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -157,7 +160,7 @@ class Runner:
         t0 = time.monotonic()
         now = utcnow()
         report = RunReport(started_at=now, dry_run=dry_run)
-        work: list[tuple[CertificateSettings, CertResult, StoredCert | None, CertStatus]] = []
+        work: list[WorkItem] = []
         for cert in self.select(only):
             decision, stored, status = self.decide(cert, now, force)
             result = CertResult(cert.name, cert.domains, decision)
@@ -183,7 +186,7 @@ class Runner:
                 sleep(pause)
 
         if any(r.decision.needs_order for _, r, _, _ in work):
-            self._acme()  # one client (directory, account) for all workers, made before the pool
+            work = self._connect_or_fail(work)
         n_workers = max(1, workers or self.settings.renewal.workers)
         if work:
             with ThreadPoolExecutor(max_workers=min(n_workers, len(work)),
@@ -213,6 +216,29 @@ class Runner:
             report.pending_after = len(self.spool.pending())
         report.duration = time.monotonic() - t0
         return report
+
+    def _connect_or_fail(self, work: list[WorkItem]) -> list[WorkItem]:
+        """Fetch the directory and the account once, before the pool. If the CA cannot be
+        reached, every certificate that needs an order fails at once with that error, instead
+        of each worker retrying (and timing out) in turn; restaging still goes ahead."""
+        try:
+            self._acme().connect()
+            return work
+        except CertbatchError as exc:
+            error = f"cannot reach the CA at {self.settings.acme.directory}: {exc}"
+            log.error("%s", error)
+        remaining = []
+        for cert, result, stored, status in work:
+            if not result.decision.needs_order:
+                remaining.append((cert, result, stored, status))
+                continue
+            result.outcome, result.error = FAILED, error
+            status.last_attempt = utcnow()
+            status.last_result, status.last_error = FAILED, error
+            with contextlib.suppress(OSError):
+                self.store.save_status(cert.name, status)
+            self.progress.finished(result)
+        return remaining
 
     def _acme(self) -> AcmeClient:
         # Imported here, not at module level: a run with nothing due never loads the ACME stack.
