@@ -6,6 +6,7 @@ or the notify phase failed; 2 usage or configuration error; 75 another run holds
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import sys
@@ -16,9 +17,18 @@ from typing import Any, TypeVar
 import click
 
 from . import config as config_mod
-from .errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, CertbatchError, exit_code_for
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_USAGE,
+    CertbatchError,
+    ConfigError,
+    UsageError,
+    exit_code_for,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("certbatch.cli")
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -63,35 +73,105 @@ def load_settings(ctx: click.Context) -> config_mod.Settings:
     path = config_mod.find_config(_opt(ctx, "config"))
     settings = config_mod.load(path)
     setup_logging(ctx, settings)
+    log.info("certbatch %s %s: started (pid %d, config %s)", _version(), ctx.info_name,
+             os.getpid(), settings.path)
     return settings
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("certbatch")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: rich's live display swaps it for a proxy
+    that prints above the progress line, and a stream captured earlier would garble that line."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "file_only", False):
+            return  # printed on stderr by the command itself
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _FileFormatter(logging.Formatter):
+    """`2026-11-22T03:17:00.123+00:00 PID LEVEL logger: message` (local time, milliseconds)."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        return dt.datetime.fromtimestamp(record.created).astimezone().isoformat(
+            timespec="milliseconds")
+
+
+class _Redact(logging.Filter):
+    """Replaces known secrets (the EAB HMAC key) in every message, whoever logged it."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            if any(s in message for s in self.secrets):
+                for s in self.secrets:
+                    message = message.replace(s, "[redacted]")
+                record.msg, record.args = message, None
+        return True
+
+
+_OURS = "_certbatch_handler"  # marks the handlers setup_logging added (and may remove again)
+
+
 def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> None:
-    logger = logging.getLogger("certbatch")
-    logger.setLevel(logging.DEBUG)
-    logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-        handler.close()
+    """Log lines go to stderr with -v (INFO) or -vv (DEBUG), and to the log file (INFO; DEBUG
+    with -vv). Nothing else is ever printed by logging: without a handler Python would print
+    warnings and errors raw on stderr ("last resort"), a second copy of the errors the command
+    prints itself, and noise in cron mail even with -q."""
     verbose = _opt(ctx, "verbose") or 0
+    handlers: list[logging.Handler] = [logging.NullHandler()]
     if verbose:
-        stderr = logging.StreamHandler(sys.stderr)
+        stderr = _StderrHandler()
         stderr.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
         stderr.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-        logger.addHandler(stderr)
+        handlers.append(stderr)
     log_file = _opt(ctx, "log_file") or (settings.log_file if settings else None)
     if log_file:
         try:
-            file_handler = logging.FileHandler(log_file)
+            file_handler = logging.FileHandler(log_file, encoding="utf-8")
         except OSError as exc:
-            raise CertbatchError(f"cannot open log file {log_file}: {exc.strerror}") from exc
+            if _opt(ctx, "log_file"):
+                raise UsageError(f"--log-file {log_file}: cannot open: "
+                                 f"{exc.strerror or exc}") from None
+            assert settings is not None
+            raise ConfigError(settings.path, "logging.file",
+                              f"cannot open {log_file}: {exc.strerror or exc}") from None
         file_handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-        fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-                                "%Y-%m-%dT%H:%M:%S%z")
-        file_handler.setFormatter(fmt)
-        logger.addHandler(file_handler)
-    # Keep the acme library's wire dumps out unless asked for (they include JWS payloads).
-    logging.getLogger("acme").setLevel(logging.DEBUG if verbose > 2 else logging.WARNING)
+        file_handler.setFormatter(_FileFormatter(
+            "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+        handlers.append(file_handler)
+    secrets = [settings.acme.eab.hmac_key] if settings and settings.acme.eab else []
+    for handler in handlers:
+        setattr(handler, _OURS, True)
+        handler.addFilter(_Redact(secrets))
+    # The acme library logs every request and response (JWS payloads, including an external
+    # account binding) at DEBUG: it stays capped at WARNING whatever -v says. Its warnings go
+    # where ours go.
+    for name, level in (("certbatch", logging.DEBUG), ("acme", logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        for handler in list(logger.handlers):
+            if getattr(handler, _OURS, False):
+                logger.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            logger.addHandler(handler)
 
 
 def out(line: str = "") -> None:
@@ -166,7 +246,7 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
             metrics_path = metrics_file or settings.metrics_file
             if metrics_path:
                 from . import metrics
-                metrics.write(Path(metrics_path), settings, runner.store, runner.spool, report)
+                metrics.write(Path(metrics_path), settings, runner.store, report)
     finally:
         if progress:
             progress.stop()
@@ -180,6 +260,9 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     if progress is None:
         for line in render.error_lines(report):
             err(f"certbatch: {line}")
+    counts = render.summary_counts(report)
+    log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, report.exit_code,
+             ", ".join(f"{v} {k}" for k, v in counts.items()) or "no certificates")
     return report.exit_code
 
 
@@ -332,7 +415,7 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
 @click.pass_context
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
-    from .hooks import discover
+    from .hooks import discover, skipped_name
 
     settings = load_settings(ctx)
     problems: list[str] = []
@@ -354,19 +437,25 @@ def check(ctx: click.Context, online: bool) -> int:
             f" standalone {cert.challenge.standalone_address}:{cert.challenge.standalone_port}"
             if cert.challenge.standalone else f" script {cert.challenge.script}")
         out(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
+        if cert.deploy:
+            out(f"    deploy: {cert.deploy}")
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
         hooks = discover(folder)
         found = {h.name for h in hooks}
-        out(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)}")
+        out(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)} will run ({folder})")
         if folder.is_dir():
-            for entry in sorted(folder.iterdir()):
+            for entry in sorted(folder.iterdir(), key=lambda e: os.fsencode(e.name)):
                 if entry.name in found:
                     out(f"  {entry.name} (executable)")
-                elif entry.is_file() and not os.access(entry, os.X_OK):
-                    out(f"  {entry.name} (NOT executable: skipped)")
+                elif skipped_name(entry.name):
+                    out(f"  {entry.name} (skipped: hidden or backup name)")
+                elif not entry.exists():
+                    out(f"  {entry.name} (skipped: dangling symlink)")
+                elif not entry.is_file():
+                    out(f"  {entry.name} (skipped: not a regular file)")
                 else:
-                    out(f"  {entry.name} (skipped)")
+                    out(f"  {entry.name} (NOT executable: skipped)")
     if settings.hooks.notify:
         out(f"hooks.notify: {settings.hooks.notify}")
     if online:
@@ -398,6 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_FAILURE)
     except CertbatchError as exc:
         err(f"certbatch: error: {exc}")
+        if any(getattr(h, _OURS, False) for h in logging.getLogger("certbatch").handlers):
+            log.error("%s", exc, extra={"file_only": True})  # stderr has it already
         sys.exit(exit_code_for(exc))
     except KeyboardInterrupt:
         err("certbatch: interrupted")

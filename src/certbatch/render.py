@@ -100,7 +100,8 @@ def summary_lines(report: RunReport, verbose: bool = False) -> list[str]:
                      f"{'s' if len(n.names) != 1 else ''})")
     counts = summary_counts(report)
     total = ", ".join(f"{v} {k}" for k, v in counts.items())
-    lines.append(f"{len(report.certificates)} certificates: {total} "
+    n_certs = len(report.certificates)
+    lines.append(f"{n_certs} certificate{'s' if n_certs != 1 else ''}: {total} "
                  f"({report.duration:.1f} s)")
     return lines
 
@@ -131,7 +132,11 @@ def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 class RichProgress(Progress):
-    """A live display for terminals: done/total, certificates in flight, failures."""
+    """A live display for terminals: done/total, certificates in flight, failures.
+
+    Everything variable (names, errors) goes in as rich Text, never as markup: an error such as
+    "[/etc/x]" must print as it is, not be read as a style tag.
+    """
 
     def __init__(self, stream: TextIO) -> None:
         from rich.console import Console
@@ -143,9 +148,11 @@ class RichProgress(Progress):
             TimeElapsedColumn,
         )
 
-        self.console = Console(file=stream, stderr=True)
+        self.console = Console(file=stream, highlight=False)
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[current]}"),
+                            TimeElapsedColumn(), TextColumn("{task.fields[current]}",
+                                                            markup=False),
+                            TextColumn("{task.fields[failed]}", style="red", markup=False),
                             console=self.console, transient=True)
         self.task: Any = None
         self.current: list[str] = []
@@ -155,12 +162,12 @@ class RichProgress(Progress):
         total = sum(1 for r in results if r.decision.does_work)
         if total:
             self.bar.start()
-            self.task = self.bar.add_task("renewing", total=total, current="")
+            self.task = self.bar.add_task("renewing", total=total, current="", failed="")
 
     def _refresh(self) -> None:
         shown = ", ".join(self.current[:4]) + (" ..." if len(self.current) > 4 else "")
-        failed = f"  [red]{self.failed} failed[/red]" if self.failed else ""
-        self.bar.update(self.task, current=shown + failed)
+        failed = f"{self.failed} failed" if self.failed else ""
+        self.bar.update(self.task, current=shown, failed=failed)
 
     def started(self, result: CertResult) -> None:
         if self.task is not None:
@@ -168,18 +175,24 @@ class RichProgress(Progress):
             self._refresh()
 
     def finished(self, result: CertResult) -> None:
+        from rich.text import Text
+
         if self.task is None:
             return
         if result.name in self.current:
             self.current.remove(result.name)
         if result.failed:
             self.failed += 1
-            self.console.print(f"[red]{result.name}: {result.error}[/red]")
+            self.console.print(Text(f"{result.name}: {result.outcome}: {result.error}",
+                                    style="red"))
         self.bar.advance(self.task)
         self._refresh()
 
     def notifying(self, count: int) -> None:
-        self.stop()
+        # Notify hooks (an nginx reload) may take a while: say so rather than show nothing.
+        if self.task is not None:
+            self.bar.update(self.task, description=f"applying {count} staged", current="")
+            self.bar.refresh()
 
     def stop(self) -> None:
         if self.task is not None:
@@ -188,22 +201,26 @@ class RichProgress(Progress):
 
     def table(self, report: RunReport) -> None:
         from rich.table import Table
+        from rich.text import Text
 
         t = Table(title=None, show_lines=False)
-        for col in ("certificate", "outcome", "serial", "expires", "detail"):
-            t.add_column(col)
+        for col in ("certificate", "outcome", "expires", "serial"):
+            t.add_column(col, no_wrap=True)
+        t.add_column("detail", overflow="fold")  # long paths in errors: folded, never cut
         colors = {"failed": "red", "not-staged": "red", "issued": "green", "renewed": "green",
                   "restaged": "green", "rate-limited": "yellow"}
         for c in report.certificates:
             color = colors.get(c.outcome, "")
-            outcome = f"[{color}]{c.outcome}[/{color}]" if color else c.outcome
-            t.add_row(c.name, outcome, c.serial or "-",
-                      f"{c.not_after:%Y-%m-%d}" if c.not_after else "-",
-                      c.error or c.decision.reason)
+            detail = Text(c.error, style="red") if c.error else Text(
+                c.decision.reason if c.outcome in ("not-due", "rate-limited")
+                else f"{c.decision.action}: {c.decision.reason}")
+            t.add_row(Text(c.name), Text(c.outcome, style=color),
+                      f"{c.not_after:%Y-%m-%d}" if c.not_after else "-", Text(c.serial or "-"),
+                      detail)
         self.console.print(t)
         for line in summary_lines(report)[-2:]:
             if line.startswith("notify") or line[0].isdigit():
-                self.console.print(line)
-        n = report.notify
-        if n is not None and not n.ok:
-            self.console.print(f"[red]{error_lines(report)[-1]}[/red]")
+                self.console.print(Text(line))
+        for line in error_lines(report):
+            if line.startswith("notify failed"):  # certificate errors are in the table
+                self.console.print(Text(line, style="red"))
