@@ -207,3 +207,17 @@ def test_run_hook_shell_string_from_config_gets_data_only_via_env(tmp_path: Path
     result = run_hook(cmd, {"CERTBATCH_NAMES": "a b; rm -rf /"}, tmp_path, 5)
     assert result.ok
     assert (tmp_path / "names.txt").read_text() == "a b; rm -rf /"
+
+
+def test_private_key_printed_by_a_hook_is_redacted(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    key = tmp_path / "privkey.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGSECRETSECRET\n"
+                   "-----END PRIVATE KEY-----\n")
+    hook = script(tmp_path / "debug", f'echo before; cat "{key}"; echo after; '
+                                      f'cat "{key}" >&2; exit 1')
+    with caplog.at_level("DEBUG", logger="certbatch"):
+        result = run_hook(HookCommand("debug", (str(hook),)), {}, tmp_path, 10)
+    assert result.stdout_tail.splitlines() == ["before", "[private key redacted]", "after"]
+    assert "SECRET" not in result.stderr_tail and "SECRET" not in str(result.error())
+    assert "SECRET" not in caplog.text and "[private key redacted]" in caplog.text

@@ -123,11 +123,22 @@ class _Tail:
     def __init__(self) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.partial = b""
+        self.in_key = False  # inside a PEM private key block the hook printed
 
     def feed(self, data: bytes) -> None:
         *complete, self.partial = (self.partial + data).split(b"\n")
-        for line in complete[-TAIL_LINES:]:
-            self.lines.append(line[:MAX_LINE].decode(errors="replace"))
+        for raw in complete:
+            line = raw[:MAX_LINE].decode(errors="replace")
+            # A hook that prints a key file (debugging with cat) must not put the key into
+            # logs or error messages: keep one marker line instead of the block.
+            if "-----BEGIN" in line and "PRIVATE KEY-----" in line:
+                self.in_key = True
+                self.lines.append("[private key redacted]")
+            if self.in_key:
+                if "-----END" in line and "PRIVATE KEY-----" in line:
+                    self.in_key = False
+                continue
+            self.lines.append(line)
         # An endless line must not grow without bound: keep only its beginning.
         self.partial = self.partial[: MAX_LINE * 4]
 

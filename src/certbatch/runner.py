@@ -237,7 +237,7 @@ class Runner:
             status.last_result, status.last_error = FAILED, error
             with contextlib.suppress(OSError):
                 self.store.save_status(cert.name, status)
-            self.progress.finished(result)
+            self._tell(self.progress.finished, result)
         return remaining
 
     def _acme(self) -> AcmeClient:
@@ -251,7 +251,7 @@ class Runner:
                  stored: StoredCert | None, status: CertStatus) -> None:
         """Issue (if needed) and stage one certificate; record everything in `result`/status."""
         t0 = time.monotonic()
-        self.progress.started(result)
+        self._tell(self.progress.started, result)
         status.last_attempt = utcnow()
         try:
             if result.decision.needs_order:
@@ -290,7 +290,15 @@ class Runner:
             self.store.save_status(cert.name, status)
         except OSError as exc:
             log.error("%s: could not save status: %s", cert.name, exc)
-        self.progress.finished(result)
+        self._tell(self.progress.finished, result)
+
+    @staticmethod
+    def _tell(callback: Callable[[CertResult], None], result: CertResult) -> None:
+        """A progress display is cosmetic: its errors must never end a run."""
+        try:
+            callback(result)
+        except Exception:  # noqa: BLE001
+            log.debug("progress display failed", exc_info=True)
 
     def _issue(self, cert: CertificateSettings) -> StoredCert:
         """Order a new certificate with a new key, check it, store it (the old set stays on any

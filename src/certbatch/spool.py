@@ -186,8 +186,9 @@ class Spool:
         for folder in (self.root, self.pending_dir, self.applied_dir, self.staging_dir):
             ensure_dir(folder, 0o700)
         if not self.lock.acquire(timeout=0):
-            log.info("waiting for the spool lock %s (held by process %s)",
-                     self.lock.path, self.lock.holder_pid() or "?")
+            # Usually another worker thread of this run staging its certificate: debug only.
+            log.debug("waiting for the spool lock %s (last taken by process %s)",
+                      self.lock.path, self.lock.holder_pid() or "?")
             self.lock.acquire()
         try:
             self._recover()
