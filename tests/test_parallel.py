@@ -348,6 +348,6 @@ def test_one_directory_fetch_and_one_account_for_all_workers(
     # ... which is the one account stored.
     accounts = list((tmp_path / "state" / "accounts").iterdir())
     assert len(accounts) == 1
-    regr = json.loads((accounts[0] / "regr.json").read_text())
+    regr = json.loads(json.loads((accounts[0] / "account.json").read_text())["regr"])
     assert regr["uri"] == accepted[0].location
 

@@ -48,7 +48,7 @@ def test_modes_are_private_whatever_the_umask(tmp_path, umask0):
     assert mode(s.path("privkey.pem")) == 0o600
     acct = next((tmp_path / "state" / "accounts").iterdir())
     assert mode(acct) == 0o700
-    assert mode(acct / "account.key") == 0o600
+    assert mode(acct / "account.json") == 0o600
 
 
 def test_save_switches_live_and_reads_back(tmp_path):
@@ -77,7 +77,7 @@ def test_only_the_last_versions_are_kept(tmp_path):
 def test_failed_write_keeps_previous_set_and_leaves_no_temp(tmp_path, monkeypatch):
     store = Store(tmp_path)
     save(store, "0a")
-    real = fsutil.atomic_write
+    real = fsutil.write_new
     calls = []
 
     def flaky(path, data, mode=0o644):
@@ -86,7 +86,7 @@ def test_failed_write_keeps_previous_set_and_leaves_no_temp(tmp_path, monkeypatc
             raise OSError(28, "No space left on device")
         real(path, data, mode)
 
-    monkeypatch.setattr("certbatch.store.atomic_write", flaky)
+    monkeypatch.setattr("certbatch.store.write_new", flaky)
     with pytest.raises(OSError):
         save(store, "0b")
     cur = store.current("site")
@@ -103,12 +103,12 @@ def test_process_killed_mid_write_leaves_previous_set(tmp_path):
     script = textwrap.dedent(f"""
         import datetime as dt, os, signal
         from certbatch import store as st
-        real = st.atomic_write
+        real = st.write_new
         def killer(path, data, mode=0o644):
             real(path, data, mode)
             if path.name == "cert.pem":
                 os.kill(os.getpid(), signal.SIGKILL)
-        st.atomic_write = killer
+        st.write_new = killer
         nb = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
         from pathlib import Path
         st.Store(Path({str(tmp_path)!r})).save_certificate("site", key_type="ec-p256",
@@ -139,12 +139,18 @@ def test_status_roundtrip_and_damaged_status(tmp_path):
 
 
 def test_account_roundtrip_per_directory(tmp_path):
+    """Key and registration live in one file, so they are always replaced together."""
     store = Store(tmp_path)
     assert store.load_account("https://a/dir") is None
     store.save_account("https://a/dir", b"K1", '{"uri": "x"}')
     store.save_account("https://b/dir", b"K2", "{}")
     assert store.load_account("https://a/dir") == (b"K1", '{"uri": "x"}')
     assert store.load_account("https://b/dir")[0] == b"K2"
+    store.save_account("https://a/dir", b"K3", '{"uri": "y"}')
+    assert store.load_account("https://a/dir") == (b"K3", '{"uri": "y"}')
+    folder = next(p for p in (tmp_path / "accounts").iterdir()
+                  if "https://a/dir" in (p / "account.json").read_text())
+    assert [p.name for p in folder.iterdir()] == ["account.json"]
 
 
 def test_atomic_write_leaves_exactly_one_file(tmp_path):

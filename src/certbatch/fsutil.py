@@ -56,6 +56,28 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     fsync_dir(directory)
 
 
+def write_new(path: Path, data: bytes | str, mode: int = 0o644, sync: bool = True) -> None:
+    """Create `path` (which must not exist) inside a folder that is not visible yet, and fsync it.
+
+    For building a fresh folder that is renamed into place afterwards: one fsync per file and one
+    for the folder (see fsync_dir) instead of a rename and a folder fsync per file.
+    """
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, mode)  # before the data: a key is never readable by others
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            if sync:  # False when the caller syncs the whole folder later
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        raise
+
+
 def atomic_symlink(target: str, link: Path) -> None:
     """Point `link` at `target` atomically (a new symlink renamed over the old one)."""
     tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}.tmp")

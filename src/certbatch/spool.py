@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import HookError, StoreError
-from .fsutil import FileLock, atomic_write, ensure_dir, fsync_dir
+from .fsutil import FileLock, atomic_write, ensure_dir, fsync_dir, write_new
 from .hooks import HookCommand, HookResult, discover, run_hook
 
 log = logging.getLogger("certbatch.spool")
@@ -285,12 +285,13 @@ class Spool:
         os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
         committed = False
         try:
-            atomic_write(work / "privkey.pem", cert.privkey_pem, 0o600)
-            atomic_write(work / "cert.pem", cert.cert_pem, 0o644)
-            atomic_write(work / "chain.pem", cert.chain_pem, 0o644)
-            atomic_write(work / "fullchain.pem", cert.fullchain_pem, 0o644)
+            # Plain writes into the private work folder: _sync_tree fsyncs it all before commit.
+            write_new(work / "privkey.pem", cert.privkey_pem, 0o600, sync=False)
+            write_new(work / "cert.pem", cert.cert_pem, 0o644, sync=False)
+            write_new(work / "chain.pem", cert.chain_pem, 0o644, sync=False)
+            write_new(work / "fullchain.pem", cert.fullchain_pem, 0o644, sync=False)
             meta["staged_at"] = iso(dt.datetime.now(dt.timezone.utc))
-            atomic_write(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644, sync=False)
 
             env = self.deploy_env(cert.name, cert.domains, work)
             results: list[HookResult] = []

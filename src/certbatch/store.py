@@ -2,7 +2,7 @@
 
 Layout under the state folder (all folders 0700, private keys 0600)::
 
-    accounts/<hash of directory URL>/account.key  regr.json  directory.txt
+    accounts/<hash of directory URL>/account.json  key, registration and directory URL
     certs/<name>/live -> versions/<version>       symlink, switched atomically
     certs/<name>/versions/<version>/privkey.pem cert.pem chain.pem fullchain.pem meta.json
     certs/<name>/status.json                     outcome of the last run for this certificate
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import StoreError
-from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir
+from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir, write_new
 
 KEEP_VERSIONS = 3  # the live set plus two older ones, for a manual rollback
 PEM_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
@@ -38,7 +38,9 @@ def _ts(value: dt.datetime | None) -> str | None:
 def _parse_ts(value: str | None) -> dt.datetime | None:
     if not value:
         return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    # fromisoformat is ~10x faster than strptime (a nothing-due run parses thousands of these);
+    # Python 3.10's does not take "Z".
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -107,22 +109,21 @@ class Store:
 
     def load_account(self, directory_url: str) -> tuple[bytes, str | None] | None:
         """(account key PEM, registration JSON or None) for this ACME directory, if any."""
-        folder = self._account_dir(directory_url)
+        path = self._account_dir(directory_url) / "account.json"
         try:
-            key = (folder / "account.key").read_bytes()
+            data = json.loads(path.read_text())
+            return data["key"].encode(), data.get("regr")
         except FileNotFoundError:
             return None
-        try:
-            regr: str | None = (folder / "regr.json").read_text()
-        except FileNotFoundError:
-            regr = None
-        return key, regr
+        except (OSError, ValueError, KeyError, AttributeError) as exc:
+            raise StoreError(f"{path}: unreadable ACME account: {exc}") from exc
 
     def save_account(self, directory_url: str, key_pem: bytes, regr_json: str) -> None:
+        """Key and registration in ONE file, replaced atomically: two files could be left from
+        two different registrations by a crash, and the CA would reject every signature."""
         folder = self._dir("accounts", self._account_dir(directory_url).name)
-        atomic_write(folder / "directory.txt", directory_url + "\n", 0o600)
-        atomic_write(folder / "account.key", key_pem, 0o600)
-        atomic_write(folder / "regr.json", regr_json, 0o600)
+        data = {"directory": directory_url, "key": key_pem.decode(), "regr": regr_json}
+        atomic_write(folder / "account.json", json.dumps(data, indent=2) + "\n", 0o600)
 
     # -- certificates --------------------------------------------------------------------------
 
@@ -166,14 +167,16 @@ class Store:
         shutil.rmtree(tmp, ignore_errors=True)
         ensure_dir(tmp)
         try:
-            atomic_write(tmp / "privkey.pem", privkey_pem, 0o600)
-            atomic_write(tmp / "cert.pem", cert_pem, 0o644)
-            atomic_write(tmp / "chain.pem", chain_pem, 0o644)
-            atomic_write(tmp / "fullchain.pem", fullchain_pem, 0o644)
+            # A fresh, not yet visible folder: plain fsynced writes, then one rename.
+            write_new(tmp / "privkey.pem", privkey_pem, 0o600)
+            write_new(tmp / "cert.pem", cert_pem, 0o644)
+            write_new(tmp / "chain.pem", chain_pem, 0o644)
+            write_new(tmp / "fullchain.pem", fullchain_pem, 0o644)
             meta = {"name": name, "domains": list(domains), "key_type": key_type,
                     "serial": serial, "not_before": _ts(not_before),
                     "not_after": _ts(not_after), "issued_at": _ts(issued_at)}
-            atomic_write(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            write_new(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            fsync_dir(tmp)
             os.rename(tmp, folder)
             fsync_dir(versions)
         except BaseException:
