@@ -206,3 +206,50 @@ def test_unwritable_spool_keeps_certificate_stored_and_restages_later(tmp_path, 
     entry = json.loads(second.stdout)["certificates"][0]
     assert entry["outcome"] == "restaged" and entry["staged"]
     assert live(tmp_path, "s1")["serial"] == serial  # no new order
+
+
+def test_run_killed_between_storing_and_staging_is_staged_by_the_next_run(tmp_path, pebble):
+    """SIGKILL while the deploy hook runs: the new certificate is live in the store but was
+    never staged; the next run must stage it (without a new order), not skip it for 60 days."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg = write_config(tmp_path, pebble, {"k1": {"domains": ["k1.batch.example.com"]}})
+    assert run(["renew"], cfg, pebble).returncode == 0
+    first = live(tmp_path, "k1")["serial"]
+    started = tmp_path / "hook-started"
+    hook = tmp_path / "hooks/deploy.d/10-slow"
+    hook.write_text(f"#!/bin/sh\ntouch {started}\nsleep 30\n")
+    hook.chmod(0o755)
+    env = dict(os.environ, **pebble.env())
+    env.pop("CERTBATCH_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "certbatch", "-c", str(cfg), "renew",
+                             "--force"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        os.killpg(proc.pid, signal.SIGKILL)  # certbatch and its hook, like a power cut
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    renewed = live(tmp_path, "k1")["serial"]
+    assert renewed != first  # stored before the kill
+    hook.unlink()
+    dry = run(["renew", "--dry-run"], cfg, pebble)
+    assert dry.stdout.split()[:2] == ["k1", "restage"]
+    again = run(["renew", "--json"], cfg, pebble)
+    assert again.returncode == 0, again.stderr
+    entry = json.loads(again.stdout)["certificates"][0]
+    assert entry["outcome"] == "restaged" and entry["staged"]
+    assert live(tmp_path, "k1")["serial"] == renewed  # no new order
+    newest = sorted((tmp_path / "spool/applied").iterdir())[-1]
+    meta = json.loads((newest / "k1/meta.json").read_text())
+    assert meta["serial"] == renewed

@@ -203,3 +203,21 @@ def test_unreachable_ca_fails_every_certificate_quickly_once(tmp_path):
     assert elapsed < 20  # one bounded connection attempt, not one per certificate
     log = (tmp_path / "log").read_text()
     assert log.count("fetching ACME directory") == 1
+
+
+def test_damaged_state_of_one_certificate_fails_only_that_one(tmp_path, pebble):
+    cfg = write_config(tmp_path, pebble, {"ok": {"domains": ["ok.damage.example.com"]},
+                                          "bad": {"domains": ["bad.damage.example.com"]}})
+    assert run(["renew"], cfg, pebble).returncode == 0
+    meta = tmp_path / "state/certs/bad/live/meta.json"
+    meta.write_text('{"domains": []}')  # keys missing
+    (tmp_path / "state/certs/ok/status.json").write_text("[]")  # history lost, harmless
+    result = run(["renew", "--force"], cfg, pebble)
+    assert result.returncode == 1
+    assert "ok" in result.stdout and "renewed" in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("certbatch: bad: failed:")
+    assert "meta.json" in errors[0]
+    status = run(["status"], cfg, pebble)
+    assert status.returncode == 0
+    assert any(line.startswith("bad ") and "error" in line for line in status.stdout.splitlines())

@@ -16,6 +16,9 @@ T0 = dt.datetime(2026, 1, 1, tzinfo=UTC)
 DAY = dt.timedelta(days=1)
 
 
+STAGED = CertStatus(staged_version="v1")  # the usual case: the live version was staged
+
+
 def cert(domains=("a.example", "b.example"), key="ec-p256") -> CertificateSettings:
     return CertificateSettings(name="a", domains=tuple(domains), key=key,
                                challenge=ChallengeSettings(type="dns-01", script=Path("/bin/true")))
@@ -49,14 +52,14 @@ def stored(days: float = 90, domains=("a.example", "b.example"), key="ec-p256",
     (90, 76.0, dt.timedelta(days=14), renewal.RENEW),
 ])
 def test_due_rule(lifetime_days, now_offset_days, before_expiry, expected):
-    decision = renewal.decide(cert(), stored(lifetime_days), CertStatus(),
+    decision = renewal.decide(cert(), stored(lifetime_days), STAGED,
                               T0 + now_offset_days * DAY, before_expiry)
     assert decision.action == expected
     assert decision.needs_order == (expected == renewal.RENEW)
 
 
 def test_missing_certificate_is_issued():
-    d = renewal.decide(cert(), None, CertStatus(), T0, None)
+    d = renewal.decide(cert(), None, STAGED, T0, None)
     assert d.action == renewal.ISSUE and d.needs_order
 
 
@@ -66,19 +69,19 @@ def test_missing_certificate_is_issued():
     (cert(key="rsa-2048"), "key type changed (ec-p256 -> rsa-2048)"),
 ])
 def test_changed_certificate_is_reissued_even_when_not_due(configured, reason_part):
-    d = renewal.decide(configured, stored(90), CertStatus(), T0 + DAY, None)
+    d = renewal.decide(configured, stored(90), STAGED, T0 + DAY, None)
     assert d.action == renewal.REISSUE
     assert reason_part in d.reason
 
 
 def test_domain_order_is_not_a_change():
-    d = renewal.decide(cert(domains=("b.example", "a.example")), stored(90), CertStatus(),
+    d = renewal.decide(cert(domains=("b.example", "a.example")), stored(90), STAGED,
                        T0 + DAY, None)
     assert d.action == renewal.SKIP
 
 
 def test_force_renews_a_fresh_certificate():
-    d = renewal.decide(cert(), stored(90), CertStatus(), T0 + DAY, None, force=True)
+    d = renewal.decide(cert(), stored(90), STAGED, T0 + DAY, None, force=True)
     assert d.action == renewal.FORCE and d.needs_order
 
 
@@ -90,10 +93,33 @@ def test_rate_limit_is_honoured_until_it_passes_even_with_force():
     assert after.action == renewal.ISSUE
 
 
-def test_unstaged_version_is_restaged_without_an_order():
-    status = CertStatus(unstaged_version="v1")
-    d = renewal.decide(cert(), stored(90, version="v1"), status, T0 + DAY, None)
-    assert d.action == renewal.RESTAGE and d.does_work and not d.needs_order
-    # a newer live version than the unstaged one means nothing is left to restage
-    d2 = renewal.decide(cert(), stored(90, version="v2"), status, T0 + DAY, None)
+def test_live_version_not_staged_is_restaged_without_an_order():
+    """Deploy hooks failed, or the run died between storing and staging: the live version
+    differs from the last staged one, and the next run stages it (no new order)."""
+    for status in (CertStatus(), CertStatus(staged_version="v0")):
+        d = renewal.decide(cert(), stored(90, version="v1"), status, T0 + DAY, None)
+        assert d.action == renewal.RESTAGE and d.does_work and not d.needs_order
+    d2 = renewal.decide(cert(), stored(90, version="v1"), STAGED, T0 + DAY, None)
     assert d2.action == renewal.SKIP
+
+
+def test_due_and_unstaged_orders_anew():
+    d = renewal.decide(cert(), stored(90), CertStatus(staged_version="v0"), T0 + 61 * DAY, None)
+    assert d.action == renewal.RENEW
+
+
+def test_rate_limit_does_not_hold_back_a_restage():
+    status = CertStatus(rate_limited_until=T0 + 70 * DAY, staged_version="v0")
+    d = renewal.decide(cert(), stored(90), status, T0 + 61 * DAY, None)
+    assert d.action == renewal.RESTAGE
+    staged = CertStatus(rate_limited_until=T0 + 70 * DAY, staged_version="v1")
+    assert renewal.decide(cert(), stored(90), staged, T0 + 61 * DAY, None).action \
+        == renewal.RATE_LIMITED
+
+
+def test_before_expiry_longer_than_lifetime_does_not_renew_every_run():
+    # 100 days before expiry of a 90-day certificate: clamped to half the lifetime
+    assert renewal.decide(cert(), stored(90), STAGED, T0 + DAY,
+                          dt.timedelta(days=100)).action == renewal.SKIP
+    assert renewal.decide(cert(), stored(90), STAGED, T0 + 45 * DAY,
+                          dt.timedelta(days=100)).action == renewal.RENEW

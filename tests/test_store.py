@@ -131,11 +131,12 @@ def test_process_killed_mid_write_leaves_previous_set(tmp_path):
 def test_status_roundtrip_and_damaged_status(tmp_path):
     store = Store(tmp_path)
     st = CertStatus(last_result="failed", last_error="boom",
-                    rate_limited_until=NB, last_attempt=NB, unstaged_version="v1")
+                    rate_limited_until=NB, last_attempt=NB, staged_version="v1")
     store.save_status("site", st)
     assert store.status("site") == st
-    (tmp_path / "certs/site/status.json").write_text("{not json")
-    assert store.status("site") == CertStatus()
+    for damage in ("{not json", "[]", '{"last_attempt": 5}', '{"last_attempt": "junk"}'):
+        (tmp_path / "certs/site/status.json").write_text(damage)
+        assert store.status("site") == CertStatus()
 
 
 def test_account_roundtrip_per_directory(tmp_path):

@@ -273,8 +273,16 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
     runner = Runner(settings)
     now = utcnow()
     rows = []
+    from .errors import StoreError
+    from .renewal import ERROR, Decision
+    from .store import CertStatus
+
     for cert in settings.certificates.values():
-        decision, stored, status = runner.decide(cert, now)
+        try:
+            decision, stored, status = runner.decide(cert, now)
+        except StoreError as exc:  # one damaged certificate must not hide the others
+            decision, stored = Decision(ERROR, str(exc)), None
+            status = CertStatus(last_result="error", last_error=str(exc))
         days = None if stored is None else int((stored.not_after - now).total_seconds() // 86400)
         rows.append({
             "name": cert.name,

@@ -19,6 +19,7 @@ FORCE = "force"  # --force
 RESTAGE = "restage"  # renewed earlier, deploy hooks failed: stage again without a new order
 SKIP = "skip"  # not due
 RATE_LIMITED = "rate-limited"  # the CA asked us to wait
+ERROR = "error"  # the stored state of this certificate cannot be read
 
 SHORT_LIVED = dt.timedelta(days=10)
 
@@ -42,10 +43,14 @@ class Decision:
 def due_time(not_before: dt.datetime, not_after: dt.datetime,
              before_expiry: dt.timedelta | None) -> dt.datetime:
     """When a certificate becomes due: `before_expiry` ahead of expiry if set, else when a third
-    of its lifetime remains (half for certificates shorter than 10 days), as CAs advise."""
-    if before_expiry is not None:
-        return not_after - before_expiry
+    of its lifetime remains (half for certificates shorter than 10 days), as CAs advise.
+
+    A `before_expiry` as long as the lifetime would renew on every run (and soon hit the CA's
+    duplicate-certificate limit), so the due time is never before half the lifetime.
+    """
     lifetime = not_after - not_before
+    if before_expiry is not None:
+        return max(not_after - before_expiry, not_before + lifetime / 2)
     fraction = 2 if lifetime < SHORT_LIVED else 3
     return not_after - lifetime / fraction
 
@@ -54,12 +59,27 @@ def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertSta
            now: dt.datetime, before_expiry: dt.timedelta | None,
            force: bool = False) -> Decision:
     """What `renew` does with one certificate now."""
-    if status.rate_limited_until and status.rate_limited_until > now:
-        # Honoured even with --force: asking again only extends the CA's penalty.
-        return Decision(RATE_LIMITED,
-                        f"rate-limited by the CA until {status.rate_limited_until:%Y-%m-%d %H:%M}Z")
+    limited = status.rate_limited_until is not None and status.rate_limited_until > now
+    rate_limited = Decision(RATE_LIMITED, f"rate-limited by the CA until "
+                            f"{status.rate_limited_until:%Y-%m-%d %H:%M}Z") if limited else None
     if stored is None:
-        return Decision(ISSUE, "no certificate yet")
+        return rate_limited or Decision(ISSUE, "no certificate yet")
+    order = _order_reason(cert, stored, now, before_expiry, force)
+    if order is not None and rate_limited is None:
+        return order
+    if status.staged_version != stored.version:
+        # Needs no CA, so a rate limit does not hold it back.
+        return Decision(RESTAGE, "stored but not staged yet (deploy hook failed or run "
+                                 "interrupted)", order.due_at if order else None)
+    # A rate limit is honoured even with --force: asking again only extends the penalty.
+    return rate_limited or Decision(
+        SKIP, f"due {due_time(stored.not_before, stored.not_after, before_expiry):%Y-%m-%d}",
+        due_time(stored.not_before, stored.not_after, before_expiry))
+
+
+def _order_reason(cert: CertificateSettings, stored: StoredCert, now: dt.datetime,
+                  before_expiry: dt.timedelta | None, force: bool) -> Decision | None:
+    """The decision if the stored certificate needs a new order, else None."""
     due_at = due_time(stored.not_before, stored.not_after, before_expiry)
     if set(stored.domains) != set(cert.domains):
         added = sorted(set(cert.domains) - set(stored.domains))
@@ -75,6 +95,4 @@ def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertSta
         return Decision(RENEW, f"expired {stored.not_after:%Y-%m-%d %H:%M}Z", due_at)
     if now >= due_at:
         return Decision(RENEW, f"expires {stored.not_after:%Y-%m-%d %H:%M}Z", due_at)
-    if status.unstaged_version and status.unstaged_version == stored.version:
-        return Decision(RESTAGE, "renewed earlier but not staged (deploy hook failed)", due_at)
-    return Decision(SKIP, f"due {due_at:%Y-%m-%d}", due_at)
+    return None

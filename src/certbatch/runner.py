@@ -162,7 +162,16 @@ class Runner:
         report = RunReport(started_at=now, dry_run=dry_run)
         work: list[WorkItem] = []
         for cert in self.select(only):
-            decision, stored, status = self.decide(cert, now, force)
+            try:
+                decision, stored, status = self.decide(cert, now, force)
+            except CertbatchError as exc:
+                # Damaged state of one certificate: that one fails, the others go on.
+                result = CertResult(cert.name, cert.domains,
+                                    Decision(renewal.ERROR, str(exc)), outcome=FAILED,
+                                    error=str(exc))
+                report.certificates.append(result)
+                log.error("%s: %s", cert.name, exc)
+                continue
             result = CertResult(cert.name, cert.domains, decision)
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
@@ -225,7 +234,7 @@ class Runner:
             self._acme().connect()
             return work
         except CertbatchError as exc:
-            error = f"cannot reach the CA at {self.settings.acme.directory}: {exc}"
+            error = str(exc)  # already names the CA's URL
             log.error("%s", error)
         remaining = []
         for cert, result, stored, status in work:
@@ -262,10 +271,9 @@ class Runner:
                 result.outcome = RESTAGED
             assert stored is not None
             result.serial, result.not_after = stored.serial, stored.not_after
-            status.unstaged_version = stored.version
             self._stage(cert, stored, result)
             if result.staged:
-                status.unstaged_version = None
+                status.staged_version = stored.version
                 status.last_success = utcnow()
         except RateLimited as exc:
             until = exc.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT

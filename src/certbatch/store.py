@@ -18,6 +18,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -26,6 +27,8 @@ from typing import Any
 
 from .errors import StoreError
 from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir, write_new
+
+log = logging.getLogger("certbatch.store")
 
 KEEP_VERSIONS = 3  # the live set plus two older ones, for a manual rollback
 PEM_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
@@ -70,7 +73,9 @@ class CertStatus:
     last_error: str | None = None
     last_success: dt.datetime | None = None
     rate_limited_until: dt.datetime | None = None
-    unstaged_version: str | None = None  # renewed and stored, but deploy hooks failed
+    # The stored version last staged into the spool. A live version that differs (deploy hooks
+    # failed, or a crash between storing and staging) is staged again by the next run.
+    staged_version: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
@@ -82,6 +87,8 @@ class CertStatus:
     @classmethod
     def from_json(cls, text: str) -> CertStatus:
         data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("status is not a JSON object")
         for key in ("last_attempt", "last_success", "rate_limited_until"):
             data[key] = _parse_ts(data.get(key))
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
@@ -135,18 +142,21 @@ class Store:
         live = self.cert_dir(name) / "live"
         try:
             version = os.readlink(live)
-            meta = json.loads((live.parent / version / "meta.json").read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"{live}: unreadable certificate metadata: {exc}") from exc
-        return StoredCert(
-            name=name, version=Path(version).name, folder=live.parent / version,
-            domains=tuple(meta["domains"]), key_type=meta["key_type"], serial=meta["serial"],
-            not_before=_parse_ts(meta["not_before"]),  # type: ignore[arg-type]
-            not_after=_parse_ts(meta["not_after"]),  # type: ignore[arg-type]
-            issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
-        )
+        try:
+            meta = json.loads((live.parent / version / "meta.json").read_text())
+            return StoredCert(
+                name=name, version=Path(version).name, folder=live.parent / version,
+                domains=tuple(meta["domains"]), key_type=meta["key_type"],
+                serial=meta["serial"],
+                not_before=_parse_ts(meta["not_before"]),  # type: ignore[arg-type]
+                not_after=_parse_ts(meta["not_after"]),  # type: ignore[arg-type]
+                issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(f"{live}/meta.json: unreadable certificate metadata: "
+                             f"{type(exc).__name__}: {exc}") from exc
 
     def read_files(self, stored: StoredCert) -> dict[str, bytes]:
         """The four PEM files of one version (read from its own folder, never via `live`)."""
@@ -205,8 +215,9 @@ class Store:
             return CertStatus.from_json((self.cert_dir(name) / "status.json").read_text())
         except FileNotFoundError:
             return CertStatus()
-        except (ValueError, TypeError, KeyError):
+        except Exception:  # noqa: BLE001
             # A damaged status file only loses history; it must never stop renewals.
+            log.warning("%s: ignoring unreadable %s", name, self.cert_dir(name) / "status.json")
             return CertStatus()
 
     def save_status(self, name: str, status: CertStatus) -> None:
