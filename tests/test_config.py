@@ -706,3 +706,14 @@ def test_uses_libyaml_when_available() -> None:
     if getattr(yaml, "CSafeLoader", None) is None:
         pytest.skip("PyYAML built without libyaml")
     assert config._BaseLoader is yaml.CSafeLoader
+
+
+def test_state_and_spool_must_differ(tmp_path: Path) -> None:
+    cfg = tmp_path / "certbatch.yaml"
+    cfg.write_text("acme: {directory: https://ca.example/dir}\n"
+                   "paths: {state: ./data, spool: ./data/}\n"
+                   "defaults: {challenge: {type: dns-01, script: /bin/true}}\n"
+                   "certificates: {site: {domains: [a.example.com]}}\n")
+    with pytest.raises(ConfigError) as err:
+        load(cfg)
+    assert "paths.spool" in str(err.value) and "paths.state" in str(err.value)

@@ -221,3 +221,16 @@ def test_private_key_printed_by_a_hook_is_redacted(tmp_path: Path,
     assert result.stdout_tail.splitlines() == ["before", "[private key redacted]", "after"]
     assert "SECRET" not in result.stderr_tail and "SECRET" not in str(result.error())
     assert "SECRET" not in caplog.text and "[private key redacted]" in caplog.text
+
+
+def test_redaction_covers_a_cut_off_key_and_ends_eventually(tmp_path: Path) -> None:
+    cut = script(tmp_path / "cut", 'printf -- "-----BEGIN PRIVATE KEY-----\\nMIIsecretpartial"; '
+                                   'exit 1')
+    result = run_hook(HookCommand("cut", (str(cut),)), {}, tmp_path, 10)
+    assert "secret" not in result.stdout_tail and result.stdout_tail == "[private key redacted]"
+    # no END line: redaction stops after KEY_MAX_LINES, so the real error still shows
+    endless = script(tmp_path / "endless", 'echo "-----BEGIN RSA PRIVATE KEY-----"; '
+                     f'i=0; while [ $i -lt {hooks.KEY_MAX_LINES + 5} ]; do echo AAAA; '
+                     'i=$((i+1)); done; echo "real error" >&1; exit 1')
+    result = run_hook(HookCommand("endless", (str(endless),)), {}, tmp_path, 10)
+    assert result.stdout_tail.splitlines()[-1] == "real error"

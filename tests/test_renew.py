@@ -144,6 +144,7 @@ def test_unknown_only_name_is_a_usage_error(tmp_path, pebble):
     result = run(["renew", "--only", "nope"], cfg, pebble)
     assert result.returncode == 2
     assert "nope" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "state").exists()  # nothing written, not even the lock file
 
 
 def test_config_error_exit_2_one_line_nothing_written(tmp_path):
@@ -221,3 +222,17 @@ def test_damaged_state_of_one_certificate_fails_only_that_one(tmp_path, pebble):
     status = run(["status"], cfg, pebble)
     assert status.returncode == 0
     assert any(line.startswith("bad ") and "error" in line for line in status.stdout.splitlines())
+
+
+def test_unwritable_metrics_file_reports_the_run_then_fails(tmp_path, pebble):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = write_config(tmp_path, pebble, {"mx": {"domains": ["mx.metrics.example.com"]}})
+    result = run(["renew", "--metrics-file", str(blocker / "m.prom")], cfg, pebble)
+    assert result.returncode == 1
+    assert "mx" in result.stdout and "issued" in result.stdout  # the report still comes
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"certbatch: cannot write metrics file {blocker / 'm.prom'}: ")
+    assert str(blocker) in lines[0].split(": ", 2)[2]  # names the path the OS refused
+    assert live(tmp_path, "mx")["domains"] == ["mx.metrics.example.com"]

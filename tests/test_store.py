@@ -202,3 +202,15 @@ def test_file_lock_excludes_threads_of_one_process(tmp_path):
     a.release()
     assert b.acquire(timeout=1)
     b.release()
+
+
+def test_existing_folders_keep_their_mode(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    s = Store(shared).save_certificate(
+        "site", key_type="ec-p256", domains=("a.example",), privkey_pem=b"K", cert_pem=b"C",
+        chain_pem=b"", fullchain_pem=b"C", serial="01", not_before=NB,
+        not_after=NB + dt.timedelta(days=90), issued_at=NB)
+    assert mode(shared) == 0o1777  # not ours to change
+    assert mode(shared / "certs") == 0o700 and mode(s.path("privkey.pem")) == 0o600

@@ -230,6 +230,7 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     if tty and not quiet and not as_json and not dry_run:
         progress = render.RichProgress(sys.stderr)
     runner = Runner(settings, progress)
+    runner.select(only)  # an unknown --only name is a usage error before anything is written
     if dry_run:
         # Touches nothing: no lock file, no state, no network.
         report = runner.renew(force=force, only=only, dry_run=True)
@@ -239,6 +240,7 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
             for line in render.plan_lines(report):
                 out(line)
         return EXIT_OK
+    metrics_error = None
     try:
         with run_lock(settings.paths.state, wait):
             report = runner.renew(force=force, only=only, workers=workers, notify=not no_notify,
@@ -246,7 +248,14 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
             metrics_path = metrics_file or settings.metrics_file
             if metrics_path:
                 from . import metrics
-                metrics.write(Path(metrics_path), settings, runner.store, report)
+                try:
+                    metrics.write(Path(metrics_path), settings, runner.store, report)
+                except OSError as exc:
+                    # The renewals are done: report them, then fail the run (exit 1).
+                    where = f" ({exc.filename})" if exc.filename else ""
+                    metrics_error = (f"cannot write metrics file {metrics_path}: "
+                                     f"{exc.strerror}{where}")
+                    log.error("%s", metrics_error)
     finally:
         if progress:
             progress.stop()
@@ -260,10 +269,14 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     if progress is None:
         for line in render.error_lines(report):
             err(f"certbatch: {line}")
+    exit_code = report.exit_code
+    if metrics_error:
+        err(f"certbatch: {metrics_error}")
+        exit_code = EXIT_FAILURE
     counts = render.summary_counts(report)
-    log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, report.exit_code,
+    log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, exit_code,
              ", ".join(f"{v} {k}" for k, v in counts.items()) or "no certificates")
-    return report.exit_code
+    return exit_code
 
 
 def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:

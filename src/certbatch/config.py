@@ -516,9 +516,14 @@ class _Checker:
 
     def paths(self, raw: Any) -> PathSettings:
         m = self.section(raw, "paths", _PATHS_KEYS)
-        return PathSettings(state=self.opt_path(m, "paths", "state") or DEFAULT_STATE,
-                            spool=self.opt_path(m, "paths", "spool") or DEFAULT_SPOOL,
-                            hooks=self.opt_path(m, "paths", "hooks") or DEFAULT_HOOKS)
+        paths = PathSettings(state=self.opt_path(m, "paths", "state") or DEFAULT_STATE,
+                             spool=self.opt_path(m, "paths", "spool") or DEFAULT_SPOOL,
+                             hooks=self.opt_path(m, "paths", "hooks") or DEFAULT_HOOKS)
+        if paths.state.resolve() == paths.spool.resolve():
+            # Both keep a .lock file: one folder would make the run lock and the spool lock
+            # the same lock, and a run would wait for itself forever.
+            self.fail("paths.spool", f"must be another folder than paths.state ({paths.state})")
+        return paths
 
     def renewal(self, raw: Any) -> RenewalSettings:
         m = self.section(raw, "renewal", _RENEWAL_KEYS)

@@ -14,10 +14,18 @@ from pathlib import Path
 
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
-    """Create `path` (and parents) and force its mode, whatever the umask says."""
-    path.mkdir(parents=True, exist_ok=True)
-    if (path.stat().st_mode & 0o777) != mode:
-        os.chmod(path, mode)
+    """Create `path` (and parents) with `mode`, whatever the umask says.
+
+    A folder that already exists keeps its mode: it is the operator's (pointing paths.spool at
+    a shared 1777 folder must not lock everybody else out of it).
+    """
+    try:
+        path.mkdir(parents=True)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return path
+    os.chmod(path, mode)  # mkdir's mode is filtered by the umask
     return path
 
 

@@ -117,6 +117,9 @@ def from_config(spec: str | Sequence[str] | None, label: str) -> list[HookComman
     return [HookCommand(name=label, argv=argv)]
 
 
+KEY_MAX_LINES = 120  # lines redacted after a BEGIN ... PRIVATE KEY line at the most
+
+
 class _Tail:
     """The last TAIL_LINES lines of a byte stream, fed in arbitrary chunks."""
 
@@ -124,6 +127,7 @@ class _Tail:
         self.lines: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.partial = b""
         self.in_key = False  # inside a PEM private key block the hook printed
+        self.key_lines = 0
 
     def feed(self, data: bytes) -> None:
         *complete, self.partial = (self.partial + data).split(b"\n")
@@ -132,10 +136,14 @@ class _Tail:
             # A hook that prints a key file (debugging with cat) must not put the key into
             # logs or error messages: keep one marker line instead of the block.
             if "-----BEGIN" in line and "PRIVATE KEY-----" in line:
-                self.in_key = True
+                self.in_key, self.key_lines = True, 0
                 self.lines.append("[private key redacted]")
             if self.in_key:
-                if "-----END" in line and "PRIVATE KEY-----" in line:
+                self.key_lines += 1
+                # An RSA-4096 key is about 52 lines: a block without END must not swallow
+                # the hook's real error message after it.
+                if ("-----END" in line and "PRIVATE KEY-----" in line) \
+                        or self.key_lines > KEY_MAX_LINES:
                     self.in_key = False
                 continue
             self.lines.append(line)
@@ -144,7 +152,7 @@ class _Tail:
 
     def text(self) -> str:
         lines = list(self.lines)
-        if self.partial:
+        if self.partial and not self.in_key:
             lines.append(self.partial[:MAX_LINE].decode(errors="replace"))
         return "\n".join(lines[-TAIL_LINES:])
 
