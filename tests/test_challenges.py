@@ -225,7 +225,7 @@ def test_dns_script_failure_names_script_status_and_last_stderr_line(
 
 
 def test_dns_script_missing_or_not_executable(tmp_path: Path) -> None:
-    with pytest.raises(ChallengeError, match="cannot run dns script .*No such file"):
+    with pytest.raises(ChallengeError, match="dns script .*cannot run .*No such file"):
         DnsScriptSolver(tmp_path / "missing.sh", "c").prepare([dns01("a.example", "v")], soon())
     plain = tmp_path / "plain.sh"
     plain.write_text("#!/bin/sh\n")
@@ -296,3 +296,14 @@ def test_challtestsrv_hook_is_shellcheck_clean() -> None:
     result = subprocess.run(["shellcheck", str(HOOK)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
     assert HOOK.stat().st_mode & stat.S_IXUSR
+
+
+def test_dns_script_leaving_a_detached_child_does_not_hold_us(tmp_path: Path) -> None:
+    """A script that succeeds at once but leaves a daemon holding its output (setsid) must not
+    keep certbatch waiting until the deadline, nor be reported as a timeout."""
+    path, log = script(tmp_path, 'setsid sleep 8 &')
+    solver = DnsScriptSolver(path, "c")
+    t0 = time.monotonic()
+    solver.prepare([dns01("x.example.com", "v1")], soon(30))
+    assert time.monotonic() - t0 < 4
+    solver.cleanup()

@@ -18,9 +18,7 @@ import http.server
 import logging
 import os
 import re
-import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Sequence
@@ -31,6 +29,7 @@ from typing import Protocol
 from .config import ChallengeSettings
 from .errors import ChallengeError, DeadlineExceeded
 from .fsutil import atomic_write
+from .hooks import HookCommand, run_hook
 
 log = logging.getLogger("certbatch.challenges")
 
@@ -321,40 +320,25 @@ class DnsScriptSolver:
              deadline_bound: bool) -> None:
         domain, record_name, value = record
         argv = [str(self.script), action, domain, record_name, value]
-        env = dict(os.environ, CERTBATCH_ACTION=action, CERTBATCH_DOMAIN=domain,
-                   CERTBATCH_RECORD_NAME=record_name, CERTBATCH_RECORD_VALUE=value)
+        env = {"CERTBATCH_ACTION": action, "CERTBATCH_DOMAIN": domain,
+               "CERTBATCH_RECORD_NAME": record_name, "CERTBATCH_RECORD_VALUE": value}
         what = f"dns script {self.script} {action} {record_name}"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline exceeded before {what}")
         timeout = min(SCRIPT_TIMEOUT, remaining)
-        log.debug("%s: running %s", self.name, what)
-        try:
-            # A session of its own, so a timeout kills the script's children too (a `sleep`
-            # holding our pipes would otherwise keep us waiting).
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, env=env, start_new_session=True)
-        except OSError as exc:
-            raise ChallengeError(f"cannot run {what}: {exc.strerror or exc}") from exc
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        # The hooks' runner: own process group killed whole on timeout, and it stops reading
+        # soon after the script exits even if a detached child still holds its output open.
+        result = run_hook(HookCommand(f"{self.name}: dns {action}", tuple(argv)), env,
+                          self.script.parent, timeout)
+        if result.timed_out:
             if deadline_bound and timeout < SCRIPT_TIMEOUT:
                 raise DeadlineExceeded(f"deadline exceeded while {what} was "
-                                       f"running (killed after {timeout:.1f} s)") from None
-            raise ChallengeError(f"{what} timed out after {timeout:g} s") from None
-        finally:
-            if proc.poll() is None:  # interrupted (e.g. KeyboardInterrupt): do not leak it
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for line in out.decode(errors="replace").splitlines():
-            log.debug("%s: %s: %s", self.name, self.script.name, line)
-        if proc.returncode != 0:
-            lines = [ln.strip() for ln in err.decode(errors="replace").splitlines() if ln.strip()]
-            status = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
-                      else f"exited with status {proc.returncode}")
+                                       f"running (killed after {timeout:.1f} s)")
+            raise ChallengeError(f"{what} timed out after {timeout:g} s")
+        if result.returncode != 0:
+            lines = [ln.strip() for ln in result.stderr_tail.splitlines() if ln.strip()]
+            code = result.returncode or 0
+            status = (f"was killed by signal {-code}" if code < 0
+                      else f"exited with status {code}")
             raise ChallengeError(f"{what} {status}" + (f": {lines[-1]}" if lines else ""))
