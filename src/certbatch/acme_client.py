@@ -12,7 +12,7 @@ Robustness, all in the helpers below `issue()`:
   * rateLimited / HTTP 429 raise RateLimited at once, with the CA's Retry-After.
   * an account the CA no longer knows is registered again (once, by one thread), saved, and the
     request retried.
-  * polls start after 0.2 s and back off exponentially up to 5 s, honour Retry-After, and never
+  * polls start after 0.05 s and back off exponentially up to 5 s, honour Retry-After, and never
     sleep past the deadline.
 Errors leave this module as certbatch exceptions only (AcmeError, RateLimited, ChallengeError,
 DeadlineExceeded), never as acme, josepy or requests exceptions.

@@ -383,6 +383,13 @@ def run_hook(ctx: click.Context, dry_run: bool, deploy: str | None, wait: float)
     return EXIT_OK
 
 
+def _command_text(spec: str | tuple[str, ...]) -> str:
+    """A config hook command as an operator would type it (a list shell-quoted, not a tuple)."""
+    import shlex
+
+    return spec if isinstance(spec, str) else shlex.join(spec)
+
+
 def _env_lines(env: dict[str, str]) -> list[str]:
     return [f"      {k}={v}" for k, v in sorted(env.items())]
 
@@ -419,7 +426,7 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
     cert = runner.settings.certificates[name]
     lines = [f"would stage {name} (serial {stored.serial}, expires {stored.not_after:%Y-%m-%d}) "
              f"from {stored.folder}"]
-    stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.XXXXXX"
+    stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.<token>.tmp"
     env = runner.spool.deploy_env(name, stored.domains, stage_dir)
     commands = runner.spool.deploy_commands(from_config(cert.deploy, "config:deploy"))
     if not commands:
@@ -459,7 +466,7 @@ def check(ctx: click.Context, online: bool) -> int:
             if cert.challenge.standalone else f" script {cert.challenge.script}")
         out(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
-            out(f"    deploy: {cert.deploy}")
+            out(f"    deploy: {_command_text(cert.deploy)}")
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
         hooks = discover(folder)
@@ -478,7 +485,7 @@ def check(ctx: click.Context, online: bool) -> int:
                 else:
                     out(f"  {entry.name} (NOT executable: skipped)")
     if settings.hooks.notify:
-        out(f"hooks.notify: {settings.hooks.notify}")
+        out(f"hooks.notify: {_command_text(settings.hooks.notify)}")
     if online:
         from .acme_client import AcmeClient
         from .store import Store

@@ -111,7 +111,7 @@ def error_lines(report: RunReport) -> list[str]:
     n = report.notify
     if n is not None and not n.ok:
         lines.append(f"notify failed, batch kept pending for the next run "
-                     f"({len(n.names)} certificates): {n.error}")
+                     f"({len(n.names)} certificate{'s' * (len(n.names) != 1)}): {n.error}")
     if report.notify_error:
         lines.append(f"notify failed: {report.notify_error}")
     return lines
