@@ -199,3 +199,19 @@ def test_metrics_file_is_valid_prometheus_text(tmp_path, pebble):
     assert families["certbatch_run_exit_code"].samples[0].value == 0
     assert families["certbatch_run_duration_seconds"].samples[0].value > 0
     assert [p.name for p in metrics.parent.iterdir()] == ["certbatch.prom"]  # no temp files
+
+
+def test_verbose_counts_before_and_after_the_command(tmp_path, capsys):
+    import logging
+
+    cfg = simple_config(tmp_path)
+    levels = {}
+    for label, args in (("once", ["-v", "status"]), ("split", ["-v", "status", "-v"]),
+                        ("together", ["-vv", "status"])):
+        cli.main(args=[*args, "-c", str(cfg)], standalone_mode=False)
+        stderr_handlers = [h for h in logging.getLogger("certbatch").handlers
+                           if getattr(h, "stream", None) is not None
+                           and not isinstance(h, logging.FileHandler)]
+        levels[label] = min(h.level for h in stderr_handlers)
+    assert levels == {"once": logging.INFO, "split": logging.DEBUG,
+                      "together": logging.DEBUG}

@@ -43,7 +43,9 @@ Exit codes:
 def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
         root = ctx.find_root()
-        if value not in (None, False, 0) or key not in root.meta:
+        if key == "verbose":  # -v counts, wherever it stands: `-v renew -v` is -vv
+            root.meta[key] = root.meta.get(key, 0) + (value or 0)
+        elif value not in (None, False, 0) or key not in root.meta:
             root.meta[key] = value
     return callback
 
