@@ -250,6 +250,7 @@ def test_run_killed_between_storing_and_staging_is_staged_by_the_next_run(tmp_pa
     entry = json.loads(again.stdout)["certificates"][0]
     assert entry["outcome"] == "restaged" and entry["staged"]
     assert live(tmp_path, "k1")["serial"] == renewed  # no new order
-    newest = sorted((tmp_path / "spool/applied").iterdir())[-1]
-    meta = json.loads((newest / "k1/meta.json").read_text())
+    batch = json.loads(again.stdout)["notify"]["batch_id"]
+    assert sorted(p.name for p in (tmp_path / "spool/applied").iterdir())[-1] == batch
+    meta = json.loads((tmp_path / "spool/applied" / batch / "k1/meta.json").read_text())
     assert meta["serial"] == renewed

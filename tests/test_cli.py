@@ -201,7 +201,21 @@ def test_metrics_file_is_valid_prometheus_text(tmp_path, pebble):
     assert [p.name for p in metrics.parent.iterdir()] == ["certbatch.prom"]  # no temp files
 
 
-def test_verbose_counts_before_and_after_the_command(tmp_path, capsys):
+@pytest.fixture
+def restore_certbatch_logger():
+    """cli.main configures the certbatch logger (handlers, no propagation): undo it after."""
+    import logging
+
+    logger = logging.getLogger("certbatch")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.propagate, logger.level = saved
+
+
+def test_verbose_counts_before_and_after_the_command(tmp_path, restore_certbatch_logger):
     import logging
 
     cfg = simple_config(tmp_path)

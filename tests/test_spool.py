@@ -309,7 +309,7 @@ def test_batch_and_meta_json_schema(spool: Spool, hooks_dir: Path, probe: Path) 
                             "failed_names", "certificates"}
     assert batch["version"] == 1
     assert batch["batch_id"] == out.batch_id
-    assert re.match(r"\d{8}T\d{6}Z-[0-9a-f]{6}\Z", batch["batch_id"])
+    assert re.match(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z", batch["batch_id"])
     assert ISO_Z.match(batch["created_at"])
     assert batch["spool_dir"] == str(spool.root)
     assert batch["count"] == 1 and batch["names"] == ["www"]

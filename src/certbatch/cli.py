@@ -392,6 +392,17 @@ def _command_text(spec: str | tuple[str, ...]) -> str:
     return spec if isinstance(spec, str) else shlex.join(spec)
 
 
+def _hook_lines(commands: list[Any], env: dict[str, str], none: str) -> list[str]:
+    """Each hook a dry run would run, with the CERTBATCH_* variables it would get."""
+    if not commands:
+        return [none]
+    lines = []
+    for cmd in commands:
+        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
+        lines.extend(_env_lines(env))
+    return lines
+
+
 def _env_lines(env: dict[str, str]) -> list[str]:
     return [f"      {k}={v}" for k, v in sorted(env.items())]
 
@@ -411,12 +422,8 @@ def notify_plan(runner: Any) -> list[str]:
     commands = runner.spool.notify_commands(from_config(runner.settings.hooks.notify,
                                                         "config:notify"))
     env = runner.spool.notify_env([p.name for p in pending], [])
-    if not commands:
-        lines.append("no notify hooks found (hooks/notify.d/ is empty and no hooks.notify)")
-    for cmd in commands:
-        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
-        lines.extend(_env_lines(env))
-    return lines
+    return lines + _hook_lines(commands, env, "no notify hooks found (hooks/notify.d/ is empty "
+                                              "and no hooks.notify)")
 
 
 def deploy_plan(runner: Any, name: str) -> list[str]:
@@ -431,12 +438,8 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
     stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.<token>.tmp"
     env = runner.spool.deploy_env(name, stored.domains, stage_dir)
     commands = runner.spool.deploy_commands(from_config(cert.deploy, "config:deploy"))
-    if not commands:
-        lines.append("no deploy hooks found (files are copied into the spool only)")
-    for cmd in commands:
-        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
-        lines.extend(_env_lines(env))
-    return lines
+    return lines + _hook_lines(commands, env, "no deploy hooks found (files are copied into "
+                                              "the spool only)")
 
 
 @cli.command()

@@ -9,12 +9,13 @@ from typing import Any, TextIO
 
 from .runner import FAILED_OUTCOMES, CertResult, Progress, RunReport
 from .spool import NotifyOutcome
+from .store import iso
 
 REPORT_SCHEMA_VERSION = 1
 
 
 def ts(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    return iso(value) if value else None
 
 
 def notify_to_dict(notify: NotifyOutcome | None) -> dict[str, Any] | None:

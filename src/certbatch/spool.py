@@ -35,11 +35,12 @@ from pathlib import Path
 from .errors import HookError, StoreError
 from .fsutil import FileLock, atomic_write, ensure_dir, fsync_dir, write_new
 from .hooks import HookCommand, HookResult, discover, run_hook
+from .store import iso, parse_iso
 
 log = logging.getLogger("certbatch.spool")
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
-BATCH_ID_RE = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}\Z")
+BATCH_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z")
 BATCH_VERSION = 1
 META_VERSION = 1
 
@@ -89,18 +90,6 @@ class NotifyOutcome:
     error: HookError | None
 
 
-def iso(t: dt.datetime) -> str:
-    """ISO 8601 UTC with a Z, to the second: 2026-11-22T10:15:00Z."""
-    if t.tzinfo is None:
-        raise ValueError(f"naive datetime {t!r}: certbatch only handles tz-aware times")
-    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_iso(text: str) -> dt.datetime:
-    # fromisoformat only accepts a trailing Z from Python 3.11 on.
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def _token() -> str:
     """Unique, time-sortable, dot-free suffix for work folders."""
     return f"{time.time_ns():020d}-{secrets.token_hex(3)}"
@@ -108,7 +97,8 @@ def _token() -> str:
 
 def _new_batch_id() -> str:
     now = dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    # Microseconds too: "keep the last 5" prunes by name, and two batches can share a second.
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond:06d}Z-{secrets.token_hex(3)}"
 
 
 def _sync_tree(top: Path) -> None:

@@ -34,16 +34,26 @@ KEEP_VERSIONS = 3  # the live set plus two older ones, for a manual rollback
 PEM_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
 
 
+def iso(t: dt.datetime) -> str:
+    """ISO 8601 UTC with a Z, to the second (2026-11-22T10:15:00Z): certbatch's one time format
+    in files and reports."""
+    if t.tzinfo is None:
+        raise ValueError(f"naive datetime {t!r}: certbatch only handles tz-aware times")
+    return t.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_iso(text: str) -> dt.datetime:
+    # fromisoformat is ~10x faster than strptime (a nothing-due run parses thousands of these);
+    # Python 3.10's does not take "Z".
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def _ts(value: dt.datetime | None) -> str | None:
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    return iso(value) if value else None
 
 
 def _parse_ts(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    # fromisoformat is ~10x faster than strptime (a nothing-due run parses thousands of these);
-    # Python 3.10's does not take "Z".
-    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return parse_iso(value) if value else None
 
 
 @dataclass(frozen=True)
