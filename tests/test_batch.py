@@ -167,6 +167,16 @@ def test_run_hook_dry_run_changes_nothing_then_run_hook_applies(tmp_path, pebble
     assert len(probe_lines(probes, "50-apply")) == 1
     assert run(["run-hook", "--dry-run"], cfg, pebble).stdout.strip() == "nothing pending"
 
+    # --deploy re-stages one stored certificate (same serial, no order) without notifying
+    serial = live(tmp_path, "b2")["serial"]
+    restaged = run(["run-hook", "--deploy", "b2"], cfg, pebble)
+    assert restaged.returncode == 0, restaged.stderr
+    assert f"b2: staged (serial {serial})" in restaged.stdout
+    assert [p.name for p in (tmp_path / "spool/pending").iterdir()] == ["b2"]
+    assert json.loads((tmp_path / "spool/pending/b2/meta.json").read_text())["serial"] == serial
+    assert len(probe_lines(probes, "50-apply")) == 1  # not notified yet
+    assert run(["run-hook", "--deploy", "nope"], cfg, pebble).returncode == 2
+
 
 def test_nginx_end_to_end_three_renewed_one_reload(tmp_path, pebble):
     names = ["one.nginx.example.com", "two.nginx.example.com", "three.nginx.example.com"]
