@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import threading
 import time
@@ -40,7 +42,9 @@ def _new_key_pem() -> bytes:
 
 
 class BareLoop:
-    def __init__(self, directory_url: str, ca_bundle: str, challtestsrv: str) -> None:
+    def __init__(self, directory_url: str, ca_bundle: str, challtestsrv: str,
+                 dns_script: str | None = None) -> None:
+        self.dns_script = dns_script  # None: set TXT records in-process over HTTP
         self.directory_url = directory_url
         self.ca_bundle = ca_bundle
         self.challtestsrv = challtestsrv.rstrip("/")
@@ -84,17 +88,23 @@ class BareLoop:
             challb = next(c for c in authzr.body.challenges
                           if isinstance(c.chall, challenges.DNS01))
             record = f"_acme-challenge.{authzr.body.identifier.value}."
-            dns.post(f"{self.challtestsrv}/set-txt", timeout=10, json={
-                "host": record, "value": challb.chall.validation(self.key)}
-            ).raise_for_status()
-            todo.append((authzr, challb, record))
-        for _, challb, _ in todo:
+            value = challb.chall.validation(self.key)
+            if self.dns_script:
+                self._script("add", authzr.body.identifier.value, record, value)
+            else:
+                dns.post(f"{self.challtestsrv}/set-txt", timeout=10, json={
+                    "host": record, "value": value}).raise_for_status()
+            todo.append((authzr, challb, record, value))
+        for _, challb, _, _ in todo:
             client.answer_challenge(challb, challb.chall.response(self.key))
-        for authzr, _, _ in todo:
+        for authzr, _, _, _ in todo:
             self._poll_authz(client, authzr)
-        for _, _, record in todo:
-            dns.post(f"{self.challtestsrv}/clear-txt", json={"host": record},
-                     timeout=10).raise_for_status()
+        for authzr, _, record, value in todo:
+            if self.dns_script:
+                self._script("remove", authzr.body.identifier.value, record, value)
+            else:
+                dns.post(f"{self.challtestsrv}/clear-txt", json={"host": record},
+                         timeout=10).raise_for_status()
         order = client.begin_finalization(order)
         deadline = time.monotonic() + POLL_LIMIT
         body = order.body
@@ -107,6 +117,13 @@ class BareLoop:
         if "BEGIN CERTIFICATE" not in pem:
             raise RuntimeError(f"no certificate downloaded for {domains[0]}")
         return time.perf_counter() - t0
+
+    def _script(self, action: str, domain: str, record: str, value: str) -> None:
+        """The same dns-01 script contract certbatch uses: one process per record and action."""
+        assert self.dns_script is not None
+        env = dict(os.environ, CERTBATCH_CHALLTESTSRV_URL=self.challtestsrv)
+        subprocess.run([self.dns_script, action, domain, record, value], env=env, check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
 
     @staticmethod
     def _poll_authz(client: ClientV2, authzr: messages.AuthorizationResource) -> None:
@@ -131,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--prefix", default="b")
     parser.add_argument("--out", help="write the JSON summary here instead of stdout")
+    parser.add_argument("--dns-script", help="set TXT records through this dns-01 script "
+                        "(certbatch's contract) instead of in-process HTTP calls")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    loop = BareLoop(args.directory, args.ca_bundle, args.challtestsrv)
+    loop = BareLoop(args.directory, args.ca_bundle, args.challtestsrv, args.dns_script)
     loop.register()
     t_account = time.perf_counter() - t0
     names = [f"{args.prefix}{i}" for i in range(args.count)]
