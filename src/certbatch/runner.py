@@ -193,8 +193,6 @@ class Runner:
                 pause = random.uniform(0, delay)
                 log.info("jitter: sleeping %.1f s before the first ACME request", pause)
                 sleep(pause)
-
-        if any(r.decision.needs_order for _, r, _, _ in work):
             work = self._connect_or_fail(work)
         n_workers = max(1, workers or self.settings.renewal.workers)
         if work:
