@@ -305,5 +305,5 @@ def test_dns_script_leaving_a_detached_child_does_not_hold_us(tmp_path: Path) ->
     solver = DnsScriptSolver(path, "c")
     t0 = time.monotonic()
     solver.prepare([dns01("x.example.com", "v1")], soon(30))
-    assert time.monotonic() - t0 < 4
+    assert time.monotonic() - t0 < 6  # the daemon sleeps 8 s; room for a loaded CI machine
     solver.cleanup()

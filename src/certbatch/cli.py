@@ -407,7 +407,6 @@ def _env_lines(env: dict[str, str]) -> list[str]:
 
 
 def notify_plan(runner: Any) -> list[str]:
-    from .hooks import from_config
 
     pending = runner.spool.pending()
     if not pending:
@@ -418,15 +417,13 @@ def notify_plan(runner: Any) -> list[str]:
         lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
                      f"serial {p.serial}")
         lines.append(f"    {p.folder}: {files}")
-    commands = runner.spool.notify_commands(from_config(runner.settings.hooks.notify,
-                                                        "config:notify"))
+    commands = runner.spool.notify_commands(runner.notify_hooks())
     env = runner.spool.notify_env([p.name for p in pending], [])
     return lines + _hook_lines(commands, env, "no notify hooks found (hooks/notify.d/ is empty "
                                               "and no hooks.notify)")
 
 
 def deploy_plan(runner: Any, name: str) -> list[str]:
-    from .hooks import from_config
 
     stored = runner.store.current(name)
     if stored is None:
@@ -436,7 +433,7 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
              f"from {stored.folder}"]
     stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.<token>.tmp"
     env = runner.spool.deploy_env(name, stored.domains, stage_dir)
-    commands = runner.spool.deploy_commands(from_config(cert.deploy, "config:deploy"))
+    commands = runner.spool.deploy_commands(runner.deploy_hooks(cert))
     return lines + _hook_lines(commands, env, "no deploy hooks found (files are copied into "
                                               "the spool only)")
 

@@ -21,7 +21,7 @@ from . import renewal
 from .config import CertificateSettings, Settings
 from .errors import EXIT_FAILURE, EXIT_OK, CertbatchError, LockBusy, RateLimited, UsageError
 from .fsutil import FileLock, ensure_dir
-from .hooks import from_config
+from .hooks import HookCommand, from_config
 from .renewal import Decision
 from .spool import CertFiles, NotifyOutcome, Spool
 from .store import CertStatus, Store, StoredCert
@@ -182,7 +182,7 @@ class Runner:
             log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
             if decision.does_work:
                 work.append((cert, result, stored, status))
-        self.progress.planned(report.certificates)
+        self._tell(self.progress.planned, report.certificates)
         if dry_run:
             report.duration = time.monotonic() - t0
             return report
@@ -205,9 +205,8 @@ class Runner:
             try:
                 pending = self.spool.pending()
                 if pending:
-                    self.progress.notifying(len(pending))
-                report.notify = self.spool.notify(from_config(self.settings.hooks.notify,
-                                                              "config:notify"), failed)
+                    self._tell(self.progress.notifying, len(pending))
+                report.notify = self.spool.notify(self.notify_hooks(), failed)
             except (CertbatchError, OSError) as exc:
                 # The spool itself is broken: a notify failure, reported like one (exit 1).
                 report.notify_error = f"spool {self.settings.paths.spool}: {exc}"
@@ -299,12 +298,21 @@ class Runner:
         self._tell(self.progress.finished, result)
 
     @staticmethod
-    def _tell(callback: Callable[[CertResult], None], result: CertResult) -> None:
+    def _tell(callback: Callable[..., None], *args: object) -> None:
         """A progress display is cosmetic: its errors must never end a run."""
         try:
-            callback(result)
+            callback(*args)
         except Exception:  # noqa: BLE001
             log.debug("progress display failed", exc_info=True)
+
+    def notify_hooks(self) -> list[HookCommand]:
+        """The config's `hooks.notify` command (the spool adds notify.d/ before it)."""
+        return from_config(self.settings.hooks.notify, "config:notify")
+
+    @staticmethod
+    def deploy_hooks(cert: CertificateSettings) -> list[HookCommand]:
+        """The certificate's `deploy` command (the spool adds deploy.d/ before it)."""
+        return from_config(cert.deploy, "config:deploy")
 
     def _issue(self, cert: CertificateSettings) -> StoredCert:
         """Order a new certificate with a new key, check it, store it (the old set stays on any
@@ -325,8 +333,7 @@ class Runner:
         """Stage the stored set; any failure here leaves it stored but "not-staged", so the next
         run stages it again without a new order."""
         try:
-            outcome = self.spool.stage(self.cert_files(stored),
-                                       from_config(cert.deploy, "config:deploy"))
+            outcome = self.spool.stage(self.cert_files(stored), self.deploy_hooks(cert))
             error = None if outcome.ok else str(outcome.error)
         except (CertbatchError, OSError) as exc:
             error = str(exc)
@@ -349,7 +356,7 @@ class Runner:
 
     def run_notify(self) -> NotifyOutcome:
         """The notify phase now, on whatever is pending (an operator's `run-hook`)."""
-        return self.spool.notify(from_config(self.settings.hooks.notify, "config:notify"), ())
+        return self.spool.notify(self.notify_hooks(), ())
 
     def restage(self, name: str) -> CertResult:
         """Stage one stored certificate again through the deploy hooks (`run-hook --deploy`)."""

@@ -21,9 +21,8 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from .errors import StoreError
 from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir, write_new
@@ -86,7 +85,6 @@ class CertStatus:
     # The stored version last staged into the spool. A live version that differs (deploy hooks
     # failed, or a crash between storing and staging) is staged again by the next run.
     staged_version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         data = asdict(self)
