@@ -43,8 +43,9 @@ def _new_key_pem() -> bytes:
 
 class BareLoop:
     def __init__(self, directory_url: str, ca_bundle: str, challtestsrv: str,
-                 dns_script: str | None = None) -> None:
+                 dns_script: str | None = None, per_certificate: bool = False) -> None:
         self.dns_script = dns_script  # None: set TXT records in-process over HTTP
+        self.per_certificate = per_certificate  # one script run per certificate and action
         self.directory_url = directory_url
         self.ca_bundle = ca_bundle
         self.challtestsrv = challtestsrv.rstrip("/")
@@ -89,20 +90,21 @@ class BareLoop:
                           if isinstance(c.chall, challenges.DNS01))
             record = f"_acme-challenge.{authzr.body.identifier.value}."
             value = challb.chall.validation(self.key)
-            if self.dns_script:
-                self._script("add", authzr.body.identifier.value, record, value)
-            else:
+            if not self.dns_script:  # (the script runs below, once all records are known)
                 dns.post(f"{self.challtestsrv}/set-txt", timeout=10, json={
                     "host": record, "value": value}).raise_for_status()
             todo.append((authzr, challb, record, value))
+        records = [(a.body.identifier.value, r, v) for a, _, r, v in todo]
+        if self.dns_script:
+            self._script("add", records)
         for _, challb, _, _ in todo:
             client.answer_challenge(challb, challb.chall.response(self.key))
         for authzr, _, _, _ in todo:
             self._poll_authz(client, authzr)
-        for authzr, _, record, value in todo:
-            if self.dns_script:
-                self._script("remove", authzr.body.identifier.value, record, value)
-            else:
+        if self.dns_script:
+            self._script("remove", records)
+        else:
+            for _, _, record, _ in todo:
                 dns.post(f"{self.challtestsrv}/clear-txt", json={"host": record},
                          timeout=10).raise_for_status()
         order = client.begin_finalization(order)
@@ -118,12 +120,16 @@ class BareLoop:
             raise RuntimeError(f"no certificate downloaded for {domains[0]}")
         return time.perf_counter() - t0
 
-    def _script(self, action: str, domain: str, record: str, value: str) -> None:
-        """The same dns-01 script contract certbatch uses: one process per record and action."""
+    def _script(self, action: str, records: list[tuple[str, str, str]]) -> None:
+        """certbatch's dns-01 script contract: a process per record and action, or per
+        certificate and action with every record's triple in argv."""
         assert self.dns_script is not None
         env = dict(os.environ, CERTBATCH_CHALLTESTSRV_URL=self.challtestsrv)
-        subprocess.run([self.dns_script, action, domain, record, value], env=env, check=True,
-                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        calls = [records] if self.per_certificate else [[r] for r in records]
+        for call in calls:
+            subprocess.run([self.dns_script, action, *(f for r in call for f in r)], env=env,
+                           check=True, stdin=subprocess.DEVNULL, capture_output=True,
+                           timeout=60)
 
     @staticmethod
     def _poll_authz(client: ClientV2, authzr: messages.AuthorizationResource) -> None:
@@ -150,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the JSON summary here instead of stdout")
     parser.add_argument("--dns-script", help="set TXT records through this dns-01 script "
                         "(certbatch's contract) instead of in-process HTTP calls")
+    parser.add_argument("--dns-calls", choices=("per-record", "per-certificate"),
+                        default="per-record", help="with --dns-script: one run per record "
+                        "and action, or per certificate and action")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
-    loop = BareLoop(args.directory, args.ca_bundle, args.challtestsrv, args.dns_script)
+    loop = BareLoop(args.directory, args.ca_bundle, args.challtestsrv, args.dns_script,
+                    args.dns_calls == "per-certificate")
     loop.register()
     t_account = time.perf_counter() - t0
     names = [f"{args.prefix}{i}" for i in range(args.count)]

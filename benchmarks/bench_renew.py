@@ -371,13 +371,14 @@ def start_ca(workdir: Path) -> Any:
 
 
 def write_certbatch_config(folder: Path, pebble: Any, names: dict[str, list[str]],
-                           workers: int, **sections: Any) -> Path:
+                           workers: int, dns_calls: str, **sections: Any) -> Path:
     """folder/certbatch.yaml (dns-01 through hooks/dns/challtestsrv.sh), as the tests write it."""
     sys.path.insert(0, str(REPO / "tests"))
-    from cli_helpers import write_config
+    from cli_helpers import dns01, write_config
 
     return write_config(folder, pebble, {n: {"domains": d} for n, d in names.items()},
-                        renewal={"workers": workers}, **sections)
+                        renewal={"workers": workers},
+                        defaults={"challenge": dns01(calls=dns_calls)}, **sections)
 
 
 def say(text: str) -> None:
@@ -446,7 +447,8 @@ class Benchmark:
     def certbatch_pebble(self, pebble: Any, env: dict[str, str]) -> None:
         """First issuance, forced renewal and a run with nothing due, all of N, on one state."""
         n, w = self.args.count, self.args.workers
-        cfg = write_certbatch_config(self.workdir / "certbatch", pebble, cert_names(n), w)
+        cfg = write_certbatch_config(self.workdir / "certbatch", pebble, cert_names(n), w,
+                                     self.args.dns_calls)
         say(f"\n== certbatch, {n} certificates, {w} workers ({cfg})")
         self.warm_up(cfg.parent, pebble, env)
         issue = run_certbatch(cfg, ["renew", "--json"], env, expect={"issued": n})
@@ -465,8 +467,7 @@ class Benchmark:
         if idle.stdout.strip():
             say("   stdout of a run with nothing due is NOT empty: cron would mail it")
 
-    @staticmethod
-    def warm_up(folder: Path, pebble: Any, env: dict[str, str]) -> None:
+    def warm_up(self, folder: Path, pebble: Any, env: dict[str, str]) -> None:
         """Register the ACME account with a one-certificate run sharing the state folder.
 
         Guards against a race seen while this benchmark was written (Runner._acme() was not
@@ -478,7 +479,8 @@ class Benchmark:
         paths = {"state": str(folder / "state"), "spool": str(folder / "spool"),
                  "hooks": str(folder / "hooks")}
         cfg = write_certbatch_config(folder / "warm-up", pebble,
-                                     {"warmup": ["warmup.example.com"]}, 1, paths=paths)
+                                     {"warmup": ["warmup.example.com"]}, 1,
+                                     self.args.dns_calls, paths=paths)
         child = run_certbatch(cfg, ["renew", "--json"], env, expect={"issued": 1})
         say(f"warm-up (registers the account, not counted): {child.wall:.2f} s")
 
@@ -522,7 +524,8 @@ class Benchmark:
         same = run_child([sys.executable, str(BARE_LOOP), "--directory", pebble.directory_url,
                           "--ca-bundle", str(pebble.ca_bundle), "--challtestsrv",
                           pebble.challtestsrv_url, "--count", str(n), "--workers", str(w),
-                          "--prefix", "s", "--dns-script", str(DNS_HOOK), "--out", str(out2)])
+                          "--prefix", "s", "--dns-script", str(DNS_HOOK),
+                          "--dns-calls", self.args.dns_calls, "--out", str(out2)])
         if same.returncode != 0:
             raise ScenarioFailed(same.describe_failure())
         self.record("bare acme loop, same dns script", n, same)
@@ -572,7 +575,8 @@ class Benchmark:
         say(f"\n== nothing due over {m} certificates (Pebble stopped: no network used)")
         t0 = time.perf_counter()
         write_idle_store(folder / "state", names)
-        cfg = write_certbatch_config(folder, pebble, names, self.args.workers)
+        cfg = write_certbatch_config(folder, pebble, names, self.args.workers,
+                                     self.args.dns_calls)
         say(f"store of {m} issued certificates written in {time.perf_counter() - t0:.1f} s")
         env = certbatch_env()
         run_certbatch(cfg, ["renew"], env)  # untimed: warms the page cache and .pyc files
@@ -619,6 +623,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", action="store_true",
                         help="log the forced renewal to a file and print its mean time per "
                              "issuance step (log_steps.py)")
+    parser.add_argument("--dns-calls", choices=("per-certificate", "per-record"),
+                        default="per-certificate",
+                        help="the dns-01 challenge's `calls` setting: one script run per "
+                             "certificate and action (default), or per record and action")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if args.count < 1 or args.idle_count < 1 or not 1 <= args.workers <= 64:

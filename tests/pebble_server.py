@@ -204,6 +204,35 @@ class PebbleInstance:
     def clear_servfail(self, host: str) -> None:
         self._challtestsrv("clear-servfail", {"host": _fqdn(host)})
 
+    def txt(self, name: str) -> list[str]:
+        """The TXT values challtestsrv's DNS server answers for `name` (a minimal UDP query:
+        challtestsrv's management API can set records but not list them)."""
+        query_id = os.getpid() & 0xFFFF
+        question = b"".join(bytes([len(label)]) + label.encode("ascii")
+                            for label in _fqdn(name).rstrip(".").split(".")) + b"\0"
+        packet = query_id.to_bytes(2, "big") + b"\1\0\0\1\0\0\0\0\0\0" + question + b"\0\x10\0\1"
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(5)
+            sock.sendto(packet, ("127.0.0.1", self.dns_port))
+            answer = sock.recv(4096)
+        assert answer[:2] == packet[:2] and answer[3] & 0xF == 0, f"DNS error: {answer!r}"
+        count = int.from_bytes(answer[6:8], "big")
+        pos = 12 + len(question) + 4
+        values = []
+        for _ in range(count):
+            pos += 2 if answer[pos] & 0xC0 == 0xC0 else answer.index(b"\0", pos) + 1 - pos
+            rtype = int.from_bytes(answer[pos:pos + 2], "big")
+            length = int.from_bytes(answer[pos + 8:pos + 10], "big")
+            rdata = answer[pos + 10:pos + 10 + length]
+            pos += 10 + length
+            if rtype == 16:  # TXT: one or more length-prefixed strings
+                i, text = 0, b""
+                while i < len(rdata):
+                    text += rdata[i + 1:i + 1 + rdata[i]]
+                    i += 1 + rdata[i]
+                values.append(text.decode())
+        return values
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def logs(self, tail: int = 60) -> str:

@@ -201,6 +201,57 @@ def test_dns_script_contract_for_wildcard_and_base(tmp_path: Path) -> None:
                                                 ["remove", "example.com", record, "v2"]]
 
 
+def per_cert_script(tmp_path: Path, body: str = "") -> tuple[Path, Path]:
+    """A dns script logging argv, CERTBATCH_RECORDS and whether the one-record variables are
+    set, then running `body`."""
+    log = tmp_path / "calls.log"
+    path = tmp_path / "hook.sh"
+    path.write_text(
+        "#!/bin/sh\n"
+        f'{{ printf "%s|" "$@"; printf "single=%s\\n" "${{CERTBATCH_DOMAIN+set}}"; '
+        f'printf "%s" "$CERTBATCH_RECORDS"; }} >> "{log}"\n'
+        f"{body}\n")
+    path.chmod(0o755)
+    return path, log
+
+
+def test_dns_script_per_certificate_gets_all_records_in_one_call(tmp_path: Path) -> None:
+    path, log = per_cert_script(tmp_path)
+    solver = DnsScriptSolver(path, "c", per_certificate=True)
+    solver.prepare([dns01("example.com", "v1", wildcard=True), dns01("example.com", "v2"),
+                    dns01("www.example.com", "v3")], soon())
+    base, www = "_acme-challenge.example.com.", "_acme-challenge.www.example.com."
+    records = (f"example.com {base} v1\nexample.com {base} v2\n"
+               f"www.example.com {www} v3\n")
+    add = (f"add|example.com|{base}|v1|example.com|{base}|v2|www.example.com|{www}|v3|"
+           f"single=\n{records}")
+    assert log.read_text() == add
+    solver.cleanup()
+    assert log.read_text() == add + add.replace("add|", "remove|", 1)
+    solver.cleanup()  # nothing left to remove: no further call
+    assert log.read_text().count("remove|") == 1
+
+
+def test_dns_script_per_record_also_gets_certbatch_records(tmp_path: Path) -> None:
+    path, log = per_cert_script(tmp_path)
+    solver = DnsScriptSolver(path, "c")
+    solver.prepare([dns01("a.example", "v1")], soon())
+    assert log.read_text() == ("add|a.example|_acme-challenge.a.example.|v1|single=set\n"
+                               "a.example _acme-challenge.a.example. v1\n")
+
+
+def test_dns_script_per_certificate_failure_names_every_record(tmp_path: Path) -> None:
+    path, log = per_cert_script(tmp_path, 'echo "quota exceeded" >&2; exit 3')
+    solver = DnsScriptSolver(path, "c", per_certificate=True)
+    with pytest.raises(ChallengeError) as err:
+        solver.prepare([dns01("a.example", "v1"), dns01("b.example", "v2")], soon())
+    assert str(err.value) == (f"dns script {path} add _acme-challenge.a.example., "
+                              f"_acme-challenge.b.example. exited with status 3: quota exceeded")
+    solver.cleanup()  # the failed add may have half worked: remove both
+    assert log.read_text().splitlines()[-3].startswith(
+        "remove|a.example|_acme-challenge.a.example.|v1|b.example|")
+
+
 def test_dns_script_data_is_never_interpreted_by_a_shell(tmp_path: Path) -> None:
     path, log = script(tmp_path)
     solver = DnsScriptSolver(path, "c")
@@ -289,6 +340,32 @@ def test_challtestsrv_hook_against_challtestsrv(pebble: PebbleInstance) -> None:
         result = run_hook(action, "h.example.com", "_acme-challenge.h.example.com.",
                           "Zm9vYmFy_-", env=env)
         assert result.returncode == 0, result.stderr
+
+
+def test_challtestsrv_hook_checks_every_record_before_any_request() -> None:
+    # The second record is bad: nothing may be sent (the port is closed: any request fails
+    # with a curl error instead).
+    result = run_hook("add", "a.example.com", "_acme-challenge.a.example.com.", "value",
+                      "b.example.com", "_acme-challenge.b.example.com.", "bad value",
+                      env={"PATH": "/usr/bin:/bin",
+                           "CERTBATCH_CHALLTESTSRV_URL": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 1
+    assert result.stderr == "challtestsrv.sh: invalid TXT value (expected base64url): bad value\n"
+    result = run_hook("add", "a.example.com", "_acme-challenge.a.example.com.", "value", "extra")
+    assert result.returncode == 1 and "usage:" in result.stderr
+
+
+def test_challtestsrv_hook_sets_several_records_in_one_call(pebble: PebbleInstance) -> None:
+    env = {"PATH": "/usr/bin:/bin", **pebble.env()}
+    records = ("m1.example.com", "_acme-challenge.m1.example.com.", "Zm9vYmFy_-",
+               "m1.example.com", "_acme-challenge.m1.example.com.", "c2Vjb25k",
+               "m2.example.com", "_acme-challenge.m2.example.com.", "dGhpcmQ")
+    assert run_hook("add", *records, env=env).returncode == 0
+    assert sorted(pebble.txt("_acme-challenge.m1.example.com.")) == ["Zm9vYmFy_-", "c2Vjb25k"]
+    assert pebble.txt("_acme-challenge.m2.example.com.") == ["dGhpcmQ"]
+    assert run_hook("remove", *records, env=env).returncode == 0
+    assert pebble.txt("_acme-challenge.m1.example.com.") == []
+    assert pebble.txt("_acme-challenge.m2.example.com.") == []
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")

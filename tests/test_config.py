@@ -229,6 +229,17 @@ def test_certificate_challenge_replaces_default_wholesale(site: Path) -> None:
     assert certs["web"].challenge == ChallengeSettings(type="http-01", webroot=site / "www")
 
 
+def test_dns_calls_default_and_per_certificate(site: Path) -> None:
+    data = patched({"defaults/challenge": {"type": "dns-01", "script": "dns.sh",
+                                           "calls": "per-certificate"}})
+    data["certificates"]["other"] = {"domains": ["o.example.com"],
+                                     "challenge": {"type": "dns-01", "script": "dns.sh",
+                                                   "calls": None}}
+    certs = load(write(site, data)).certificates
+    assert certs["example"].challenge.calls == "per-certificate"
+    assert certs["other"].challenge.calls == "per-record"  # null: the default
+
+
 def test_defaults_key_and_deploy_are_inherited_unless_set(site: Path) -> None:
     data = patched({"defaults/key": "rsa-4096", "defaults/deploy": ["/bin/deploy", "-q"]})
     data["certificates"]["own"] = {"domains": ["own.example.com"], "key": "ec-p256",
@@ -596,6 +607,13 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
      "noexec.sh is not executable"),
     ({"type": "dns-01", "script": "dns.sh", "wait": "-1s"}, "defaults.challenge.wait",
      "must not be negative"),
+    ({"type": "dns-01", "script": "dns.sh", "calls": "per-cert"}, "defaults.challenge.calls",
+     "unknown value 'per-cert' (did you mean 'per-certificate'?); expected one of: "
+     "per-record, per-certificate"),
+    ({"type": "dns-01", "script": "dns.sh", "calls": True}, "defaults.challenge.calls",
+     "unknown value True"),
+    ({"type": "http-01", "webroot": "www", "calls": "per-record"}, "defaults.challenge.calls",
+     "not valid for http-01 challenges"),
 ])
 def test_challenge_errors(site: Path, challenge: Any, key: str, problem: str) -> None:
     config_error(write(site, patched({"defaults/challenge": challenge})), key, problem)

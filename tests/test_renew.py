@@ -71,6 +71,34 @@ def test_issue_webroot_dns_and_wildcard_then_nothing_due(tmp_path, pebble, webro
     assert any(line.startswith("wild ") and "renewed" in line for line in lines)
 
 
+def test_dns_calls_per_certificate_one_script_run_per_certificate_and_action(tmp_path, pebble):
+    log = tmp_path / "dns-calls.log"
+    script = tmp_path / "dns-logging.sh"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {log}
+exec {DNS_SCRIPT} "$@"
+""")
+    script.chmod(0o755)
+    cfg = write_config(tmp_path, pebble, {
+        # the wildcard and its base name share one TXT record name, with two values
+        "wild": {"domains": ["pc.example.com", "*.pc.example.com", "www.pc.example.com"]},
+        "two": {"domains": ["pc2.example.com", "www.pc2.example.com"]},
+    }, defaults={"challenge": dns01(script, calls="per-certificate")})
+    result = run(["renew", "--workers", "2"], cfg, pebble)
+    assert result.returncode == 0, result.stderr
+    assert live(tmp_path, "wild")["domains"] == ["pc.example.com", "*.pc.example.com",
+                                                 "www.pc.example.com"]
+    calls = [line.split() for line in log.read_text().splitlines()]
+    # one add and one remove per certificate, each with a (domain, record, value) triple per
+    # authorization: 3 for "wild", 2 for "two"
+    assert sorted((c[0], len(c[1:]) // 3) for c in calls) == [
+        ("add", 2), ("add", 3), ("remove", 2), ("remove", 3)]
+    wild_add = next(c for c in calls if c[0] == "add" and len(c) == 10)
+    assert sorted(wild_add[2::3]) == ["_acme-challenge.pc.example.com."] * 2 + [
+        "_acme-challenge.www.pc.example.com."]  # in the CA's order of authorizations
+    assert pebble.txt("_acme-challenge.pc.example.com.") == []  # removed again
+
+
 def test_standalone_http01(tmp_path, pebble):
     cfg = write_config(tmp_path, pebble, {
         "solo": {"domains": ["solo.example.com", "www.solo.example.com"],

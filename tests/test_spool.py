@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from certbatch import spool as spool_mod
 from certbatch.hooks import HookCommand, from_config
 from certbatch.spool import CertFiles, NotifyOutcome, Spool
 
@@ -409,15 +410,6 @@ def test_recovery_completes_a_finished_staging(spool: Spool, hooks_dir: Path,
 
 # -- locking ----------------------------------------------------------------------------------
 
-NOTIFY_IN_SUBPROCESS = """
-import sys
-from pathlib import Path
-from certbatch.spool import Spool
-out = Spool(Path(sys.argv[1]), Path(sys.argv[2])).notify()
-print(out.ok, out.batch_id, " ".join(out.names))
-"""
-
-
 @pytest.fixture
 def reaper() -> Iterator[list[subprocess.Popen[str]]]:
     procs: list[subprocess.Popen[str]] = []
@@ -426,6 +418,92 @@ def reaper() -> Iterator[list[subprocess.Popen[str]]]:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+HOLD_FLOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)  # a folder or the spool lock file
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_recovery_leaves_a_tmp_folder_that_a_live_staging_holds(
+        spool: Spool, reaper: list[subprocess.Popen[str]]) -> None:
+    """Another process is still filling its (old-looking) .tmp folder: hands off. Once that
+    process is gone, the folder is a crash leftover and the next lock holder deletes it."""
+    spool.stage(cert("first"))  # creates the layout
+    busy = spool.root / ".staging" / "other.00000000000000000002-123456.tmp"
+    busy.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(busy)],
+                              stdout=subprocess.PIPE, text=True)
+    reaper.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+
+    assert spool.stage(cert("www")).ok  # recovers first
+    assert busy.is_dir()
+
+    holder.kill()
+    holder.wait()
+    assert spool.notify().ok
+    assert not busy.exists()
+
+
+def test_recovery_leaves_a_just_created_tmp_folder(spool: Spool,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between a staging's mkdir and its flock the folder is unlocked for an instant: an
+    unlocked .tmp folder younger than TMP_GRACE is left alone."""
+    spool.stage(cert("first"))
+    fresh = spool.root / ".staging" / f"other.{time.time_ns():020d}-123456.tmp"
+    fresh.mkdir()
+    assert spool.stage(cert("www")).ok
+    assert fresh.is_dir()
+    monkeypatch.setattr(spool_mod, "TMP_GRACE", 0.0)
+    assert spool.stage(cert("www")).ok
+    assert not fresh.exists()
+
+
+def test_files_are_copied_before_the_lock_is_taken(
+        spool: Spool, reaper: list[subprocess.Popen[str]]) -> None:
+    """While another process holds the spool lock, a staging already has its complete,
+    flock'ed .tmp folder; it only waits for the lock to run the hooks and commit."""
+    spool.stage(cert("first"))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(spool.root / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    reaper.append(holder)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    done: list[bool] = []
+    stager = threading.Thread(target=lambda: done.append(spool.stage(cert("www")).ok))
+    stager.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not list((spool.root / ".staging").glob("www.*.tmp/meta.json")):
+            assert time.monotonic() < deadline, "nothing was written before the lock"
+            time.sleep(0.01)
+        work = next((spool.root / ".staging").glob("www.*.tmp"))
+        assert sorted(os.listdir(work)) == ["cert.pem", "chain.pem", "fullchain.pem",
+                                            "meta.json", "privkey.pem"]
+        assert (work / "cert.pem").read_text() == "CERT www v1\n"
+        time.sleep(0.2)
+        assert not done and not (spool.root / "pending" / "www").exists()  # still waiting
+    finally:
+        holder.kill()
+        holder.wait()
+        stager.join(20)
+    assert done == [True]
+    assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v1\n"
+    assert os.listdir(spool.root / ".staging") == []
+
+
+
+NOTIFY_IN_SUBPROCESS = """
+import sys
+from pathlib import Path
+from certbatch.spool import Spool
+out = Spool(Path(sys.argv[1]), Path(sys.argv[2])).notify()
+print(out.ok, out.batch_id, " ".join(out.names))
+"""
 
 
 def test_second_process_waits_for_staging_and_sees_complete_entry(

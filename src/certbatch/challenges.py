@@ -86,7 +86,8 @@ def make_solver(challenge: ChallengeSettings, name: str) -> Solver:
     if challenge.type == HTTP01 and challenge.webroot is not None:
         return WebrootSolver(challenge.webroot, name)
     if challenge.type == DNS01 and challenge.script is not None:
-        return DnsScriptSolver(challenge.script, name)
+        return DnsScriptSolver(challenge.script, name,
+                               per_certificate=challenge.calls == "per-certificate")
     raise ChallengeError(f"incomplete {challenge.type} challenge settings")
 
 
@@ -281,48 +282,65 @@ class StandaloneSolver:
 # -- dns-01 script -------------------------------------------------------------------------------
 
 class DnsScriptSolver:
-    """Run ``<script> add|remove <domain> <record-name> <value>`` for every TXT record.
+    """Run ``<script> add|remove <domain> <record-name> <value> [...]`` for the TXT records.
 
-    The script gets its data in argv (no shell) and in CERTBATCH_ACTION, CERTBATCH_DOMAIN,
-    CERTBATCH_RECORD_NAME and CERTBATCH_RECORD_VALUE. `remove` is called with the same arguments
-    for every `add` that was attempted, even a failed one, since it may have half worked.
+    `per_certificate` False: one run per record and action, with the record's data in argv and
+    in CERTBATCH_DOMAIN, CERTBATCH_RECORD_NAME and CERTBATCH_RECORD_VALUE. True: one run per
+    certificate and action, with a triple per record in argv. Either way CERTBATCH_ACTION and
+    CERTBATCH_RECORDS (a "domain record-name value" line per record) are set, and no shell is
+    involved. `remove` gets the same records as every `add` that was attempted, even a failed
+    one, since it may have half worked.
     """
 
-    def __init__(self, script: Path, name: str) -> None:
+    def __init__(self, script: Path, name: str, per_certificate: bool = False) -> None:
         self.script = script
         self.name = name
+        self.per_certificate = per_certificate
         self._added: list[tuple[str, str, str]] = []
 
     def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
-        if not responses:
-            return
+        records: list[tuple[str, str, str]] = []
         for resp in responses:
             record = (resp.domain.rstrip("."), resp.record_name, resp.txt_value)
-            if record in self._added:
-                continue
-            self._added.append(record)
-            self._run("add", record, deadline, deadline_bound=True)
+            if record not in records and record not in self._added:
+                records.append(record)
+        if not records:
+            return
+        if self.per_certificate:
+            self._added.extend(records)
+            self._run("add", records, deadline, deadline_bound=True)
+        else:
+            for record in records:
+                self._added.append(record)
+                self._run("add", [record], deadline, deadline_bound=True)
         log.info("%s: %d dns-01 TXT record(s) added by %s", self.name, len(self._added),
                  self.script)
 
     def cleanup(self) -> None:
-        for record in self._added:
+        added, self._added = self._added, []
+        calls = [added] if self.per_certificate else [[record] for record in added]
+        for records in calls:
+            if not records:
+                continue
             try:
-                self._run("remove", record, time.monotonic() + CLEANUP_TIMEOUT,
+                self._run("remove", records, time.monotonic() + CLEANUP_TIMEOUT,
                           deadline_bound=False)
             except (ChallengeError, DeadlineExceeded) as exc:
                 log.warning("%s: %s", self.name, exc)
-        if self._added:
+        if added:
             log.info("%s: dns-01 TXT record(s) removed", self.name)
-        self._added.clear()
 
-    def _run(self, action: str, record: tuple[str, str, str], deadline: float,
+    def _run(self, action: str, records: Sequence[tuple[str, str, str]], deadline: float,
              deadline_bound: bool) -> None:
-        domain, record_name, value = record
-        argv = [str(self.script), action, domain, record_name, value]
-        env = {"CERTBATCH_ACTION": action, "CERTBATCH_DOMAIN": domain,
-               "CERTBATCH_RECORD_NAME": record_name, "CERTBATCH_RECORD_VALUE": value}
-        what = f"dns script {self.script} {action} {record_name}"
+        argv = [str(self.script), action, *(field for record in records for field in record)]
+        env = {"CERTBATCH_ACTION": action,
+               "CERTBATCH_RECORDS": "".join(f"{d} {r} {v}\n" for d, r, v in records)}
+        if not self.per_certificate:
+            (domain, record_name, value), = records
+            env.update(CERTBATCH_DOMAIN=domain, CERTBATCH_RECORD_NAME=record_name,
+                       CERTBATCH_RECORD_VALUE=value)
+        names = ", ".join(dict.fromkeys(r for _, r, _ in records))
+        what = f"dns script {self.script} {action} {names}"
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise DeadlineExceeded(f"deadline exceeded before {what}")

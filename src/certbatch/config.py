@@ -58,6 +58,7 @@ class ChallengeSettings:
     standalone_port: int | None = None
     script: Path | None = None  # dns-01
     wait: float = 0.0  # dns-01: seconds to wait after adding records (propagation)
+    calls: str = "per-record"  # dns-01: one script run per record, or per certificate
 
     @property
     def standalone(self) -> bool:
@@ -132,9 +133,10 @@ _DEFAULTS_KEYS = ("key", "challenge", "deploy")
 _CERT_KEYS = ("domains", "key", "challenge", "deploy")
 _CHALLENGE_KEYS = {
     "http-01": ("type", "webroot", "standalone"),
-    "dns-01": ("type", "script", "wait"),
+    "dns-01": ("type", "script", "wait", "calls"),
 }
-_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", "script", "wait")
+_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", "script", "wait", "calls")
+DNS_CALLS = ("per-record", "per-certificate")
 _STANDALONE_KEYS = ("port", "address")
 
 _CERT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -615,7 +617,12 @@ class _Checker:
         if not os.access(script, os.X_OK):
             self.fail(f"{key}.script", f"{script} is not executable (chmod +x it)")
         wait = self.duration(m, key, "wait", 0.0, positive=False)
-        return ChallengeSettings(type="dns-01", script=script, wait=wait)
+        calls = DNS_CALLS[0] if m.get("calls") is None else m["calls"]
+        if not isinstance(calls, str) or calls not in DNS_CALLS:
+            hint = _suggest(calls, DNS_CALLS) if isinstance(calls, str) else ""
+            self.fail(f"{key}.calls", f"unknown value {_short(calls)}{hint}; expected one of:"
+                                      f" {', '.join(DNS_CALLS)}")
+        return ChallengeSettings(type="dns-01", script=script, wait=wait, calls=calls)
 
     def certificates(self, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
                      d_deploy: HookCommandSpec | None) -> dict[str, CertificateSettings]:

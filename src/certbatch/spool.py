@@ -3,7 +3,8 @@
 Layout (every folder 0700, whatever the umask)::
 
     <spool>/.lock              flock'ed while staging, recovering and notifying; never deleted
-    <spool>/.staging/          work folders: <name>.<token>.tmp (deploy hooks run here),
+    <spool>/.staging/          work folders: <name>.<token>.tmp (filled before the lock is
+                               taken, flock'ed by its writer; deploy hooks run here),
                                <name>.<token>.ready (hooks succeeded), <name>.<token>.old
                                (the pending entry being replaced)
     <spool>/pending/<name>/    one folder per staged certificate, latest staging wins
@@ -15,12 +16,20 @@ Replacing ``pending/<name>`` is two renames on one file system: the old entry go
 old one is deleted. A crash between any two steps leaves either the old entry or the complete
 new one (".ready" is only ever a finished staging); whoever next takes the lock finishes the
 swap (recovery), so the latest successful staging always wins and is never lost.
+
+The certificate's files are copied and fsync'ed into the ``.tmp`` folder before the spool lock is
+taken, so the lock is only held for the deploy hooks and the renames: with hundreds of
+certificates renewed in parallel, the stagings queue for the lock. The writer holds an flock on
+the ``.tmp`` folder itself until it is committed or removed; recovery leaves a ``.tmp`` folder
+alone while that flock is held (or while it is younger than TMP_GRACE, which covers the instant
+between its mkdir and its flock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +52,7 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 BATCH_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z")
 BATCH_VERSION = 1
 META_VERSION = 1
+TMP_GRACE = 60.0  # seconds: an unlocked .tmp folder younger than this may be just created
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,27 @@ class NotifyOutcome:
 def _token() -> str:
     """Unique, time-sortable, dot-free suffix for work folders."""
     return f"{time.time_ns():020d}-{secrets.token_hex(3)}"
+
+
+def _token_age(token: str) -> float:
+    """Seconds since `token` was made (its time_ns prefix); large if it has none."""
+    stamp = token.split("-", 1)[0]
+    return (time.time_ns() - int(stamp)) / 1e9 if stamp.isdigit() else float("inf")
+
+
+def _in_use(folder: Path) -> bool:
+    """Whether a live staging holds the flock on `folder` (any process, any thread)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also drops the flock if we got it
+    return False
 
 
 def _new_batch_id() -> str:
@@ -171,10 +202,13 @@ class Spool:
 
     # -- locking and crash recovery ---------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _ensure_layout(self) -> None:
         for folder in (self.root, self.pending_dir, self.applied_dir, self.staging_dir):
             ensure_dir(folder, 0o700)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._ensure_layout()
         if not self.lock.acquire(timeout=0):
             # Usually another worker thread of this run staging its certificate: debug only.
             log.debug("waiting for the spool lock %s (last taken by process %s)",
@@ -202,9 +236,10 @@ class Spool:
         # Token order = staging order, so if several finished stagings of one name were left,
         # the latest is committed last and wins.
         for (name, token), states in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            if "tmp" in states:
+            tmp = self.staging_dir / f"{name}.{token}.tmp"
+            if "tmp" in states and not (_in_use(tmp) or _token_age(token) < TMP_GRACE):
                 log.warning("spool: discarding unfinished staging of %s", name)
-                self._remove(self.staging_dir / f"{name}.{token}.tmp")
+                self._remove(tmp)
             if "ready" in states:
                 log.warning("spool: completing interrupted staging of %s", name)
                 self._commit(name, token)
@@ -262,46 +297,65 @@ class Spool:
             "not_after": iso(cert.not_after),
         }
         try:
-            with self._locked():
-                return self._stage_locked(cert, meta, extra_deploy)
+            self._ensure_layout()
+            work, held = self._prepare(cert, meta)
+            try:
+                with self._locked():
+                    return self._stage_locked(cert, work, extra_deploy)
+            finally:
+                self._remove(work)  # gone already if committed
+                os.close(held)
         except OSError as exc:
             raise StoreError(f"spool {self.root}: staging {cert.name} failed: {exc}") from exc
 
-    def _stage_locked(self, cert: CertFiles, meta: dict[str, object],
-                      extra_deploy: Sequence[HookCommand]) -> StageOutcome:
-        token = _token()
-        work = self.staging_dir / f"{cert.name}.{token}.tmp"
+    def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> tuple[Path, int]:
+        """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock.
+
+        Returns the folder and an fd holding its flock (which keeps _recover away from it);
+        the caller closes the fd once the folder is committed or removed.
+        """
+        work = self.staging_dir / f"{cert.name}.{_token()}.tmp"
         work.mkdir(mode=0o700)
-        os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
-        committed = False
         try:
-            # Plain writes into the private work folder: _sync_tree fsyncs it all before commit.
-            write_new(work / "privkey.pem", cert.privkey_pem, 0o600, sync=False)
-            write_new(work / "cert.pem", cert.cert_pem, 0o644, sync=False)
-            write_new(work / "chain.pem", cert.chain_pem, 0o644, sync=False)
-            write_new(work / "fullchain.pem", cert.fullchain_pem, 0o644, sync=False)
+            held = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+        except BaseException:
+            self._remove(work)
+            raise
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
+            write_new(work / "privkey.pem", cert.privkey_pem, 0o600)
+            write_new(work / "cert.pem", cert.cert_pem, 0o644)
+            write_new(work / "chain.pem", cert.chain_pem, 0o644)
+            write_new(work / "fullchain.pem", cert.fullchain_pem, 0o644)
             meta["staged_at"] = iso(dt.datetime.now(dt.timezone.utc))
-            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644, sync=False)
+            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            fsync_dir(work)
+        except BaseException:
+            self._remove(work)
+            os.close(held)
+            raise
+        return work, held
 
-            env = self.deploy_env(cert.name, cert.domains, work)
-            results: list[HookResult] = []
-            for cmd in self.deploy_commands(extra_deploy):
-                result = run_hook(cmd, env, work, self.deploy_timeout)
-                results.append(result)
-                if not result.ok:
-                    log.warning("%s: deploy hook %s failed, staging discarded",
-                                cert.name, cmd.name)
-                    return StageOutcome(False, results, result.error())
-
-            _sync_tree(work)
-            os.rename(work, work.with_name(f"{cert.name}.{token}.ready"))
-            committed = True  # from here on the staging is complete: recovery would finish it
-            self._commit(cert.name, token)
-            log.info("%s: staged (serial %s)", cert.name, cert.serial)
-            return StageOutcome(True, results, None)
-        finally:
-            if not committed:
-                self._remove(work)
+    def _stage_locked(self, cert: CertFiles, work: Path,
+                      extra_deploy: Sequence[HookCommand]) -> StageOutcome:
+        """Run the deploy hooks in `work` (prepared, flock'ed), then make it pending."""
+        token = work.name[len(cert.name) + 1:-len(".tmp")]
+        env = self.deploy_env(cert.name, cert.domains, work)
+        results: list[HookResult] = []
+        for cmd in self.deploy_commands(extra_deploy):
+            result = run_hook(cmd, env, work, self.deploy_timeout)
+            results.append(result)
+            if not result.ok:
+                log.warning("%s: deploy hook %s failed, staging discarded", cert.name, cmd.name)
+                return StageOutcome(False, results, result.error())
+        if results:
+            _sync_tree(work)  # deploy hooks don't fsync what they write
+        os.rename(work, work.with_name(f"{cert.name}.{token}.ready"))
+        # From here on the staging is complete: recovery would finish it.
+        self._commit(cert.name, token)
+        log.info("%s: staged (serial %s)", cert.name, cert.serial)
+        return StageOutcome(True, results, None)
 
     # -- pending entries and the notify phase -----------------------------------------------
 
