@@ -229,3 +229,21 @@ def test_verbose_counts_before_and_after_the_command(tmp_path, restore_certbatch
         levels[label] = min(h.level for h in stderr_handlers)
     assert levels == {"once": logging.INFO, "split": logging.DEBUG,
                       "together": logging.DEBUG}
+
+
+def test_logger_level_follows_what_is_shown(tmp_path, restore_certbatch_logger):
+    """Without -v or a log file, INFO/DEBUG records are not even built (a renewal makes dozens
+    per certificate); with a log file, INFO; with -vv, DEBUG."""
+    import logging
+
+    cfg = simple_config(tmp_path)
+    logger = logging.getLogger("certbatch")
+    seen = {}
+    for label, args in (("quiet", ["status"]), ("file", ["--log-file", str(tmp_path / "l"),
+                                                         "status"]),
+                        ("debug", ["-vv", "status"])):
+        cli.main(args=[*args, "-c", str(cfg)], standalone_mode=False)
+        seen[label] = (logger.level, logging.getLogger("acme").level)
+    assert seen == {"quiet": (logging.WARNING, logging.WARNING),
+                    "file": (logging.INFO, logging.WARNING),
+                    "debug": (logging.DEBUG, logging.WARNING)}

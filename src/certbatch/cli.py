@@ -163,7 +163,12 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> N
     # The acme library logs every request and response (JWS payloads, including an external
     # account binding) at DEBUG: it stays capped at WARNING whatever -v says. Its warnings go
     # where ours go.
-    for name, level in (("certbatch", logging.DEBUG), ("acme", logging.WARNING)):
+    # Our level is the most detailed one a handler shows: without -v or a log file, the log
+    # calls of a run (dozens per certificate) return at once instead of building records that
+    # only the NullHandler would see.
+    shown = [h.level for h in handlers if not isinstance(h, logging.NullHandler)]
+    ours = min(shown) if shown else logging.WARNING
+    for name, level in (("certbatch", ours), ("acme", max(ours, logging.WARNING))):
         logger = logging.getLogger(name)
         logger.setLevel(level)
         logger.propagate = False
