@@ -368,6 +368,40 @@ def test_challtestsrv_hook_sets_several_records_in_one_call(pebble: PebbleInstan
     assert pebble.txt("_acme-challenge.m2.example.com.") == []
 
 
+def test_challtestsrv_hook_remove_tries_every_record_then_fails() -> None:
+    """A stand-in for challtestsrv's management API that refuses the first clear-txt: the
+    script must still clear the second name, and then exit 1 naming the failure."""
+    import http.server
+    import json
+
+    bodies: list[dict[str, str]] = []
+
+    class Api(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(500 if len(bodies) == 1 else 200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Api)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_hook("remove", "a.example.com", "_acme-challenge.a.example.com.", "v1",
+                          "b.example.com", "_acme-challenge.b.example.com.", "v2",
+                          env={"PATH": "/usr/bin:/bin", "CERTBATCH_CHALLTESTSRV_URL":
+                               f"http://127.0.0.1:{server.server_address[1]}"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert bodies == [{"host": "_acme-challenge.a.example.com."},
+                      {"host": "_acme-challenge.b.example.com."}]
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].endswith("failed (HTTP status 500)")
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 def test_challtestsrv_hook_is_shellcheck_clean() -> None:
     result = subprocess.run(["shellcheck", str(HOOK)], capture_output=True, text=True)

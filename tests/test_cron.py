@@ -447,7 +447,7 @@ def test_check_lists_certificates_hooks_and_paths(tmp_path):
     assert f"state: {tmp_path / 'state'} (will be created)" in out
     assert f"hooks: {tmp_path / 'hooks'} (exists)" in out
     assert "  web: web.example.com www.example.com [ec-p256, dns-01 script " \
-           f"{DNS_SCRIPT}]" in out
+           f"{DNS_SCRIPT} (per-record)]" in out
     assert any(line.startswith("  api: api.example.com") for line in out)
     assert "    deploy: /bin/true" in out
     assert any(line.startswith("deploy.d: 0 hooks") for line in out)

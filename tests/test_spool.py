@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from certbatch import spool as spool_mod
+from certbatch.errors import StoreError
 from certbatch.hooks import HookCommand, from_config
 from certbatch.spool import CertFiles, NotifyOutcome, Spool
 
@@ -422,57 +423,84 @@ def reaper() -> Iterator[list[subprocess.Popen[str]]]:
 
 HOLD_FLOCK = """
 import fcntl, os, sys, time
-fd = os.open(sys.argv[1], os.O_RDONLY)  # a folder or the spool lock file
-fcntl.flock(fd, fcntl.LOCK_EX)
+fd = os.open(sys.argv[1], os.O_RDWR)
+fcntl.flock(fd, fcntl.LOCK_SH if sys.argv[2:] == ["shared"] else fcntl.LOCK_EX)
 print("locked", flush=True)
 time.sleep(60)
 """
 
 
-def test_recovery_leaves_a_tmp_folder_that_a_live_staging_holds(
-        spool: Spool, reaper: list[subprocess.Popen[str]]) -> None:
-    """Another process is still filling its (old-looking) .tmp folder: hands off. Once that
-    process is gone, the folder is a crash leftover and the next lock holder deletes it."""
-    spool.stage(cert("first"))  # creates the layout
-    busy = spool.root / ".staging" / "other.00000000000000000002-123456.tmp"
-    busy.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(busy)],
+def hold_flock(reaper: list[subprocess.Popen[str]], path: Path, *mode: str) -> None:
+    """Another process takes an flock on `path` (exclusive, or "shared") and keeps it."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(path), *mode],
                               stdout=subprocess.PIPE, text=True)
     reaper.append(holder)
     assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
 
-    assert spool.stage(cert("www")).ok  # recovers first
-    assert busy.is_dir()
 
-    holder.kill()
-    holder.wait()
+def test_recovery_leaves_tmp_folders_while_another_process_prepares(
+        spool: Spool, reaper: list[subprocess.Popen[str]]) -> None:
+    """A .tmp folder may be a live staging of another process that is still copying or waiting
+    for the lock: while anybody holds .prepare.lock, no .tmp is deleted. Once nobody does, the
+    next lock holder deletes it as a crash leftover."""
+    assert spool.stage(cert("first")).ok  # creates the layout and .prepare.lock
+    leftover = spool.root / ".staging" / "other.00000000000000000002-123456.tmp"
+    leftover.mkdir()
+    hold_flock(reaper, spool.root / ".prepare.lock", "shared")
+
+    assert spool.notify().ok  # recovers first
+    assert leftover.is_dir()
+
+    reaper[0].kill()
+    reaper[0].wait()
+    assert spool.stage(cert("www")).ok
+    assert leftover.is_dir()  # a staging is itself a preparer: it leaves them to notify
+    assert spool.notify().ok
+    assert not leftover.exists()
+
+
+def test_recovery_leaves_tmp_folders_of_another_thread(spool: Spool) -> None:
+    """The same between threads of one process: flocks of two open files conflict."""
+    assert spool.stage(cert("first")).ok
+    busy = spool.root / ".staging" / "other.00000000000000000002-123456.tmp"
+    busy.mkdir()
+    with spool._preparing():  # what a worker thread holds from its mkdir to its commit
+        assert spool.notify().ok
+        assert busy.is_dir()
     assert spool.notify().ok
     assert not busy.exists()
 
 
-def test_recovery_leaves_a_just_created_tmp_folder(spool: Spool,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between a staging's mkdir and its flock the folder is unlocked for an instant: an
-    unlocked .tmp folder younger than TMP_GRACE is left alone."""
-    spool.stage(cert("first"))
-    fresh = spool.root / ".staging" / f"other.{time.time_ns():020d}-123456.tmp"
-    fresh.mkdir()
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_no_fd_or_folder_left_by_success_hook_failure_or_write_failure(
+        spool: Spool, hooks_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool.stage(cert("warm"))  # the layout, and whatever the first call opens for good
+    before = open_fds()
     assert spool.stage(cert("www")).ok
-    assert fresh.is_dir()
-    monkeypatch.setattr(spool_mod, "TMP_GRACE", 0.0)
-    assert spool.stage(cert("www")).ok
-    assert not fresh.exists()
+    hook(hooks_dir / "deploy.d" / "10-fail", "exit 3")
+    assert not spool.stage(cert("www", version="v2")).ok
+    (hooks_dir / "deploy.d" / "10-fail").unlink()
+
+    def full_disk(path: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(spool_mod, "write_new", full_disk)
+    with pytest.raises(StoreError, match="staging www failed: .*No space left on device"):
+        spool.stage(cert("www", version="v3"))
+    assert open_fds() == before
+    assert os.listdir(spool.root / ".staging") == []
+    assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v1\n"
 
 
 def test_files_are_copied_before_the_lock_is_taken(
         spool: Spool, reaper: list[subprocess.Popen[str]]) -> None:
-    """While another process holds the spool lock, a staging already has its complete,
-    flock'ed .tmp folder; it only waits for the lock to run the hooks and commit."""
+    """While another process holds the spool lock, a staging already has its complete .tmp
+    folder; it only waits for the lock to run the hooks and commit."""
     spool.stage(cert("first"))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_FLOCK, str(spool.root / ".lock")],
-                              stdout=subprocess.PIPE, text=True)
-    reaper.append(holder)
-    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    hold_flock(reaper, spool.root / ".lock")
     done: list[bool] = []
     stager = threading.Thread(target=lambda: done.append(spool.stage(cert("www")).ok))
     stager.start()
@@ -488,8 +516,8 @@ def test_files_are_copied_before_the_lock_is_taken(
         time.sleep(0.2)
         assert not done and not (spool.root / "pending" / "www").exists()  # still waiting
     finally:
-        holder.kill()
-        holder.wait()
+        reaper[0].kill()
+        reaper[0].wait()
         stager.join(20)
     assert done == [True]
     assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v1\n"

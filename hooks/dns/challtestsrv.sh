@@ -37,11 +37,10 @@ case $url in
     *) die "CERTBATCH_CHALLTESTSRV_URL must be an http(s) URL: $url" ;;
 esac
 url=${url%/}/$endpoint
-command -v curl >/dev/null 2>&1 || die "curl is not installed"
 
 # Turn each triple into the arguments of one curl request, appended to "$@" while the triples
-# are shifted off its front. Plain assignments, no command substitution: every subshell is a
-# fork, and certbatch may run this hundreds of times in one renewal.
+# are shifted off its front. Plain assignments, no command substitution (a fork each): certbatch
+# may run this hundreds of times in one renewal.
 records=$(($# / 3))
 names=
 i=0
@@ -73,7 +72,17 @@ while [ "$i" -lt "$records" ]; do
     i=$((i + 1))
 done
 
-# --fail-early: stop at the first failed request and exit non-zero (by default only the last
-# request's result counts). curl's own error line goes to stderr first; ours, the last line,
-# is what certbatch reports.
-curl --fail-early "$@" || die "$action $names via $url failed"
+command -v curl >/dev/null 2>&1 || die "curl is not installed"
+
+# add: --fail-early stops at the first failed request and exits non-zero (by default only the
+# last request's result counts). remove: try every record, then fail if any failed, so that one
+# failed clear doesn't leave the others behind. curl's own error lines go to stderr first; ours,
+# the last line, is what certbatch reports.
+if [ "$action" = add ]; then
+    curl --fail-early "$@" || die "add $names via $url failed"
+else
+    codes=$(curl --write-out '%{http_code} ' "$@") || true
+    for code in $codes; do
+        [ "$code" = 200 ] || die "remove $names via $url failed (HTTP status $code)"
+    done
+fi

@@ -166,7 +166,8 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> N
     # Our level is the most detailed one a handler shows: without -v or a log file, the log
     # calls of a run (dozens per certificate) return at once instead of building records that
     # only the NullHandler would see.
-    shown = [h.level for h in handlers if not isinstance(h, logging.NullHandler)]
+    shown = [h.level or logging.DEBUG for h in handlers  # NOTSET shows everything
+             if not isinstance(h, logging.NullHandler)]
     ours = min(shown) if shown else logging.WARNING
     for name, level in (("certbatch", ours), ("acme", max(ours, logging.WARNING))):
         logger = logging.getLogger(name)
@@ -466,10 +467,12 @@ def check(ctx: click.Context, online: bool) -> int:
         out(f"{label}: {path} ({state})")
     out(f"certificates: {len(settings.certificates)}")
     for cert in settings.certificates.values():
-        how = cert.challenge.type + (
-            f" webroot {cert.challenge.webroot}" if cert.challenge.webroot else
-            f" standalone {cert.challenge.standalone_address}:{cert.challenge.standalone_port}"
-            if cert.challenge.standalone else f" script {cert.challenge.script}")
+        ch = cert.challenge
+        wait = f", wait {ch.wait:g}s" if ch.wait else ""
+        how = ch.type + (
+            f" webroot {ch.webroot}" if ch.webroot else
+            f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
+            f" script {ch.script} ({ch.calls}{wait})")
         out(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
             out(f"    deploy: {_command_text(cert.deploy)}")

@@ -2,9 +2,11 @@
 
 Layout (every folder 0700, whatever the umask)::
 
-    <spool>/.lock              flock'ed while staging, recovering and notifying; never deleted
-    <spool>/.staging/          work folders: <name>.<token>.tmp (filled before the lock is
-                               taken, flock'ed by its writer; deploy hooks run here),
+    <spool>/.lock              flock'ed while deploy hooks run, committing, recovering and
+                               notifying; never deleted
+    <spool>/.prepare.lock      shared-flock'ed by every staging that has a .tmp folder
+    <spool>/.staging/          work folders: <name>.<token>.tmp (filled before .lock is
+                               taken; deploy hooks run here),
                                <name>.<token>.ready (hooks succeeded), <name>.<token>.old
                                (the pending entry being replaced)
     <spool>/pending/<name>/    one folder per staged certificate, latest staging wins
@@ -19,10 +21,10 @@ swap (recovery), so the latest successful staging always wins and is never lost.
 
 The certificate's files are copied and fsync'ed into the ``.tmp`` folder before the spool lock is
 taken, so the lock is only held for the deploy hooks and the renames: with hundreds of
-certificates renewed in parallel, the stagings queue for the lock. The writer holds an flock on
-the ``.tmp`` folder itself until it is committed or removed; recovery leaves a ``.tmp`` folder
-alone while that flock is held (or while it is younger than TMP_GRACE, which covers the instant
-between its mkdir and its flock).
+certificates renewed in parallel, the stagings queue for the lock. From before its mkdir until its
+folder is committed or removed, each such writer holds a shared flock on ``<spool>/.prepare.lock``
+(a file: that works on NFS too); recovery deletes ``.tmp`` folders only when it can take that lock
+exclusively, i.e. when nobody, in any process or thread, is between prepare and commit.
 """
 
 from __future__ import annotations
@@ -52,7 +54,6 @@ NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 BATCH_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z")
 BATCH_VERSION = 1
 META_VERSION = 1
-TMP_GRACE = 60.0  # seconds: an unlocked .tmp folder younger than this may be just created
 
 
 @dataclass(frozen=True)
@@ -105,27 +106,6 @@ def _token() -> str:
     return f"{time.time_ns():020d}-{secrets.token_hex(3)}"
 
 
-def _token_age(token: str) -> float:
-    """Seconds since `token` was made (its time_ns prefix); large if it has none."""
-    stamp = token.split("-", 1)[0]
-    return (time.time_ns() - int(stamp)) / 1e9 if stamp.isdigit() else float("inf")
-
-
-def _in_use(folder: Path) -> bool:
-    """Whether a live staging holds the flock on `folder` (any process, any thread)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # also drops the flock if we got it
-    return False
-
-
 def _new_batch_id() -> str:
     now = dt.datetime.now(dt.timezone.utc)
     # Microseconds too: "keep the last 5" prunes by name, and two batches can share a second.
@@ -166,6 +146,7 @@ class Spool:
         self.staging_dir = self.root / ".staging"
         self.batch_file = self.root / "batch.json"
         self.lock = FileLock(self.root / ".lock")
+        self.prepare_lock = self.root / ".prepare.lock"
 
     # -- what hooks get (also used for dry-run display) --------------------------------------
 
@@ -220,10 +201,45 @@ class Spool:
         finally:
             self.lock.release()
 
-    def _recover(self) -> None:
-        """Finish or discard what a crashed holder of the lock left in .staging/.
+    @contextlib.contextmanager
+    def _preparing(self) -> Iterator[None]:
+        """Hold .prepare.lock shared: while we have a .tmp folder, _recover leaves them all."""
+        fd = os.open(self.prepare_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # drops the flock
 
-        Called with the lock held, so nothing in .staging/ belongs to a live staging.
+    def _nobody_preparing(self) -> bool:
+        """Whether no staging anywhere is between prepare and commit (so a .tmp is a leftover).
+
+        Only an exclusive flock we actually get says so; any doubt keeps the leftovers.
+        """
+        try:
+            fd = os.open(self.prepare_lock, os.O_RDWR)
+        except FileNotFoundError:
+            return True  # every staging creates it before its .tmp folder
+        except OSError as exc:
+            log.debug("spool: cannot open %s (%s): keeping .tmp folders", self.prepare_lock, exc)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if not isinstance(exc, BlockingIOError):
+                log.debug("spool: cannot lock %s (%s): keeping .tmp folders",
+                          self.prepare_lock, exc)
+            return False
+        finally:
+            os.close(fd)
+
+    def _recover(self) -> None:
+        """Finish or discard what a crashed staging left in .staging/ (called with the lock).
+
+        .ready and .old folders only exist under the lock, so they are a crash's leftovers.
+        A .tmp folder may belong to a live staging that has not got the lock yet: it is deleted
+        only when nobody is preparing (see _nobody_preparing).
         """
         groups: dict[tuple[str, str], set[str]] = {}
         for entry in sorted(os.listdir(self.staging_dir)):
@@ -235,11 +251,14 @@ class Spool:
             groups.setdefault((parts[0], parts[1]), set()).add(parts[2])
         # Token order = staging order, so if several finished stagings of one name were left,
         # the latest is committed last and wins.
+        idle: bool | None = None  # _nobody_preparing(), asked once, only if a .tmp is there
         for (name, token), states in sorted(groups.items(), key=lambda kv: kv[0][1]):
-            tmp = self.staging_dir / f"{name}.{token}.tmp"
-            if "tmp" in states and not (_in_use(tmp) or _token_age(token) < TMP_GRACE):
-                log.warning("spool: discarding unfinished staging of %s", name)
-                self._remove(tmp)
+            if "tmp" in states:
+                if idle is None:
+                    idle = self._nobody_preparing()
+                if idle:
+                    log.warning("spool: discarding unfinished staging of %s", name)
+                    self._remove(self.staging_dir / f"{name}.{token}.tmp")
             if "ready" in states:
                 log.warning("spool: completing interrupted staging of %s", name)
                 self._commit(name, token)
@@ -298,31 +317,22 @@ class Spool:
         }
         try:
             self._ensure_layout()
-            work, held = self._prepare(cert, meta)
-            try:
-                with self._locked():
-                    return self._stage_locked(cert, work, extra_deploy)
-            finally:
-                self._remove(work)  # gone already if committed
-                os.close(held)
+            with self._preparing():
+                work = self._prepare(cert, meta)
+                try:
+                    with self._locked():
+                        return self._stage_locked(cert, work, extra_deploy)
+                finally:
+                    self._remove(work)  # gone already if committed
         except OSError as exc:
             raise StoreError(f"spool {self.root}: staging {cert.name} failed: {exc}") from exc
 
-    def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> tuple[Path, int]:
-        """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock.
-
-        Returns the folder and an fd holding its flock (which keeps _recover away from it);
-        the caller closes the fd once the folder is committed or removed.
-        """
+    def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> Path:
+        """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock
+        (the caller holds .prepare.lock shared)."""
         work = self.staging_dir / f"{cert.name}.{_token()}.tmp"
         work.mkdir(mode=0o700)
         try:
-            held = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
-        except BaseException:
-            self._remove(work)
-            raise
-        try:
-            fcntl.flock(held, fcntl.LOCK_EX)
             os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
             write_new(work / "privkey.pem", cert.privkey_pem, 0o600)
             write_new(work / "cert.pem", cert.cert_pem, 0o644)
@@ -333,13 +343,12 @@ class Spool:
             fsync_dir(work)
         except BaseException:
             self._remove(work)
-            os.close(held)
             raise
-        return work, held
+        return work
 
     def _stage_locked(self, cert: CertFiles, work: Path,
                       extra_deploy: Sequence[HookCommand]) -> StageOutcome:
-        """Run the deploy hooks in `work` (prepared, flock'ed), then make it pending."""
+        """Run the deploy hooks in `work` (prepared), then make it pending."""
         token = work.name[len(cert.name) + 1:-len(".tmp")]
         env = self.deploy_env(cert.name, cert.domains, work)
         results: list[HookResult] = []
