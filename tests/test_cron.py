@@ -458,6 +458,81 @@ def test_check_lists_certificates_hooks_and_paths(tmp_path):
     assert not (tmp_path / "state").exists()  # check writes nothing
 
 
+def test_check_quiet_prints_only_problems(tmp_path):
+    down = _Unreachable(tmp_path, closed_port())
+    cfg = write_config(tmp_path, down, {"web": {"domains": ["web.example"]}})
+    ok = run(["-q", "check"], cfg)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
+    bad = run(["check", "--online", "-q"], cfg, timeout=60)
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith("certbatch: problem: acme directory: "), bad.stderr
+    assert len(bad.stderr.splitlines()) == 1
+
+
+def test_check_reports_a_folder_its_parent_does_not_let_us_create(tmp_path):
+    """`check` as a user who may not write into the parent of a state folder that does not
+    exist yet. As root (who may write anywhere) the check runs in a forked child that has
+    dropped to uid 65534; the config lives in a world-readable folder for it."""
+    import encodings.utf_8_sig  # noqa: F401 - imported before dropping root (config reading)
+    import tempfile
+
+    from certbatch import cli, hooks, store  # noqa: F401 - likewise
+
+    top = Path(tempfile.mkdtemp(prefix="certbatch-check-"))
+    try:
+        top.chmod(0o755)
+        locked = top / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        anyone = top / "anyone"
+        anyone.mkdir()
+        cfg = write_config(top, _Unreachable(top), {"web": {"domains": ["web.example"]}},
+                           paths={"state": str(locked / "state"),
+                                  "spool": str(anyone / "spool"),
+                                  "hooks": str(top / "hooks")})
+        for path in (cfg, *top.rglob("*")):
+            path.chmod(path.stat().st_mode | 0o555 if path.is_dir() else 0o644)
+        locked.chmod(0o555)
+        anyone.chmod(0o777)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: no pytest machinery from here on, only os._exit
+            code = 3
+            try:
+                # pytest captures sys.stdout/stderr: give the child real ones on the pipe
+                sys.stdout = sys.stderr = open(write_fd, "w", closefd=False)  # noqa: SIM115
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    cli.main(["check", "-c", str(cfg)])
+                    code = 0
+                    sys.stdout.flush()
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 3
+                    sys.stdout.flush()
+                except BaseException:  # shown in the parent's assertion message
+                    import traceback
+
+                    traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        with os.fdopen(read_fd) as fh:
+            output = fh.read()
+        _, status = os.waitpid(pid, 0)
+    finally:
+        (top / "locked").chmod(0o755)
+        import shutil
+
+        shutil.rmtree(top, ignore_errors=True)
+    assert os.waitstatus_to_exitcode(status) == 1, output
+    assert f"state: {locked / 'state'} (CANNOT be created: {locked} is not writable)" in output
+    assert (f"certbatch: problem: state folder {locked / 'state'} cannot be created: {locked} "
+            "is not writable") in output
+    assert f"spool: {top / 'anyone' / 'spool'} (will be created)" in output
+
+
 def test_check_online(tmp_path, pebble):
     good = write_config(tmp_path / "good", pebble, {"s": {"domains": ["s.example.com"]}})
     result = run(["check", "--online"], good, pebble)

@@ -185,6 +185,10 @@ def out(line: str = "") -> None:
     click.echo(line)
 
 
+def _silent(line: str = "") -> None:
+    pass
+
+
 def err(line: str) -> None:
     click.echo(line, err=True)
 
@@ -454,18 +458,28 @@ def check(ctx: click.Context, online: bool) -> int:
 
     settings = load_settings(ctx)
     problems: list[str] = []
-    out(f"config: {settings.path} (ok)")
-    out(f"acme directory: {settings.acme.directory}")
+    say = _silent if _opt(ctx, "quiet") else out  # -q: the problems only (on stderr)
+    say(f"config: {settings.path} (ok)")
+    say(f"acme directory: {settings.acme.directory}")
     for label, path in (("state", settings.paths.state), ("spool", settings.paths.spool),
                         ("hooks", settings.paths.hooks)):
         if path.exists():
             state = "exists" if os.access(path, os.W_OK) else "exists, NOT WRITABLE"
             if "NOT" in state and label != "hooks":
                 problems.append(f"{label} folder {path} is not writable")
+        elif label == "hooks":
+            state = "missing (no hooks will run)"
         else:
-            state = "will be created" if label != "hooks" else "missing (no hooks will run)"
-        out(f"{label}: {path} ({state})")
-    out(f"certificates: {len(settings.certificates)}")
+            # It will be created below its nearest existing parent, which must be writable.
+            parent = next(p for p in path.parents if p.exists())
+            if os.access(parent, os.W_OK):
+                state = "will be created"
+            else:
+                state = f"CANNOT be created: {parent} is not writable"
+                problems.append(f"{label} folder {path} cannot be created: {parent} is not "
+                                f"writable")
+        say(f"{label}: {path} ({state})")
+    say(f"certificates: {len(settings.certificates)}")
     for cert in settings.certificates.values():
         ch = cert.challenge
         wait = f", wait {ch.wait:g}s" if ch.wait else ""
@@ -473,35 +487,35 @@ def check(ctx: click.Context, online: bool) -> int:
             f" webroot {ch.webroot}" if ch.webroot else
             f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
             f" script {ch.script} ({ch.calls}{wait})")
-        out(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
+        say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
-            out(f"    deploy: {_command_text(cert.deploy)}")
+            say(f"    deploy: {_command_text(cert.deploy)}")
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
         hooks = discover(folder)
         found = {h.name for h in hooks}
-        out(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)} will run ({folder})")
+        say(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)} will run ({folder})")
         if folder.is_dir():
             for entry in sorted(folder.iterdir(), key=lambda e: os.fsencode(e.name)):
                 if entry.name in found:
-                    out(f"  {entry.name} (executable)")
+                    say(f"  {entry.name} (executable)")
                 elif skipped_name(entry.name):
-                    out(f"  {entry.name} (skipped: hidden or backup name)")
+                    say(f"  {entry.name} (skipped: hidden or backup name)")
                 elif not entry.exists():
-                    out(f"  {entry.name} (skipped: dangling symlink)")
+                    say(f"  {entry.name} (skipped: dangling symlink)")
                 elif not entry.is_file():
-                    out(f"  {entry.name} (skipped: not a regular file)")
+                    say(f"  {entry.name} (skipped: not a regular file)")
                 else:
-                    out(f"  {entry.name} (NOT executable: skipped)")
+                    say(f"  {entry.name} (NOT executable: skipped)")
     if settings.hooks.notify:
-        out(f"hooks.notify: {_command_text(settings.hooks.notify)}")
+        say(f"hooks.notify: {_command_text(settings.hooks.notify)}")
     if online:
         from .acme_client import AcmeClient
         from .store import Store
         try:
             client = AcmeClient(settings.acme, Store(settings.paths.state))
             meta = client.directory_info()
-            out(f"acme directory reachable: {meta}")
+            say(f"acme directory reachable: {meta}")
         except CertbatchError as exc:
             problems.append(f"acme directory: {exc}")
     for p in problems:
