@@ -149,8 +149,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _gone(pid: int) -> bool:
-    """True if `pid` has exited (a zombie nobody reaps counts as gone)."""
+def gone(pid: int) -> bool:
+    """True if `pid` has exited (a zombie that nobody reaped yet counts as gone)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
@@ -241,7 +241,7 @@ http {{
         except ProcessLookupError:
             return
         deadline = time.monotonic() + timeout
-        while not _gone(pid):
+        while not gone(pid):
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 break

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+from nginx_server import gone  # reading /proc: shared with the nginx helper
 
 from certbatch import hooks
 from certbatch.errors import HookError
@@ -18,15 +19,6 @@ def script(path: Path, body: str, mode: int = 0o755) -> Path:
     path.write_text("#!/bin/sh\n" + body)
     os.chmod(path, mode)
     return path
-
-
-def gone(pid: int) -> bool:
-    """True if `pid` has exited (a zombie that nobody reaped yet counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_gone(pid: int, timeout: float = 5) -> bool:
