@@ -6,7 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(pebble curl openssl ca-certificates)
-[ "${1:-}" = "--test" ] && packages+=(nginx shellcheck)
+# The tests apply certificates to real servers, each started by the tests on 127.0.0.1.
+[ "${1:-}" = "--test" ] && packages+=(nginx shellcheck haproxy apache2 postfix dovecot-core
+                                      openssh-server openssh-client)
 python3 -c 'import venv, ensurepip' 2>/dev/null || packages+=(python3-venv)
 command -v python3 >/dev/null || packages+=(python3 python3-venv)
 
@@ -20,6 +22,8 @@ if [ ${#missing[@]} -gt 0 ]; then
         exit 1
     fi
     export DEBIAN_FRONTEND=noninteractive
+    # postfix asks what kind of mail host this is: a local-only one (the tests run their own).
+    echo "postfix postfix/main_mailer_type select Local only" | debconf-set-selections
     apt-get update -qq
     # (On a full Debian install nginx also starts its own service on port 80; the tests leave
     # it alone and run their own nginx on free loopback ports.)

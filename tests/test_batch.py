@@ -155,7 +155,8 @@ def test_run_hook_dry_run_changes_nothing_then_run_hook_applies(tmp_path, pebble
     assert out.startswith("batch of 5 pending certificates:")
     for n in NAMES:
         assert f"{n}.batch.example.com" in out
-    assert "would run 50-apply" in out and "CERTBATCH_NAMES=b1 b2 b3 b4 b5" in out
+    assert f"target 50-apply: would run {tmp_path / 'hooks/notify.d/50-apply'}" in out
+    assert "CERTBATCH_NAMES=b1 b2 b3 b4 b5" in out
     assert "fullchain.pem" in out
 
     deploy_dry = run(["run-hook", "--deploy", "b2", "--dry-run"], cfg, pebble)

@@ -153,8 +153,14 @@ def test_json_report_matches_documented_schema(tmp_path, pebble):
     assert all(c["days_left"] > 0 and c["due"] is False for c in status["certificates"])
 
 
-def check_schema(value, schema, where="$"):
-    """A small validator for the subset of JSON Schema docs/report.schema.json uses."""
+def check_schema(value, schema, where="$", root=None):
+    """A small validator for the subset of JSON Schema the docs/*.schema.json files use."""
+    root = schema if root is None else root
+    if "$ref" in schema:  # only local references: "#/$defs/name"
+        node = root
+        for part in schema["$ref"].removeprefix("#/").split("/"):
+            node = node[part]
+        schema = node
     types = schema.get("type")
     if types is not None:
         types = types if isinstance(types, list) else [types]
@@ -174,13 +180,13 @@ def check_schema(value, schema, where="$"):
             assert not extra, f"{where}: undocumented keys {extra}"
         for key, sub in props.items():
             if key in value:
-                check_schema(value[key], sub, f"{where}.{key}")
+                check_schema(value[key], sub, f"{where}.{key}", root)
         if isinstance(schema.get("additionalProperties"), dict):
             for key, item in value.items():
-                check_schema(item, schema["additionalProperties"], f"{where}.{key}")
+                check_schema(item, schema["additionalProperties"], f"{where}.{key}", root)
     if isinstance(value, list) and "items" in schema:
         for i, item in enumerate(value):
-            check_schema(item, schema["items"], f"{where}[{i}]")
+            check_schema(item, schema["items"], f"{where}[{i}]", root)
 
 
 def test_metrics_file_is_valid_prometheus_text(tmp_path, pebble):

@@ -198,7 +198,8 @@ def test_terminal_live_progress_then_a_clean_summary_table(tmp_path, pebble):
     assert rows == {"alpha": "issued", "bravo": "issued", "charlie": "issued",
                     "broken": "failed"}, text
     assert screen[-1].startswith("4 certificates: 3 issued, 1 failed"), text
-    assert any(line.startswith("notify: applied batch") for line in screen), text
+    # no notify target in this set-up: said in one line (it may wrap on this narrow screen)
+    assert any(line.startswith("notify: no notify targets") for line in screen), text
     assert all(len(line) <= COLS for line in screen)
 
 
@@ -218,7 +219,8 @@ def test_cron_renewed_run_prints_a_short_summary_on_stdout_only(tmp_path, pebble
     assert len(lines) == 4, result.stdout
     assert lines[0].split()[:2] == ["one", "issued"] and lines[1].split()[:2] == ["two", "issued"]
     assert f"serial {live(tmp_path, 'one')['serial']}" in lines[0]
-    assert lines[2].startswith("notify: applied batch") and "(2 certificates)" in lines[2]
+    assert lines[2].startswith("notify: no notify targets") and \
+        "2 certificates marked applied without running anything" in lines[2]
     assert lines[3].startswith("2 certificates: 2 issued (")
     assert "deploying" not in result.stdout and "ordering" not in result.stdout
 
@@ -252,8 +254,9 @@ def test_quiet_verbose_and_status_json(tmp_path, pebble):
     status = run(["status", "--json"], cfg, pebble)
     assert status.returncode == 0 and status.stderr == ""
     data = json.loads(status.stdout)
-    assert set(data) == {"schema_version", "certificates", "pending"}
-    assert data["schema_version"] == 1 and data["pending"] == ["good"]
+    assert set(data) == {"schema_version", "certificates", "pending", "targets"}
+    assert data["schema_version"] == 2 and data["pending"] == ["good"]
+    assert data["targets"] == []
     documented = readme_status_fields()
     assert [set(c) for c in data["certificates"]] == [documented, documented]
     good, bad_row = data["certificates"]
@@ -277,7 +280,8 @@ def test_quiet_verbose_and_status_json(tmp_path, pebble):
     assert re.search(r"^INFO good: skip \(due \d{4}-\d\d-\d\d", verbose.stderr, re.M), \
         verbose.stderr
     assert "good" in verbose.stdout and "not-due" in verbose.stdout
-    assert re.search(r"^notify: applied batch \S+ \(1 certificate\)$", verbose.stdout, re.M)
+    assert re.search(r"^notify: no notify targets .*: 1 certificate marked applied without "
+                     r"running anything$", verbose.stdout, re.M)
 
 
 def readme_status_fields() -> set[str]:
@@ -437,7 +441,7 @@ def test_check_lists_certificates_hooks_and_paths(tmp_path):
         "api": {"domains": ["api.example.com"], "deploy": "/bin/true"},
     })
     hook(tmp_path / "hooks" / "notify.d" / "50-reload", "exit 0")
-    hook(tmp_path / "hooks" / "notify.d" / "60-disabled", "exit 0", executable=False)
+    hook(tmp_path / "hooks" / "notify.d" / "60-off.disabled", "exit 0", executable=False)
     hook(tmp_path / "hooks" / "notify.d" / "50-reload.bak", "exit 0")
     result = run(["check"], cfg)
     assert result.returncode == 0, result.stderr
@@ -453,9 +457,21 @@ def test_check_lists_certificates_hooks_and_paths(tmp_path):
     assert any(line.startswith("deploy.d: 0 hooks") for line in out)
     assert any(line.startswith("notify.d: 1 hook will run") for line in out)
     assert "  50-reload (executable)" in out
-    assert "  60-disabled (NOT executable: skipped)" in out
+    assert "  60-off.disabled (skipped: hidden or backup name)" in out
     assert "  50-reload.bak (skipped: hidden or backup name)" in out
+    assert "notify targets: 1 (at most 4 at a time)" in out
+    assert f"  50-reload: {tmp_path / 'hooks' / 'notify.d' / '50-reload'} [timeout 300 s]" in out
     assert not (tmp_path / "state").exists()  # check writes nothing
+
+    # A notify.d file without its execute bit is a target that cannot run: a problem.
+    hook(tmp_path / "hooks" / "notify.d" / "60-forgot", "exit 0", executable=False)
+    broken = run(["check"], cfg)
+    assert broken.returncode == 1
+    assert broken.stderr == (f"certbatch: problem: {tmp_path / 'hooks/notify.d/60-forgot'}: "
+                             "not executable (chmod +x it, or rename it to 60-forgot.disabled "
+                             "to turn it off)\n")
+    assert "  60-forgot (PROBLEM: not executable" in broken.stdout
+    assert "  60-forgot: CANNOT RUN: " in broken.stdout
 
 
 def test_check_quiet_prints_only_problems(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -16,24 +17,45 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from certbatch import spool as spool_mod
+import certbatch.spool.spool as spool_core
+from certbatch.config import HookSettings, TargetSettings
 from certbatch.errors import StoreError
-from certbatch.hooks import HookCommand, from_config
+from certbatch.hooks import from_config
 from certbatch.spool import CertFiles, NotifyOutcome, Spool
+from certbatch.spool.env import notify_env
+from certbatch.targets import resolve
 
 NOW = dt.datetime(2026, 11, 22, 10, 15, tzinfo=dt.timezone.utc)
 
 
+@functools.cache
+def _pems(name: str, version: str, serial: str) -> tuple[bytes, bytes]:
+    """A self-signed certificate (CN "<name> <version>") and its key: the spool checks that an
+    entry's files parse and belong together before a target gets them."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {version}")])
+    crt = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+           .public_key(key.public_key()).serial_number(int(serial, 16))
+           .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=90))
+           .sign(key, hashes.SHA256()))
+    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()),
+            crt.public_bytes(serialization.Encoding.PEM))
+
+
 def cert(name: str, serial: str = "0a1b", version: str = "v1",
          domains: tuple[str, ...] | None = None) -> CertFiles:
-    """A certificate to stage; the spool never parses the PEMs, so tagged text will do."""
-    tag = f"{name} {version}".encode()
+    """A certificate to stage (the same one for the same name, serial and version)."""
+    key_pem, cert_pem = _pems(name, version, serial)
     return CertFiles(
         name=name, domains=domains or (f"{name}.example", f"www.{name}.example"),
-        privkey_pem=b"KEY " + tag + b"\n", cert_pem=b"CERT " + tag + b"\n",
-        chain_pem=b"CHAIN\n", fullchain_pem=b"CERT " + tag + b"\nCHAIN\n", serial=serial,
-        not_before=NOW, not_after=NOW + dt.timedelta(days=90),
+        privkey_pem=key_pem, cert_pem=cert_pem, chain_pem=b"", fullchain_pem=cert_pem,
+        serial=serial, not_before=NOW, not_after=NOW + dt.timedelta(days=90),
     )
 
 
@@ -78,7 +100,8 @@ echo "added by a deploy hook" > "$CERTBATCH_STAGE_DIR/extra.txt"
     hook(hooks_dir / "notify.d" / "50-record", f"""
 n=$(wc -l < {q(probe)}/notify.log 2>/dev/null || echo 0)
 n=$((n + 1))
-echo "$CERTBATCH_NAMES" >> {q(probe)}/notify.log
+tr '\\n' ' ' < "$CERTBATCH_NAMES_FILE" | sed 's/ $//' >> {q(probe)}/notify.log
+echo >> {q(probe)}/notify.log
 cp "$CERTBATCH_BATCH_FILE" {q(probe)}/"batch-$n.json"
 env | grep '^CERTBATCH_' | sort > {q(probe)}/"notify-$n.env"
 pwd > {q(probe)}/"notify-$n.cwd"
@@ -138,35 +161,40 @@ def test_five_stages_then_one_notify(spool: Spool, hooks_dir: Path, probe: Path)
     batch = json.loads((probe / "batch-1.json").read_text())
     assert [c["name"] for c in batch["certificates"]] == sorted(NAMES)
     nenv = read_env(probe / "notify-1.env")
+    folder = spool.root / "targets" / "50-record"
     assert nenv == {
         "CERTBATCH_SPOOL_DIR": str(spool.root),
-        "CERTBATCH_BATCH_FILE": str(spool.root / "batch.json"),
+        "CERTBATCH_TARGET": "50-record",
+        "CERTBATCH_BATCH_FILE": str(folder / "batch.json"),
+        "CERTBATCH_NAMES_FILE": str(folder / "names"),
         "CERTBATCH_NAMES": " ".join(sorted(NAMES)),
         "CERTBATCH_COUNT": "5",
         "CERTBATCH_FAILED_NAMES": "zulu",
     }
-    assert nenv == spool.notify_env(sorted(NAMES), ["zulu"])
+    assert nenv == notify_env(spool.root, "50-record", folder, sorted(NAMES), ["zulu"])
     assert (probe / "notify-1.cwd").read_text().strip() == str(spool.root)
 
-    # Applied: entries moved with everything the deploy hook added, plus the batch file.
+    # Applied: entries moved with everything the deploy hook added, plus a batch record.
     assert spool.pending() == []
     assert os.listdir(spool.root / "pending") == []
     applied = spool.root / "applied" / out.batch_id
     assert sorted(os.listdir(applied)) == sorted([*NAMES, "batch.json"])
     assert (applied / "alpha" / "extra.txt").read_text() == "added by a deploy hook\n"
-    assert json.loads((applied / "batch.json").read_text()) == batch
-    assert not (spool.root / "batch.json").exists()
+    record = json.loads((applied / "batch.json").read_text())
+    assert record["target"] is None and batch["target"] == "50-record"
+    assert record["certificates"] == batch["certificates"]
+    assert sorted(os.listdir(folder)) == ["ledger.json"]  # the handed files go on success
     assert os.listdir(spool.root / ".staging") == []
 
     # Nothing left: the next notify runs no hook at all.
-    assert spool.notify() == NotifyOutcome(None, [], [], True, None)
+    assert spool.notify() == NotifyOutcome(None)
     assert len((probe / "notify.log").read_text().splitlines()) == 1
 
 
 def test_notify_with_nothing_pending_runs_no_hook(spool: Spool, hooks_dir: Path,
                                                   probe: Path) -> None:
     recording_hooks(hooks_dir, probe)
-    assert spool.notify() == NotifyOutcome(None, [], [], True, None)
+    assert spool.notify() == NotifyOutcome(None)
     assert not (probe / "notify.log").exists()
 
 
@@ -185,10 +213,11 @@ def test_failed_notify_keeps_batch_and_next_notify_retries(spool: Spool, hooks_d
     assert first.error is not None
     assert (first.error.hook, first.error.returncode) == ("50-record", 7)
     assert "notify refused" in first.error.stderr_tail
-    assert not (probe / "after.log").exists()  # stopped at the first failure
+    assert (probe / "after.log").read_text() == "ran\n"  # a failing target stops no other
     assert [e.name for e in spool.pending()] == ["alpha", "bravo"]
     assert spool.applied() == []
-    assert json.loads((spool.root / "batch.json").read_text())["batch_id"] == first.batch_id
+    kept = spool.root / "targets" / "50-record" / "batch.json"  # kept for the operator
+    assert json.loads(kept.read_text())["batch_id"] == first.batch_id
 
     (probe / "fail-notify").unlink()
     second = spool.notify()
@@ -196,7 +225,7 @@ def test_failed_notify_keeps_batch_and_next_notify_retries(spool: Spool, hooks_d
     assert second.ok and second.names == ["alpha", "bravo"]
     assert second.batch_id != first.batch_id
     assert (probe / "notify.log").read_text().splitlines() == ["alpha bravo", "alpha bravo"]
-    assert (probe / "after.log").read_text() == "ran\n"
+    assert (probe / "after.log").read_text() == "ran\n"  # it had them: not run again
     assert spool.pending() == []
     assert spool.applied() == [second.batch_id]
 
@@ -205,7 +234,7 @@ def test_failed_deploy_discards_staging_and_keeps_previous(spool: Spool, hooks_d
                                                           probe: Path) -> None:
     hook(hooks_dir / "deploy.d" / "10-check", f"""
 echo "$CERTBATCH_STAGE_DIR" >> {q(probe)}/stage-dirs
-if grep -q v2 "$CERTBATCH_CERT_FILE"; then
+if [ "${{CERTBATCH_DOMAINS#v2.}}" != "$CERTBATCH_DOMAINS" ]; then
     echo "some detail" >&2
     echo "boom: cannot convert" >&2
     exit 4
@@ -214,7 +243,7 @@ fi
     hook(hooks_dir / "deploy.d" / "20-later", f"echo ran >> {q(probe)}/later.log\n")
     assert spool.stage(cert("www", serial="01", version="v1")).ok
 
-    outcome = spool.stage(cert("www", serial="02", version="v2"))
+    outcome = spool.stage(cert("www", serial="02", version="v2", domains=("v2.www.example",)))
 
     assert not outcome.ok
     assert outcome.error is not None
@@ -229,7 +258,7 @@ fi
     assert os.listdir(spool.root / ".staging") == []
     (entry,) = spool.pending()
     assert entry.serial == "01"
-    assert (entry.folder / "cert.pem").read_bytes() == b"CERT www v1\n"
+    assert (entry.folder / "cert.pem").read_bytes() == cert("www", "01", "v1").cert_pem
 
 
 def test_failed_deploy_of_new_name_leaves_nothing(spool: Spool, hooks_dir: Path) -> None:
@@ -255,7 +284,7 @@ def test_latest_staging_wins(spool: Spool, hooks_dir: Path, probe: Path) -> None
 
     (entry,) = spool.pending()
     assert entry.serial == "02"
-    assert (entry.folder / "privkey.pem").read_bytes() == b"KEY www v2\n"
+    assert (entry.folder / "privkey.pem").read_bytes() == cert("www", "02", "v2").privkey_pem
     assert os.listdir(spool.root / ".staging") == []  # the replaced entry is gone
 
     out = spool.notify()
@@ -277,7 +306,10 @@ def test_modes_under_umask_000(spool: Spool, hooks_dir: Path, probe: Path) -> No
             assert (root / "pending" / "www" / name).stat().st_mode & 0o077 in (0o044, 0)
         (probe / "fail-notify").touch()
         spool.notify()
-        assert (root / "batch.json").stat().st_mode & 0o777 == 0o600
+        target = root / "targets" / "50-record"
+        assert target.stat().st_mode & 0o777 == 0o700
+        for name in ("batch.json", "names", "ledger.json"):
+            assert (target / name).stat().st_mode & 0o777 == 0o600
         (probe / "fail-notify").unlink()
         out = spool.notify()
         assert out.batch_id is not None
@@ -307,9 +339,9 @@ def test_batch_and_meta_json_schema(spool: Spool, hooks_dir: Path, probe: Path) 
 
     out = spool.notify(failed_names=["broken"])
     batch = json.loads((probe / "batch-1.json").read_text())
-    assert batch.keys() == {"version", "batch_id", "created_at", "spool_dir", "count", "names",
-                            "failed_names", "certificates"}
-    assert batch["version"] == 1
+    assert batch.keys() == {"version", "batch_id", "target", "created_at", "spool_dir", "count",
+                            "names", "failed_names", "certificates"}
+    assert batch["version"] == 2 and batch["target"] == "50-record"
     assert batch["batch_id"] == out.batch_id
     assert re.match(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z", batch["batch_id"])
     assert ISO_Z.match(batch["created_at"])
@@ -339,20 +371,23 @@ def test_only_last_five_applied_batches_are_kept(spool: Spool, hooks_dir: Path,
     assert sorted(os.listdir(spool.root / "applied")) == sorted(ids[-5:])
 
 
-def test_extra_hooks_run_after_discovered_ones(spool: Spool, hooks_dir: Path,
-                                               probe: Path) -> None:
+def test_config_deploy_runs_after_deploy_d_and_config_targets_join_notify_d(
+        spool: Spool, hooks_dir: Path, probe: Path) -> None:
     hook(hooks_dir / "deploy.d" / "10-d", f"echo dir >> {q(probe)}/order\n")
-    hook(hooks_dir / "notify.d" / "10-n", f"echo dir-notify >> {q(probe)}/order\n")
+    hook(hooks_dir / "notify.d" / "10-n", f"echo dir-notify >> {q(probe)}/n1\n")
     extra_deploy = from_config(f"echo config >> {q(probe)}/order", "config:deploy")
-    extra_notify = [HookCommand("config:notify",
-                                ("/bin/sh", "-c", f"echo config-notify >> {q(probe)}/order"))]
+    settings = HookSettings(notify_timeout=20, targets={"cfg": TargetSettings(
+        "cfg", command=f"echo config-notify $CERTBATCH_TARGET >> {q(probe)}/n2")})
+    targets = resolve(hooks_dir, settings)
     assert [h.name for h in spool.deploy_commands(extra_deploy)] == ["10-d", "config:deploy"]
-    assert [h.name for h in spool.notify_commands(extra_notify)] == ["10-n", "config:notify"]
+    assert [(t.name, t.source) for t in targets] == [
+        ("10-n", str(hooks_dir / "notify.d" / "10-n")), ("cfg", "hooks.targets.cfg")]
 
     assert spool.stage(cert("www"), extra_deploy).ok
-    assert spool.notify(extra_notify).ok
-    assert (probe / "order").read_text().split() == ["dir", "config", "dir-notify",
-                                                     "config-notify"]
+    assert spool.notify(targets).ok
+    assert (probe / "order").read_text().split() == ["dir", "config"]
+    assert (probe / "n1").read_text() == "dir-notify\n"
+    assert (probe / "n2").read_text() == "config-notify cfg\n"
 
 
 def test_invalid_names_are_refused(spool: Spool) -> None:
@@ -367,7 +402,10 @@ def _copy_entry(src: Path, dst: Path, version: str) -> None:
     dst.mkdir(mode=0o700)
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
-    (dst / "cert.pem").write_text(f"CERT www {version}\n")
+    new = cert("www", version=version)  # same serial, another certificate and key
+    for name, data in (("cert.pem", new.cert_pem), ("fullchain.pem", new.fullchain_pem),
+                       ("privkey.pem", new.privkey_pem)):
+        (dst / name).write_bytes(data)
 
 
 def test_recovery_after_crash_between_the_two_renames(spool: Spool, hooks_dir: Path,
@@ -387,7 +425,7 @@ def test_recovery_after_crash_between_the_two_renames(spool: Spool, hooks_dir: P
     assert out.ok and out.names == ["www"]
     assert out.batch_id is not None
     applied = spool.root / "applied" / out.batch_id / "www"
-    assert (applied / "cert.pem").read_text() == "CERT www v2\n"
+    assert (applied / "cert.pem").read_bytes() == cert("www", version="v2").cert_pem
     assert os.listdir(staging) == []
 
 
@@ -404,7 +442,8 @@ def test_recovery_completes_a_finished_staging(spool: Spool, hooks_dir: Path,
 
     assert spool.stage(cert("other")).ok  # any lock holder recovers
 
-    assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v2\n"
+    assert (spool.root / "pending" / "www" / "cert.pem").read_bytes() == cert(
+        "www", version="v2").cert_pem
     assert sorted(e.name for e in spool.pending()) == ["other", "www"]
     assert os.listdir(staging) == []
 
@@ -464,7 +503,7 @@ def test_recovery_leaves_tmp_folders_of_another_thread(spool: Spool) -> None:
     assert spool.stage(cert("first")).ok
     busy = spool.root / ".staging" / "other.00000000000000000002-123456.tmp"
     busy.mkdir()
-    with spool._preparing():  # what a worker thread holds from its mkdir to its commit
+    with spool.staging.preparing():  # what a worker thread holds from its mkdir to its commit
         assert spool.notify().ok
         assert busy.is_dir()
     assert spool.notify().ok
@@ -487,12 +526,12 @@ def test_no_fd_or_folder_left_by_success_hook_failure_or_write_failure(
     def full_disk(path: Path, *args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(spool_mod, "write_new", full_disk)
+    monkeypatch.setattr(spool_core, "write_new", full_disk)
     with pytest.raises(StoreError, match="staging www failed: .*No space left on device"):
         spool.stage(cert("www", version="v3"))
     assert open_fds() == before
     assert os.listdir(spool.root / ".staging") == []
-    assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v1\n"
+    assert (spool.root / "pending" / "www" / "cert.pem").read_bytes() == cert("www").cert_pem
 
 
 def test_files_are_copied_before_the_lock_is_taken(
@@ -512,7 +551,7 @@ def test_files_are_copied_before_the_lock_is_taken(
         work = next((spool.root / ".staging").glob("www.*.tmp"))
         assert sorted(os.listdir(work)) == ["cert.pem", "chain.pem", "fullchain.pem",
                                             "meta.json", "privkey.pem"]
-        assert (work / "cert.pem").read_text() == "CERT www v1\n"
+        assert (work / "cert.pem").read_bytes() == cert("www").cert_pem
         time.sleep(0.2)
         assert not done and not (spool.root / "pending" / "www").exists()  # still waiting
     finally:
@@ -520,7 +559,7 @@ def test_files_are_copied_before_the_lock_is_taken(
         reaper[0].wait()
         stager.join(20)
     assert done == [True]
-    assert (spool.root / "pending" / "www" / "cert.pem").read_text() == "CERT www v1\n"
+    assert (spool.root / "pending" / "www" / "cert.pem").read_bytes() == cert("www").cert_pem
     assert os.listdir(spool.root / ".staging") == []
 
 

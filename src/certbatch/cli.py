@@ -334,17 +334,21 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
 def status(ctx: click.Context, as_json: bool) -> int:
     """Show every configured certificate: expiry, days left, due or not, last result."""
     from . import render
+    from .runner import Runner
 
     settings = load_settings(ctx)
     rows = status_data(settings)
+    runner = Runner(settings)
+    pending = [p.name for p in runner.spool.pending()]
+    targets = [render.target_state_to_dict(t)
+               for t in runner.spool.target_states(runner.targets())]
     if as_json:
-        from .spool import Spool
-        pending = Spool(settings.paths.spool, settings.paths.hooks).pending()
         out(render.dumps({"schema_version": render.REPORT_SCHEMA_VERSION,
                           "certificates": rows,
-                          "pending": [p.name for p in pending]}))
+                          "pending": pending,
+                          "targets": targets}))
     else:
-        for line in render.status_rows(rows):
+        for line in render.status_rows(rows) + render.target_rows(targets, pending):
             out(line)
     return EXIT_OK
 
@@ -352,22 +356,43 @@ def status(ctx: click.Context, as_json: bool) -> int:
 @cli.command("run-hook", epilog=EXIT_CODES_HELP)
 @common_options
 @click.option("--dry-run", is_flag=True,
-              help="Print the batch and each hook with its environment; run and change nothing.")
+              help="Print what each target would get and run, with its environment; run and "
+                   "change nothing.")
+@click.option("--target", "only_targets", multiple=True, metavar="NAME",
+              help="Run only this notify target (repeatable).")
+@click.option("--all", "all_live", is_flag=True,
+              help="With --target: hand the target every live certificate, not only what is "
+                   "pending (a new or rebuilt server).")
 @click.option("--deploy", "deploy", metavar="NAME", default=None,
-              help="Stage this stored certificate again through the deploy hooks instead.")
+              help="Stage this stored certificate again through the deploy hooks instead; "
+                   "every target applies it again.")
 @click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
               help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
 @click.pass_context
-def run_hook(ctx: click.Context, dry_run: bool, deploy: str | None, wait: float) -> int:
-    """Apply what is pending in the spool now (the notify phase), or re-stage one certificate."""
+def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], all_live: bool,
+             deploy: str | None, wait: float) -> int:
+    """Apply what is pending in the spool now (the notify phase), or re-stage one certificate.
+
+    Each target gets what it has not applied yet; a target that fails keeps its entries and
+    gets them again next time.
+    """
+    from . import render
     from .runner import Runner, run_lock
 
+    if all_live and len(only_targets) != 1:
+        raise UsageError("--all needs exactly one --target NAME")
+    if deploy and (only_targets or all_live):
+        raise UsageError("--deploy stages a certificate; it does not go with --target/--all")
     settings = load_settings(ctx)
     runner = Runner(settings)
+    quiet = bool(_opt(ctx, "quiet"))
     if deploy:
         runner.select([deploy])  # usage error for an unknown name, before anything runs
+    else:
+        runner.select_targets(runner.targets(), only_targets)
     if dry_run:
-        lines = deploy_plan(runner, deploy) if deploy else notify_plan(runner)
+        lines = deploy_plan(runner, deploy) if deploy else notify_plan(runner, only_targets,
+                                                                      all_live)
         for line in lines:
             out(line)
         return EXIT_OK
@@ -377,21 +402,28 @@ def run_hook(ctx: click.Context, dry_run: bool, deploy: str | None, wait: float)
             if result.failed:
                 err(f"certbatch: {result.name}: {result.error}")
                 return EXIT_FAILURE
-            if not _opt(ctx, "quiet"):
+            if not quiet:
                 out(f"{result.name}: staged (serial {result.serial}); run `certbatch run-hook` "
                     f"to apply")
             return EXIT_OK
-        outcome = runner.run_notify()
+        failures: list[str] = []
+        if all_live:
+            restaged, outcome = runner.bootstrap(only_targets[0])
+            failures = [f"{r.name}: {r.error}" for r in restaged if r.failed]
+        else:
+            outcome = runner.run_notify(only_targets)
+    for line in failures + render.notify_error_lines(outcome):
+        err(f"certbatch: {line}")
     if outcome.batch_id is None:
-        if not _opt(ctx, "quiet"):
+        if not quiet:
             out("nothing pending")
-        return EXIT_OK
-    if not outcome.ok:
-        err(f"certbatch: notify failed, batch kept pending: {outcome.error}")
-        return EXIT_FAILURE
-    if not _opt(ctx, "quiet"):
-        out(f"applied batch {outcome.batch_id}: {' '.join(outcome.names)}")
-    return EXIT_OK
+        return EXIT_FAILURE if failures else EXIT_OK
+    if not quiet:
+        for line in render.notify_lines(outcome):
+            out(line)
+        if outcome.ok and not outcome.no_targets and not any(t.ran for t in outcome.targets):
+            out("nothing to apply: every target has what is pending")
+    return EXIT_FAILURE if failures or not outcome.ok else EXIT_OK
 
 
 def _command_text(spec: str | tuple[str, ...]) -> str:
@@ -416,21 +448,50 @@ def _env_lines(env: dict[str, str]) -> list[str]:
     return [f"      {k}={v}" for k, v in sorted(env.items())]
 
 
-def notify_plan(runner: Any) -> list[str]:
+def notify_plan(runner: Any, only: tuple[str, ...] = (), all_live: bool = False) -> list[str]:
+    from .spool.env import notify_env
 
     pending = runner.spool.pending()
-    if not pending:
+    targets = runner.targets()
+    lines = []
+    if all_live:
+        live = [n for n in runner.settings.certificates if runner.store.current(n) is not None
+                and n not in {p.name for p in pending}]
+        lines.append(f"would forget what {only[0]} has applied and stage again "
+                     f"{len(live)} live certificate{'s' * (len(live) != 1)} that "
+                     f"{'are' if len(live) != 1 else 'is'} not pending: {' '.join(live)}")
+    elif not pending:
         return ["nothing pending"]
-    lines = [f"batch of {len(pending)} pending certificate{'s' * (len(pending) != 1)}:"]
+    if pending:
+        lines.append(f"batch of {len(pending)} pending certificate"
+                     f"{'s' * (len(pending) != 1)}:")
     for p in pending:
         files = " ".join(sorted(f.name for f in p.folder.iterdir())) if p.folder.exists() else ""
         lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
                      f"serial {p.serial}")
         lines.append(f"    {p.folder}: {files}")
-    commands = runner.spool.notify_commands(runner.notify_hooks())
-    env = runner.spool.notify_env([p.name for p in pending], [])
-    return lines + _hook_lines(commands, env, "no notify hooks found (hooks/notify.d/ is empty "
-                                              "and no hooks.notify)")
+    if not targets:
+        return lines + ["no notify targets (hooks/notify.d/ is empty, no hooks.targets or "
+                        "hooks.notify): the batch would be marked applied as is"]
+    for state in runner.spool.target_states(targets):
+        t = state.target
+        if only and t.name not in only:
+            continue
+        if t.problem:
+            lines.append(f"target {t.name}: CANNOT RUN: {t.problem}")
+            continue
+        names = state.waiting if not all_live else sorted(
+            set(state.waiting) | set(runner.settings.certificates))
+        if not names:
+            lines.append(f"target {t.name}: nothing to apply (it has every pending entry)")
+            continue
+        lines.append(f"target {t.name}: would run {' '.join(t.command.argv)} "
+                     f"(timeout {t.timeout:g} s) with {len(names)} certificate"
+                     f"{'s' * (len(names) != 1)}: {' '.join(names)}")
+        folder = runner.spool.ledgers.folder(t.name)
+        env = {**t.env, **notify_env(runner.spool.root, t.name, folder, names, [])}
+        lines.extend(_env_lines(env))
+    return lines
 
 
 def deploy_plan(runner: Any, name: str) -> list[str]:
@@ -454,7 +515,7 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
 @click.pass_context
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
-    from .hooks import discover, skipped_name
+    from .hooks import scan
 
     settings = load_settings(ctx)
     problems: list[str] = []
@@ -490,25 +551,30 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
+    from .runner import Runner
+
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
-        hooks = discover(folder)
-        found = {h.name for h in hooks}
-        say(f"{phase}: {len(hooks)} hook{'s' * (len(hooks) != 1)} will run ({folder})")
-        if folder.is_dir():
-            for entry in sorted(folder.iterdir(), key=lambda e: os.fsencode(e.name)):
-                if entry.name in found:
-                    say(f"  {entry.name} (executable)")
-                elif skipped_name(entry.name):
-                    say(f"  {entry.name} (skipped: hidden or backup name)")
-                elif not entry.exists():
-                    say(f"  {entry.name} (skipped: dangling symlink)")
-                elif not entry.is_file():
-                    say(f"  {entry.name} (skipped: not a regular file)")
-                else:
-                    say(f"  {entry.name} (NOT executable: skipped)")
-    if settings.hooks.notify:
-        say(f"hooks.notify: {_command_text(settings.hooks.notify)}")
+        files = scan(folder)
+        n_run = sum(f.state == "run" for f in files)
+        say(f"{phase}: {n_run} hook{'s' * (n_run != 1)} will run ({folder})")
+        for f in files:
+            if f.state == "run":
+                say(f"  {f.name} (executable)")
+            elif f.state == "skip":
+                say(f"  {f.name} (skipped: {f.why})")
+            else:
+                say(f"  {f.name} (PROBLEM: {f.why})")
+                problems.append(f"{f.path}: {f.why}")
+    targets = Runner(settings).targets()
+    say(f"notify targets: {len(targets)} (at most {settings.hooks.notify_workers} at a time)"
+        if targets else "notify targets: none (a batch is marked applied without running "
+                        "anything)")
+    for t in targets:
+        env = f", env {' '.join(sorted(t.env))}" if t.env else ""
+        how = f"CANNOT RUN: {t.problem}" if t.problem or t.command is None else (
+            f"{_command_text(t.command.argv)} [timeout {t.timeout:g} s{env}]")
+        say(f"  {t.name}: {how}")
     if online:
         from .acme_client import AcmeClient
         from .store import Store

@@ -83,10 +83,25 @@ class RenewalSettings:
 
 
 @dataclass(frozen=True)
+class TargetSettings:
+    """One entry of `hooks.targets`: a notify target with its own command, timeout and env.
+
+    Without `command` the entry only sets `timeout`/`env` for the notify.d file of that name.
+    """
+
+    name: str
+    command: HookCommandSpec | None = None
+    timeout: float | None = None  # None: hooks.notify_timeout
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class HookSettings:
     notify: HookCommandSpec | None = None
     deploy_timeout: float = 120.0
     notify_timeout: float = 300.0
+    notify_workers: int = 4
+    targets: dict[str, TargetSettings] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,7 +142,11 @@ _ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout")
 _EAB_KEYS = ("kid", "hmac_key")
 _PATHS_KEYS = ("state", "spool", "hooks")
 _RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter")
-_HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout")
+_HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout", "notify_workers", "targets")
+_TARGET_KEYS = ("command", "timeout", "env")
+# Target names become folder names in the spool and appear in messages and metrics labels.
+TARGET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FILE_KEYS = ("file",)
 _DEFAULTS_KEYS = ("key", "challenge", "deploy")
 _CERT_KEYS = ("domains", "key", "challenge", "deploy")
@@ -545,10 +564,67 @@ class _Checker:
     def hooks(self, raw: Any) -> HookSettings:
         m = self.section(raw, "hooks", _HOOKS_KEYS)
         notify = None if m.get("notify") is None else self.command(m["notify"], "hooks.notify")
+        targets = self.targets(m.get("targets"))
+        if notify is not None and "notify" in targets:
+            self.fail("hooks.targets.notify", "'notify' is the name of hooks.notify's target;"
+                                              " give this target another name")
         return HookSettings(
             notify=notify,
             deploy_timeout=self.duration(m, "hooks", "deploy_timeout", 120.0, positive=True),
-            notify_timeout=self.duration(m, "hooks", "notify_timeout", 300.0, positive=True))
+            notify_timeout=self.duration(m, "hooks", "notify_timeout", 300.0, positive=True),
+            notify_workers=self.integer(m, "hooks", "notify_workers", 4, 1, 64),
+            targets=targets)
+
+    def targets(self, raw: Any) -> dict[str, TargetSettings]:
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.fail("hooks.targets", f"expected a mapping of target names, got"
+                                       f" {_describe(raw)}")
+        out: dict[str, TargetSettings] = {}
+        for name, body in raw.items():
+            key = _join("hooks.targets", name)
+            if not isinstance(name, str) or not TARGET_NAME_RE.fullmatch(name):
+                self.fail(key, f"invalid target name {_short(name)}: use up to 64 letters,"
+                               " digits, '.', '_' and '-', starting with a letter or digit")
+            if isinstance(body, (str, list)):  # the short form: just the command
+                out[name] = TargetSettings(name, command=self.command(body, key))
+                continue
+            if not isinstance(body, dict):
+                self.fail(key, "expected a command (string or list) or a mapping with"
+                               f" command, timeout and env, got {_describe(body)}")
+            m = self.section(body, key, _TARGET_KEYS)
+            if not m:
+                self.fail(key, "empty target: give at least one of command, timeout, env")
+            command = None if m.get("command") is None else self.command(
+                m["command"], f"{key}.command")
+            timeout = None if m.get("timeout") is None else self.duration(
+                m, key, "timeout", 0.0, positive=True)
+            out[name] = TargetSettings(name, command=command, timeout=timeout,
+                                       env=self.env(m.get("env"), f"{key}.env"))
+        return out
+
+    def env(self, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
+        """Environment variables for a hook: names as the shell knows them, string values."""
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            self.fail(key, f"expected a mapping of variable names to values, got"
+                           f" {_describe(raw)}")
+        out = []
+        for name, value in raw.items():
+            where = _join(key, name)
+            if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
+                self.fail(where, f"invalid environment variable name {_short(name)}")
+            if name.startswith("CERTBATCH_"):
+                self.fail(where, "CERTBATCH_* variables are set by certbatch itself")
+            if isinstance(value, bool) or not isinstance(value, (str, int)):
+                self.fail(where, f"expected a string, got {_describe(value)} (quote it)")
+            text = str(value)
+            if "\0" in text:
+                self.fail(where, "must not contain a NUL character")
+            out.append((name, text))
+        return tuple(out)
 
     def defaults(self, raw: Any) -> tuple[str, ChallengeSettings | None, HookCommandSpec | None]:
         m = self.section(raw, "defaults", _DEFAULTS_KEYS)

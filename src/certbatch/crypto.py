@@ -46,21 +46,35 @@ def cert_info(cert: x509.Certificate) -> CertInfo:
                     not_after=cert.not_valid_after_utc, names=names)
 
 
+def check_pair(fullchain_pem: bytes, key_pem: bytes) -> CertInfo:
+    """The leaf of `fullchain_pem`, checked to parse and to match the private key `key_pem`.
+
+    Raises CertificateCheckError saying which of the two is wrong.
+    """
+    try:
+        leaf = x509.load_pem_x509_certificates(fullchain_pem)[0]
+    except ValueError as exc:
+        raise CertificateCheckError(f"the certificate does not parse: {exc}") from exc
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateCheckError(f"the private key does not parse: {exc}") from exc
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (leaf.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != key.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise CertificateCheckError("the certificate does not match the private key")
+    return cert_info(leaf)
+
+
 def check_issued(fullchain_pem: bytes, key_pem: bytes, domains: tuple[str, ...] | list[str],
                  now: dt.datetime | None = None) -> CertInfo:
     """Check what the CA sent before it replaces anything: it parses, matches our key, covers
     every requested name and is currently valid. Returns the leaf's details."""
     try:
-        chain = x509.load_pem_x509_certificates(fullchain_pem)
-    except ValueError as exc:
-        raise CertificateCheckError(f"the CA's certificate chain does not parse: {exc}") from exc
-    leaf = chain[0]
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if (leaf.public_key().public_bytes(serialization.Encoding.DER, spki)
-            != key.public_key().public_bytes(serialization.Encoding.DER, spki)):
-        raise CertificateCheckError("the CA's certificate does not match the private key")
-    info = cert_info(leaf)
+        info = check_pair(fullchain_pem, key_pem)
+    except CertificateCheckError as exc:
+        raise CertificateCheckError(str(exc).replace("the certificate", "the CA's certificate",
+                                                     1)) from exc
     missing = sorted(set(d.lower() for d in domains) - set(info.names))
     if missing:
         raise CertificateCheckError(

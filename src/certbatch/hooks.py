@@ -33,7 +33,7 @@ DRAIN_GRACE = 1.0  # seconds to wait for EOF after the hook exited (a background
 #                    its stdout open; we stop reading rather than wait for that child)
 
 # Names run-parts and package managers use for backups and leftovers: never run them as hooks.
-_SKIP = re.compile(r"^\.|~$|\.bak$|\.dpkg-[a-z]+$|\.rpm[a-z]*$")
+_SKIP = re.compile(r"^\.|~$|\.bak$|\.disabled$|\.dpkg-[a-z]+$|\.rpm[a-z]*$")
 
 
 @dataclass(frozen=True)
@@ -70,33 +70,67 @@ def skipped_name(name: str) -> bool:
     return bool(_SKIP.search(name))
 
 
-def discover(directory: Path) -> list[HookCommand]:
-    """Every executable regular file in `directory` (symlinks followed), sorted by name.
+@dataclass(frozen=True)
+class HookFile:
+    """One entry of a hooks folder and what certbatch makes of it.
 
-    Skips names starting with "." or ending in "~", ".bak", ".dpkg-*" or ".rpm*" (".rpmnew",
-    ".rpmsave", ...), sub-directories and non-executable files. A missing folder has no hooks.
+    `state` is "run" (an executable file), "skip" (a hidden or backup name, a sub-folder) or
+    "problem" (looks like a hook but cannot run: not executable, a dangling symlink); `why`
+    says why for the last two.
+    """
+
+    name: str
+    path: Path
+    state: str
+    why: str = ""
+
+    @property
+    def command(self) -> HookCommand:
+        return HookCommand(name=self.name, argv=(str(self.path),))
+
+
+def scan(directory: Path) -> list[HookFile]:
+    """Every entry of `directory` (symlinks followed), sorted by name, with its state.
+
+    Names starting with "." or ending in "~", ".bak", ".disabled", ".dpkg-*" or ".rpm*" are
+    skipped, as are sub-folders; a file that is not executable, or a dangling symlink, is a
+    problem: it was meant to run and does not. A missing folder has no hooks.
     """
     try:
-        names = sorted(os.listdir(directory))
+        names = sorted(os.listdir(directory), key=os.fsencode)
     except FileNotFoundError:
         return []
     base = directory.absolute()  # hooks run with another cwd: argv[0] must be absolute
     found = []
     for name in names:
-        if skipped_name(name):
-            continue
         path = base / name
+        if skipped_name(name):
+            found.append(HookFile(name, path, "skip", "hidden or backup name"))
+            continue
         try:
             st = path.stat()
-        except OSError:  # dangling symlink, or removed meanwhile
+        except FileNotFoundError:
+            found.append(HookFile(name, path, "problem", "dangling symlink"))
             continue
-        if not stat.S_ISREG(st.st_mode):
+        except OSError as exc:  # a symlink loop, a permission problem
+            found.append(HookFile(name, path, "problem", f"cannot be read: {exc.strerror}"))
             continue
-        if not os.access(path, os.X_OK):
-            log.info("hook %s is not executable, skipped", path)
-            continue
-        found.append(HookCommand(name=name, argv=(str(path),)))
+        if stat.S_ISDIR(st.st_mode):
+            found.append(HookFile(name, path, "skip", "a folder"))
+        elif not stat.S_ISREG(st.st_mode):
+            found.append(HookFile(name, path, "problem", "not a regular file"))
+        elif not os.access(path, os.X_OK):
+            found.append(HookFile(name, path, "problem",
+                                  "not executable (chmod +x it, or rename it to "
+                                  f"{name}.disabled to turn it off)"))
+        else:
+            found.append(HookFile(name, path, "run"))
     return found
+
+
+def discover(directory: Path) -> list[HookCommand]:
+    """The hooks of `directory` that run (see `scan`), in name order."""
+    return [f.command for f in scan(directory) if f.state == "run"]
 
 
 def from_config(spec: str | Sequence[str] | None, label: str) -> list[HookCommand]:
@@ -208,7 +242,7 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
         proc = subprocess.Popen(
             cmd.argv, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            close_fds=True,
+            close_fds=True, umask=0o077,  # what a hook creates is private unless it says so
         )
     except OSError as exc:
         code = 127 if isinstance(exc, FileNotFoundError) else 126

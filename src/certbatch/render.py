@@ -8,14 +8,19 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from .runner import FAILED_OUTCOMES, CertResult, Progress, RunReport
-from .spool import NotifyOutcome
+from .spool import NotifyOutcome, TargetState
 from .store import iso
 
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: per-target notify results and target states
+FIX_HINT = "fix it, then run `certbatch run-hook`"
 
 
 def ts(value: dt.datetime | None) -> str | None:
     return iso(value) if value else None
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
 
 
 def notify_to_dict(notify: NotifyOutcome | None) -> dict[str, Any] | None:
@@ -27,9 +32,65 @@ def notify_to_dict(notify: NotifyOutcome | None) -> dict[str, Any] | None:
         "names": list(notify.names),
         "ok": notify.ok,
         "error": str(notify.error) if notify.error else None,
+        "no_targets": notify.no_targets,
+        "applied": list(notify.applied),
+        "damaged": [{"name": d.name, "problem": d.problem} for d in notify.damaged],
+        "targets": [{
+            "target": t.target,
+            "ran": t.ran,
+            "ok": t.ok,
+            "names": list(t.names),
+            "error": t.error,
+            "returncode": t.result.returncode if t.result else None,
+            "timed_out": t.result.timed_out if t.result else False,
+            "duration_seconds": round(t.result.duration, 3) if t.result else 0.0,
+        } for t in notify.targets],
         "hooks": [{"hook": r.hook, "returncode": r.returncode, "timed_out": r.timed_out,
                    "duration_seconds": round(r.duration, 3)} for r in notify.results],
     }
+
+
+def target_state_to_dict(state: TargetState) -> dict[str, Any]:
+    t, ledger = state.target, state.ledger
+    return {
+        "target": t.name,
+        "source": t.source,
+        "state": "problem" if t.problem else (ledger.last_result or "never-run"),
+        "problem": t.problem,
+        "waiting": len(state.waiting),
+        "waiting_names": list(state.waiting),
+        "last_attempt": ts(ledger.last_attempt),
+        "last_success": ts(ledger.last_success),
+        "last_error": ledger.last_error,
+    }
+
+
+def notify_lines(notify: NotifyOutcome) -> list[str]:
+    """What a successful notify phase did, for stdout (failures: see notify_error_lines)."""
+    if notify.batch_id is None:
+        return []
+    if notify.no_targets:
+        return [f"notify: no notify targets (hooks/notify.d/ is empty, no hooks.targets or "
+                f"hooks.notify): {_plural(len(notify.applied), 'certificate')} marked applied "
+                f"without running anything"]
+    ran = [t for t in notify.targets if t.ran and t.ok]
+    if not ran:
+        return []
+    what = ", ".join(f"{t.target} ({len(t.names)})" for t in ran)
+    return [f"notify: applied batch {notify.batch_id} to {what}"]
+
+
+def notify_error_lines(notify: NotifyOutcome, known: Sequence[str] = ()) -> list[str]:
+    """One line per failed target and per damaged entry not already reported in `known`."""
+    lines = []
+    for t in notify.failed_targets:
+        lines.append(f"notify failed for target {t.target}: {t.error}; "
+                     f"{_plural(len(t.names), 'certificate')} stay pending for it: {FIX_HINT}")
+    for d in notify.damaged:
+        if d.name not in known:
+            lines.append(f"{d.name}: staged entry damaged before it was applied ({d.problem}); "
+                         f"staged again from the store by the next `certbatch renew`")
+    return lines
 
 
 def cert_to_dict(c: CertResult) -> dict[str, Any]:
@@ -61,6 +122,7 @@ def report_to_dict(report: RunReport) -> dict[str, Any]:
         "notify_skipped": report.notify_skipped,
         "notify_error": report.notify_error,
         "pending_after": report.pending_after,
+        "targets": [target_state_to_dict(t) for t in report.targets],
     }
 
 
@@ -95,10 +157,8 @@ def summary_lines(report: RunReport, verbose: bool = False) -> list[str]:
             c.serial and c.not_after and c.outcome not in ("not-due", "rate-limited")) \
             else c.decision.reason
         lines.append(f"{c.name:<{width}}  {c.outcome:<12}  {detail}")
-    n = report.notify
-    if n is not None and n.batch_id is not None and n.ok:
-        lines.append(f"notify: applied batch {n.batch_id} ({len(n.names)} certificate"
-                     f"{'s' if len(n.names) != 1 else ''})")
+    if report.notify is not None:
+        lines.extend(notify_lines(report.notify))
     counts = summary_counts(report)
     total = ", ".join(f"{v} {k}" for k, v in counts.items())
     n_certs = len(report.certificates)
@@ -109,12 +169,10 @@ def summary_lines(report: RunReport, verbose: bool = False) -> list[str]:
 
 def error_lines(report: RunReport) -> list[str]:
     lines = [f"{c.name}: {c.outcome}: {c.error}" for c in report.failures]
-    n = report.notify
-    if n is not None and not n.ok:
-        lines.append(f"notify failed, batch kept pending for the next run "
-                     f"({len(n.names)} certificate{'s' * (len(n.names) != 1)}): {n.error}")
+    if report.notify is not None:
+        lines.extend(notify_error_lines(report.notify, [c.name for c in report.failures]))
     if report.notify_error:
-        lines.append(f"notify failed: {report.notify_error}")
+        lines.append(f"notify failed: {report.notify_error}; {FIX_HINT}")
     return lines
 
 
@@ -130,6 +188,31 @@ def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
     widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]
     return ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
             + "  " + row[-1] for row in table]
+
+
+def target_rows(states: Sequence[dict[str, Any]], pending: Sequence[str]) -> list[str]:
+    """`status` below the certificates: what is pending and each target's state."""
+    if not states and not pending:
+        return []
+    lines = [""]
+    if pending:
+        lines.append(f"pending: {_plural(len(pending), 'certificate')} staged and not yet "
+                     f"applied by every target: {' '.join(pending)}")
+    if not states:
+        lines.append("targets: none (hooks/notify.d/ is empty, no hooks.targets or "
+                     "hooks.notify)")
+        return lines
+    table = [["TARGET", "STATE", "WAITING", "LAST SUCCESS", "LAST ERROR"]] + [[
+        s["target"], s["state"], str(s["waiting"]),
+        s["last_success"] or "-",
+        (s["problem"] or s["last_error"] or "-") if s["state"] != "ok" else "-",
+    ] for s in states]
+    widths = [max(len(row[i]) for row in table) for i in range(4)]
+    lines.extend("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+                 + "  " + row[-1] for row in table)
+    if any(s["state"] in ("failed", "problem") for s in states):
+        lines.append(f"a target failed: {FIX_HINT}")
+    return lines
 
 
 class RichProgress(Progress):
@@ -222,6 +305,7 @@ class RichProgress(Progress):
         for line in summary_lines(report)[-2:]:
             if line.startswith("notify") or line[0].isdigit():
                 self.console.print(Text(line))
+        shown = {c.name for c in report.certificates if c.error}
         for line in error_lines(report):
-            if line.startswith("notify failed"):  # certificate errors are in the table
+            if line.split(":", 1)[0] not in shown:  # certificate errors are in the table
                 self.console.print(Text(line, style="red"))

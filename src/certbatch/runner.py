@@ -23,8 +23,9 @@ from .errors import EXIT_FAILURE, EXIT_OK, CertbatchError, LockBusy, RateLimited
 from .fsutil import FileLock, ensure_dir
 from .hooks import HookCommand, from_config
 from .renewal import Decision
-from .spool import CertFiles, NotifyOutcome, Spool
+from .spool import CertFiles, NotifyOutcome, Spool, TargetState
 from .store import CertStatus, Store, StoredCert
+from .targets import Target, resolve
 
 if TYPE_CHECKING:
     from .acme_client import AcmeClient
@@ -82,6 +83,7 @@ class RunReport:
     notify_error: str | None = None  # the notify phase could not run at all (broken spool)
     duration: float = 0.0
     pending_after: int = 0  # entries left in the spool after the run
+    targets: list[TargetState] = field(default_factory=list)  # after the notify phase
 
     @property
     def failures(self) -> list[CertResult]:
@@ -130,7 +132,8 @@ class Runner:
         self.store = Store(settings.paths.state)
         self.spool = Spool(settings.paths.spool, settings.paths.hooks,
                            deploy_timeout=settings.hooks.deploy_timeout,
-                           notify_timeout=settings.hooks.notify_timeout)
+                           notify_timeout=settings.hooks.notify_timeout,
+                           notify_workers=settings.hooks.notify_workers)
         self.progress = progress or Progress()
         self._client: AcmeClient | None = None
 
@@ -160,6 +163,8 @@ class Runner:
         t0 = time.monotonic()
         now = utcnow()
         report = RunReport(started_at=now, dry_run=dry_run)
+        # Config mistakes about targets stop the run before any work (exit 2).
+        targets = self.targets() if notify and not dry_run else []
         work: list[WorkItem] = []
         for cert in self.select(only):
             try:
@@ -206,16 +211,14 @@ class Runner:
                 pending = self.spool.pending()
                 if pending:
                     self._tell(self.progress.notifying, len(pending))
-                report.notify = self.spool.notify(self.notify_hooks(), failed)
+                report.notify = self.spool.notify(targets, failed)
+                self._restage_damaged(report.notify, report.certificates)
             except (CertbatchError, OSError) as exc:
                 # The spool itself is broken: a notify failure, reported like one (exit 1).
                 report.notify_error = f"spool {self.settings.paths.spool}: {exc}"
                 log.error("notify phase failed: %s", report.notify_error)
-            if report.notify is not None and report.notify.batch_id:
-                level = logging.INFO if report.notify.ok else logging.ERROR
-                log.log(level, "notify batch %s (%s): %s", report.notify.batch_id,
-                        " ".join(report.notify.names), "ok" if report.notify.ok
-                        else report.notify.error)
+            with contextlib.suppress(CertbatchError, OSError):
+                report.targets = self.spool.target_states(targets)
         else:
             report.notify_skipped = "--no-notify"
         with contextlib.suppress(CertbatchError, OSError):
@@ -305,9 +308,26 @@ class Runner:
         except Exception:  # noqa: BLE001
             log.debug("progress display failed", exc_info=True)
 
-    def notify_hooks(self) -> list[HookCommand]:
-        """The config's `hooks.notify` command (the spool adds notify.d/ before it)."""
-        return from_config(self.settings.hooks.notify, "config:notify")
+    def targets(self) -> list[Target]:
+        """The current notify targets (notify.d files, hooks.targets, hooks.notify)."""
+        return resolve(self.settings.paths.hooks, self.settings.hooks, self.settings.path)
+
+    def _restage_damaged(self, outcome: NotifyOutcome, results: Sequence[CertResult]) -> None:
+        """A damaged pending entry was removed: make the next run stage it again from the
+        store, and fail this run's result of that certificate."""
+        by_name = {r.name: r for r in results}
+        for d in outcome.damaged:
+            with contextlib.suppress(CertbatchError, OSError):
+                status = self.store.status(d.name)
+                status.staged_version = None
+                status.last_result, status.last_error = NOT_STAGED, f"staged entry damaged: " \
+                    f"{d.problem}"
+                self.store.save_status(d.name, status)
+            if d.name in by_name:
+                r = by_name[d.name]
+                r.outcome, r.staged = NOT_STAGED, False
+                r.error = (f"staged entry damaged before it was applied ({d.problem}); staged "
+                           f"again from the store by the next run")
 
     @staticmethod
     def deploy_hooks(cert: CertificateSettings) -> list[HookCommand]:
@@ -354,9 +374,47 @@ class Runner:
 
     # -- run-hook ------------------------------------------------------------------------------
 
-    def run_notify(self) -> NotifyOutcome:
-        """The notify phase now, on whatever is pending (an operator's `run-hook`)."""
-        return self.spool.notify(self.notify_hooks(), ())
+    def run_notify(self, only: Sequence[str] = ()) -> NotifyOutcome:
+        """The notify phase now, on whatever is pending (an operator's `run-hook`); `only`
+        runs just these targets."""
+        targets = self.targets()
+        self.select_targets(targets, only)
+        outcome = self.spool.notify(targets, (), only)
+        self._restage_damaged(outcome, ())
+        return outcome
+
+    @staticmethod
+    def select_targets(targets: Sequence[Target], only: Sequence[str]) -> None:
+        """Refuse an unknown target name (usage error, exit 2)."""
+        known = {t.name for t in targets}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise UsageError(f"no notify target named {', '.join(unknown)} (targets: "
+                             f"{', '.join(sorted(known)) or 'none'})")
+
+    def bootstrap(self, target: str) -> tuple[list[CertResult], NotifyOutcome]:
+        """`run-hook --target NAME --all`: hand one target every live certificate.
+
+        Its ledger is cleared, every live certificate that is not pending is staged again
+        (through the deploy hooks), then only that target runs. Other targets that already
+        have those serials are not run again for them.
+        """
+        targets = self.targets()
+        self.select_targets(targets, [target])
+        self.spool.forget(target=target)
+        pending = {e.name for e in self.spool.pending()}
+        results = []
+        for cert in self.settings.certificates.values():
+            stored = self.store.current(cert.name)
+            if stored is None or cert.name in pending:
+                continue
+            result = CertResult(cert.name, stored.domains,
+                                Decision(renewal.RESTAGE, f"run-hook --target {target} --all"))
+            self._process(cert, result, stored, self.store.status(cert.name))
+            results.append(result)
+        outcome = self.spool.notify(targets, [r.name for r in results if r.failed], [target])
+        self._restage_damaged(outcome, results)
+        return results, outcome
 
     def restage(self, name: str) -> CertResult:
         """Stage one stored certificate again through the deploy hooks (`run-hook --deploy`)."""
@@ -368,4 +426,6 @@ class Runner:
         result = CertResult(name, stored.domains,
                             Decision(renewal.RESTAGE, "requested with run-hook --deploy"))
         self._process(cert, result, stored, status)
+        if result.staged:  # asked for by hand: every target applies it again
+            self.spool.forget(name=name)
         return result

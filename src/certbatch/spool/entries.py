@@ -1,0 +1,109 @@
+"""Spool entries: what a staged certificate is, reading ``pending/``, and checking an entry."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..store import parse_iso
+
+log = logging.getLogger("certbatch.spool")
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
+META_VERSION = 1
+ENTRY_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem", "meta.json")
+
+
+@dataclass(frozen=True)
+class CertFiles:
+    """A renewed certificate as the runner hands it in for staging."""
+
+    name: str
+    domains: tuple[str, ...]
+    privkey_pem: bytes
+    cert_pem: bytes
+    chain_pem: bytes
+    fullchain_pem: bytes
+    serial: str  # hex
+    not_before: dt.datetime  # tz-aware
+    not_after: dt.datetime  # tz-aware
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    """A staged certificate waiting until every target has applied it."""
+
+    name: str
+    domains: tuple[str, ...]
+    serial: str
+    not_after: dt.datetime
+    staged_at: dt.datetime
+    folder: Path
+
+
+def read_pending(pending_dir: Path) -> list[PendingEntry]:
+    """The entries in `pending_dir`, sorted by name; unreadable ones are logged and left out."""
+    try:
+        names = sorted(os.listdir(pending_dir))
+    except FileNotFoundError:
+        return []
+    entries = []
+    for name in names:
+        folder = pending_dir / name
+        if name.startswith(".") or not NAME_RE.match(name):
+            continue
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            entries.append(PendingEntry(
+                name=name,
+                domains=tuple(meta["domains"]),
+                serial=str(meta["serial"]),
+                not_after=parse_iso(meta["not_after"]),
+                staged_at=parse_iso(meta["staged_at"]),
+                folder=folder,
+            ))
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # moved away meanwhile, or not an entry
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("spool: ignoring %s: unreadable meta.json (%s)", folder, exc)
+    return entries
+
+
+def entry_problem(folder: Path, serial: str) -> str | None:
+    """Why the entry in `folder` must not be handed to a target, or None if it is sound.
+
+    Its files are there and not empty, the certificate and the key parse and belong together,
+    and the certificate is the one meta.json names. Deploy hooks run inside the entry's folder,
+    so this is checked after they ran and again before any target gets the entry.
+    """
+    from .. import crypto  # cryptography: only when something is staged or applied
+    from ..errors import CertificateCheckError
+
+    data = {}
+    for filename in ENTRY_FILES:
+        try:
+            data[filename] = (folder / filename).read_bytes()
+        except FileNotFoundError:
+            return f"{filename} is missing"
+        except OSError as exc:
+            return f"{filename} cannot be read: {exc.strerror or exc}"
+        if not data[filename] and filename != "chain.pem":  # a self-signed CA has no chain
+            return f"{filename} is empty"
+    try:
+        info = crypto.check_pair(data["fullchain.pem"], data["privkey.pem"])
+        if crypto.check_pair(data["cert.pem"], data["privkey.pem"]).serial != info.serial:
+            return "cert.pem and fullchain.pem hold different certificates"
+    except CertificateCheckError as exc:
+        return str(exc)
+    try:
+        same = int(info.serial, 16) == int(serial, 16)
+    except ValueError:
+        same = False
+    if not same:
+        return f"the certificate's serial is {info.serial}, meta.json says {serial}"
+    return None

@@ -1,0 +1,377 @@
+"""The spool: a locked staging area where renewed certificates wait until every target has
+applied them.
+
+Layout (every folder 0700, whatever the umask)::
+
+    <spool>/.lock              flock'ed while deploy hooks run, committing, recovering and
+                               applying; never deleted
+    <spool>/.prepare.lock      shared-flock'ed by every staging that has a .tmp folder
+    <spool>/.staging/          work folders of stagings (see staging.py)
+    <spool>/pending/<name>/    one folder per staged certificate, latest staging wins
+    <spool>/targets/<target>/  each target's ledger.json, and the batch.json and names files it
+                               was handed (kept after a failure; see ledger.py)
+    <spool>/applied/<batch-id>/  entries every target has applied, with a batch.json record;
+                               the last `keep_applied` batches are kept
+
+The certificate's files are copied and fsync'ed into a work folder before the spool lock is
+taken, so the lock is only held for the deploy hooks and the renames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import HookSettings
+from ..errors import CertbatchError, StoreError
+from ..fsutil import FileLock, atomic_write, ensure_dir, fsync_dir, write_new
+from ..hooks import HookCommand, HookResult, discover, run_hook, scan
+from ..store import iso
+from ..targets import Target, resolve
+from .apply import Batch, TargetOutcome, apply_all
+from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
+from .env import batch_document, deploy_env
+from .ledger import Ledger, Ledgers
+from .staging import Staging, remove, sync_tree
+
+log = logging.getLogger("certbatch.spool")
+
+BATCH_ID_RE = re.compile(r"\d{8}T\d{12}Z-[0-9a-f]{6}\Z")
+
+
+@dataclass
+class StageOutcome:
+    ok: bool
+    results: list[HookResult] = field(default_factory=list)
+    error: CertbatchError | None = None
+
+
+@dataclass
+class Damaged:
+    """A pending entry found broken before any target got it; removed from pending/."""
+
+    name: str
+    problem: str
+
+
+@dataclass
+class NotifyOutcome:
+    """One notify phase. `batch_id` is None when nothing was pending and no target ran."""
+
+    batch_id: str | None
+    names: list[str] = field(default_factory=list)  # the pending entries it looked at
+    targets: list[TargetOutcome] = field(default_factory=list)
+    damaged: list[Damaged] = field(default_factory=list)
+    applied: list[str] = field(default_factory=list)  # left pending/: every target has them
+    no_targets: bool = False  # nothing to apply to: the entries were marked applied as is
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and all(t.ok for t in self.targets)
+
+    @property
+    def failed_targets(self) -> list[TargetOutcome]:
+        return [t for t in self.targets if not t.ok]
+
+    @property
+    def results(self) -> list[HookResult]:
+        """The hook runs, in target order."""
+        return [t.result for t in self.targets if t.result is not None]
+
+    @property
+    def error(self) -> CertbatchError | None:
+        """The first failure: a HookError if a target's hook failed."""
+        for t in self.failed_targets:
+            if t.result is not None:
+                return t.result.error()
+            return CertbatchError(t.error or f"target {t.target} failed")
+        if self.damaged:
+            d = self.damaged[0]
+            return CertbatchError(f"{d.name}: staged entry damaged: {d.problem}")
+        return None
+
+
+def _new_batch_id() -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    # Microseconds too: "keep the last 5" prunes by name, and two batches can share a second.
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond:06d}Z-{secrets.token_hex(3)}"
+
+
+class Spool:
+    """The staging area under `root`; hooks come from `hooks_dir`/deploy.d and /notify.d.
+
+    `stage` and `notify` take `lock` themselves (waiting as long as needed) and are safe to call
+    from several threads and processes; don't call them while holding `lock`.
+    """
+
+    def __init__(self, root: Path, hooks_dir: Path, deploy_timeout: float = 120,
+                 notify_timeout: float = 300, keep_applied: int = 5,
+                 notify_workers: int = 4) -> None:
+        self.root = Path(root).absolute()  # hooks run with another cwd
+        self.hooks_dir = Path(hooks_dir).absolute()
+        self.deploy_timeout = deploy_timeout
+        self.notify_timeout = notify_timeout
+        self.notify_workers = notify_workers
+        self.keep_applied = keep_applied
+        self.pending_dir = self.root / "pending"
+        self.applied_dir = self.root / "applied"
+        self.staging = Staging(self.root)
+        self.ledgers = Ledgers(self.root)
+        self.lock = FileLock(self.root / ".lock")
+
+    # -- what hooks get (also used for dry-run display) --------------------------------------
+
+    def deploy_commands(self, extra: Sequence[HookCommand] = ()) -> list[HookCommand]:
+        """deploy.d hooks (sorted) then `extra`: the order stage() runs them in."""
+        return discover(self.hooks_dir / "deploy.d") + list(extra)
+
+    def deploy_env(self, cert_name: str, domains: Sequence[str],
+                   stage_dir: Path) -> dict[str, str]:
+        return deploy_env(self.root, cert_name, domains, stage_dir)
+
+    def default_targets(self) -> list[Target]:
+        """The notify.d files as targets, with this spool's timeout (no config entries)."""
+        return resolve(self.hooks_dir, HookSettings(notify_timeout=self.notify_timeout))
+
+    # -- locking and crash recovery ---------------------------------------------------------
+
+    def _ensure_layout(self) -> None:
+        for folder in (self.root, self.pending_dir, self.applied_dir, self.staging.dir,
+                       self.ledgers.dir):
+            ensure_dir(folder, 0o700)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._ensure_layout()
+        if not self.lock.acquire(timeout=0):
+            # Usually another worker thread of this run staging its certificate: debug only.
+            log.debug("waiting for the spool lock %s (last taken by process %s)",
+                      self.lock.path, self.lock.holder_pid() or "?")
+            self.lock.acquire()
+        try:
+            self.staging.recover()
+            # certbatch < 0.3 kept one batch.json for all notify hooks; each target has its own.
+            remove(self.root / "batch.json")
+            yield
+        finally:
+            self.lock.release()
+
+    # -- staging ----------------------------------------------------------------------------
+
+    def stage(self, cert: CertFiles, extra_deploy: Sequence[HookCommand] = ()) -> StageOutcome:
+        """Copy `cert` into a fresh folder, run the deploy hooks there, then make it pending.
+
+        Runs deploy.d hooks (sorted) then `extra_deploy`, stopping at the first failure; on
+        failure the new folder is removed and any earlier pending/<name> stays as it was.
+        Raises ValueError for an invalid name, StoreError if the spool can't be written.
+        """
+        if not NAME_RE.match(cert.name):
+            raise ValueError(f"invalid certificate name {cert.name!r}")
+        if any(not d or d != d.strip() or " " in d for d in cert.domains):
+            raise ValueError(f"{cert.name}: invalid domain list {cert.domains!r}")
+        meta = {
+            "version": META_VERSION,
+            "name": cert.name,
+            "domains": list(cert.domains),
+            "serial": cert.serial,
+            "not_before": iso(cert.not_before),
+            "not_after": iso(cert.not_after),
+        }
+        try:
+            self._ensure_layout()
+            with self.staging.preparing():
+                work = self._prepare(cert, meta)
+                try:
+                    with self._locked():
+                        return self._stage_locked(cert, work, extra_deploy)
+                finally:
+                    remove(work)  # gone already if committed
+        except OSError as exc:
+            raise StoreError(f"spool {self.root}: staging {cert.name} failed: {exc}") from exc
+
+    def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> Path:
+        """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock
+        (the caller holds .prepare.lock shared)."""
+        work = self.staging.work_folder(cert.name)
+        work.mkdir(mode=0o700)
+        try:
+            os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
+            write_new(work / "privkey.pem", cert.privkey_pem, 0o600)
+            write_new(work / "cert.pem", cert.cert_pem, 0o644)
+            write_new(work / "chain.pem", cert.chain_pem, 0o644)
+            write_new(work / "fullchain.pem", cert.fullchain_pem, 0o644)
+            meta["staged_at"] = iso(dt.datetime.now(dt.timezone.utc))
+            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
+            fsync_dir(work)
+        except BaseException:
+            remove(work)
+            raise
+        return work
+
+    def _stage_locked(self, cert: CertFiles, work: Path,
+                      extra_deploy: Sequence[HookCommand]) -> StageOutcome:
+        """Run the deploy hooks in `work` (prepared), check what they left, make it pending."""
+        broken = [f for f in scan(self.hooks_dir / "deploy.d") if f.state == "problem"]
+        if broken:
+            return StageOutcome(False, [], CertbatchError(
+                f"deploy hook {broken[0].path}: {broken[0].why}; staging discarded"))
+        env = self.deploy_env(cert.name, cert.domains, work)
+        results: list[HookResult] = []
+        for cmd in self.deploy_commands(extra_deploy):
+            result = run_hook(cmd, env, work, self.deploy_timeout)
+            results.append(result)
+            if not result.ok:
+                log.warning("%s: deploy hook %s failed, staging discarded", cert.name, cmd.name)
+                return StageOutcome(False, results, result.error())
+        if results:
+            problem = entry_problem(work, cert.serial)
+            if problem:
+                return StageOutcome(False, results, CertbatchError(
+                    f"the deploy hooks left the staged files damaged ({problem}); staging "
+                    f"discarded"))
+            sync_tree(work)  # deploy hooks don't fsync what they write
+        tok = self.staging.mark_ready(work, cert.name)
+        self.staging.commit(cert.name, tok)
+        log.info("%s: staged (serial %s)", cert.name, cert.serial)
+        return StageOutcome(True, results, None)
+
+    # -- pending entries and the notify phase -----------------------------------------------
+
+    def pending(self) -> list[PendingEntry]:
+        """The staged entries, sorted by name. Doesn't lock: a snapshot for display."""
+        return read_pending(self.pending_dir)
+
+    def notify(self, targets: Sequence[Target] | None = None, failed_names: Sequence[str] = (),
+               only: Sequence[str] = ()) -> NotifyOutcome:
+        """Apply what is pending: each target gets what its ledger lacks, in parallel.
+
+        `targets` are all current targets (default: the notify.d files); `only` names the ones
+        to run now (default: all). An entry leaves pending/ for applied/<batch-id>/ once every
+        current target has applied it. Raises StoreError if the spool can't be written.
+        """
+        if targets is None:
+            targets = self.default_targets()
+        try:
+            with self._locked():
+                return self._notify_locked(list(targets), failed_names, only)
+        except OSError as exc:
+            raise StoreError(f"spool {self.root}: notify failed: {exc}") from exc
+
+    def _notify_locked(self, targets: list[Target], failed_names: Sequence[str],
+                       only: Sequence[str]) -> NotifyOutcome:
+        self.ledgers.drop_removed([t.name for t in targets])
+        entries = self.pending()
+        if not entries:
+            log.info("spool: nothing pending, no target run")
+            return NotifyOutcome(None)
+        batch = Batch(_new_batch_id(), self.root, list(failed_names))
+        if not targets:
+            log.warning("spool: no notify targets; %d certificate(s) marked applied as is",
+                        len(entries))
+            self._move_applied(batch, entries)
+            return NotifyOutcome(batch.batch_id, [e.name for e in entries],
+                                 applied=[e.name for e in entries], no_targets=True)
+        loaded = {t.name: self.ledgers.load(t.name) for t in targets}
+        running = [t for t in targets if not only or t.name in only]
+        entries, damaged = self._check_entries(entries, [loaded[t.name] for t in running])
+        outcomes = apply_all(batch, running, entries, self.ledgers, loaded, self.notify_workers)
+        done = [e for e in entries if not any(loaded[t.name].waiting([e]) for t in targets)]
+        self._move_applied(batch, done)
+        outcome = NotifyOutcome(batch.batch_id, [e.name for e in entries], outcomes, damaged,
+                                [e.name for e in done])
+        log.info("spool: batch %s: %d target(s) ran, %d failed; %d certificate(s) applied "
+                 "everywhere, %d still pending", batch.batch_id,
+                 sum(t.ran for t in outcomes), len(outcome.failed_targets), len(done),
+                 len(entries) - len(done))
+        return outcome
+
+    def _check_entries(self, entries: list[PendingEntry], ledgers: list[Ledger]
+                       ) -> tuple[list[PendingEntry], list[Damaged]]:
+        """Verify every entry one of `ledgers` is waiting for; a damaged one leaves pending/
+        (its certificate is still in the store: the runner stages it again next run)."""
+        sound, damaged = [], []
+        for entry in entries:
+            problem = None
+            if any(ledger.waiting([entry]) for ledger in ledgers):
+                problem = entry_problem(entry.folder, entry.serial)
+            if problem is None:
+                sound.append(entry)
+                continue
+            log.error("spool: %s: staged entry damaged (%s); removed, it is staged again from "
+                      "the store by the next run", entry.name, problem)
+            damaged.append(Damaged(entry.name, problem))
+            remove(entry.folder)
+        if damaged:
+            fsync_dir(self.pending_dir)
+        return sound, damaged
+
+    def _move_applied(self, batch: Batch, entries: Sequence[PendingEntry]) -> None:
+        """Move entries every target has applied to applied/<batch_id>/ and prune old batches.
+
+        A crash in here leaves some entries pending: the ledgers say every target has them, so
+        the next notify moves them without running anything.
+        """
+        if not entries:
+            return
+        dest = self.applied_dir / batch.batch_id
+        ensure_dir(dest, 0o700)
+        record = batch_document(batch.batch_id, None, self.root, entries, batch.failed_names)
+        atomic_write(dest / "batch.json", json.dumps(record, indent=2) + "\n", 0o600)
+        for entry in entries:
+            os.rename(entry.folder, dest / entry.name)
+        fsync_dir(self.pending_dir)
+        fsync_dir(dest)
+        self._prune()
+
+    def _prune(self) -> None:
+        batches = []
+        for entry in os.listdir(self.applied_dir):
+            path = self.applied_dir / entry
+            if BATCH_ID_RE.match(entry) and path.is_dir():
+                # Ids sort by time to the second; the folder's mtime breaks ties.
+                batches.append((entry[:16], path.stat().st_mtime_ns, path))
+        batches.sort()
+        for _, _, path in batches[: max(len(batches) - self.keep_applied, 0)]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def applied(self) -> list[str]:
+        """Ids of the kept applied batches, oldest first."""
+        try:
+            entries = os.listdir(self.applied_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(e for e in entries if BATCH_ID_RE.match(e))
+
+    # -- targets' state ---------------------------------------------------------------------
+
+    def forget(self, target: str | None = None, name: str | None = None) -> None:
+        """Make `target` (or every target) apply `name` (or everything) again."""
+        with self._locked():
+            self.ledgers.forget(target, name)
+
+    def target_states(self, targets: Sequence[Target]) -> list[TargetState]:
+        """Each target's ledger and what waits for it. Doesn't lock: a snapshot for display."""
+        entries = self.pending()
+        return [TargetState(t, ledger, [e.name for e in ledger.waiting(entries)])
+                for t in targets for ledger in [self.ledgers.load(t.name)]]
+
+
+@dataclass
+class TargetState:
+    target: Target
+    ledger: Ledger
+    waiting: list[str]
+
+    @property
+    def failing(self) -> bool:
+        return self.target.problem is not None or self.ledger.last_result == "failed"
+
