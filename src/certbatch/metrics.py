@@ -55,6 +55,19 @@ def render(settings: Settings, store: Store, report: RunReport,
     notify_ok = 0.0 if report.notify_failed else 1.0
     metric("certbatch_notify_ok", "gauge", "0 if the last notify phase failed, else 1.",
            [("", notify_ok)])
+    t_success, t_waiting, t_ok = [], [], []
+    for state in report.targets:
+        lab = f'{{target="{_label(state.target.name)}"}}'
+        if state.ledger.last_success:
+            t_success.append((lab, state.ledger.last_success.timestamp()))
+        t_waiting.append((lab, float(len(state.waiting))))
+        t_ok.append((lab, 0.0 if state.failing else 1.0))
+    metric("certbatch_target_last_success_timestamp_seconds", "gauge",
+           "Last time the notify target applied its batch successfully.", t_success)
+    metric("certbatch_target_pending_entries", "gauge",
+           "Staged certificates the notify target has not applied yet.", t_waiting)
+    metric("certbatch_target_last_run_ok", "gauge",
+           "0 if the notify target's last run failed or it cannot run, else 1.", t_ok)
     metric("certbatch_run_duration_seconds", "gauge", "Wall time of the last run.",
            [("", round(report.duration, 3))])
     metric("certbatch_run_timestamp_seconds", "gauge", "When the last run finished.",

@@ -84,8 +84,9 @@ def notify_error_lines(notify: NotifyOutcome, known: Sequence[str] = ()) -> list
     """One line per failed target and per damaged entry not already reported in `known`."""
     lines = []
     for t in notify.failed_targets:
+        stay = "stays" if len(t.names) == 1 else "stay"
         lines.append(f"notify failed for target {t.target}: {t.error}; "
-                     f"{_plural(len(t.names), 'certificate')} stay pending for it: {FIX_HINT}")
+                     f"{_plural(len(t.names), 'certificate')} {stay} pending for it: {FIX_HINT}")
     for d in notify.damaged:
         if d.name not in known:
             lines.append(f"{d.name}: staged entry damaged before it was applied ({d.problem}); "
