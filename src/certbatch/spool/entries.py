@@ -96,7 +96,9 @@ def entry_problem(folder: Path, serial: str) -> str | None:
             return f"{filename} is empty"
     try:
         info = crypto.check_pair(data["fullchain.pem"], data["privkey.pem"])
-        if crypto.check_pair(data["cert.pem"], data["privkey.pem"]).serial != info.serial:
+        # certbatch writes fullchain.pem as cert.pem + chain.pem: parse only if that changed.
+        if not data["fullchain.pem"].startswith(data["cert.pem"].strip()) and \
+                crypto.check_pair(data["cert.pem"], data["privkey.pem"]).serial != info.serial:
             return "cert.pem and fullchain.pem hold different certificates"
     except CertificateCheckError as exc:
         return str(exc)
