@@ -12,6 +12,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .faults import point
+
 
 def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     """Create `path` (and parents) with `mode`, whatever the umask says.
@@ -56,7 +58,9 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        point("atomic-write.synced")
         os.replace(tmp, path)
+        point("atomic-write.renamed")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -92,8 +96,10 @@ def atomic_symlink(target: str, link: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(tmp)
     os.symlink(target, tmp)
+    point("symlink.created")
     try:
         os.replace(tmp, link)
+        point("symlink.switched")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

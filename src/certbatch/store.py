@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import StoreError
+from .faults import point
 from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir, write_new
 
 log = logging.getLogger("certbatch.store")
@@ -195,12 +196,15 @@ class Store:
                     "not_after": _ts(not_after), "issued_at": _ts(issued_at)}
             write_new(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
             fsync_dir(tmp)
+            point("store.version-written")
             os.rename(tmp, folder)
+            point("store.version-renamed")
             fsync_dir(versions)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         atomic_symlink(f"versions/{version}", base / "live")
+        point("store.live-switched")
         self._prune(versions, keep=version)
         stored = self.current(name)
         assert stored is not None

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CertbatchError
+from ..faults import point
 from ..fsutil import ensure_dir
 from ..hooks import HookResult, run_hook
 from ..targets import Target
@@ -110,7 +111,9 @@ def _run(batch: Batch, target: Target, waiting: Sequence[PendingEntry],
     # The target's own settings first: certbatch's variables cannot be overridden.
     env = {**target.env, **notify_env(batch.spool_root, target.name, folder, names,
                                       batch.failed_names)}
+    point("apply.target-starting")
     result = run_hook(target.command, env, batch.spool_root, target.timeout)
+    point("apply.target-ran")
     if result.ok:  # kept after a failure, for the operator to look at
         remove(folder / "batch.json")
         remove(folder / "names")

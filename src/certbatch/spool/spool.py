@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..config import HookSettings
 from ..errors import CertbatchError, StoreError
+from ..faults import point
 from ..fsutil import FileLock, atomic_write, ensure_dir, fsync_dir, write_new
 from ..hooks import HookCommand, HookResult, discover, run_hook, scan
 from ..store import iso
@@ -328,8 +329,10 @@ class Spool:
         atomic_write(dest / "batch.json", json.dumps(record, indent=2) + "\n", 0o600)
         for entry in entries:
             os.rename(entry.folder, dest / entry.name)
+            point("apply.entry-moved")
         fsync_dir(self.pending_dir)
         fsync_dir(dest)
+        point("apply.moved")
         self._prune()
 
     def _prune(self) -> None:

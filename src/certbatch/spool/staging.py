@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..faults import point
 from ..fsutil import fsync_dir
 
 log = logging.getLogger("certbatch.spool")
@@ -112,7 +113,9 @@ class Staging:
         """Rename a finished .tmp folder to .ready; returns its token. From here on the staging
         is complete: recovery would commit it."""
         tok = work.name[len(name) + 1:-len(".tmp")]
+        point("staging.hooks-done")
         os.rename(work, self.dir / f"{name}.{tok}.ready")
+        point("staging.ready")
         return tok
 
     def commit(self, name: str, tok: str) -> None:
@@ -122,12 +125,15 @@ class Staging:
         target = self.pending_dir / name
         if target.exists():
             os.rename(target, old)
+            point("staging.old-aside")
             fsync_dir(self.pending_dir)
             fsync_dir(self.dir)
         os.rename(ready, target)
+        point("staging.committed")
         fsync_dir(self.dir)
         fsync_dir(self.pending_dir)
         remove(old)
+        point("staging.old-removed")
 
     def recover(self) -> None:
         """Finish or discard what a crashed staging left in .staging/ (call with the spool lock).
