@@ -397,3 +397,46 @@ def test_metrics_per_target(tmp_path, pebble):
     success = by_target("certbatch_target_last_success_timestamp_seconds")
     assert list(success) == ["good"] and abs(success["good"] - time.time()) < 120
     assert families["certbatch_notify_ok"].samples[0].value == 0
+
+
+# -- one certificate to many servers: ssh-push targets against real sshd ------------------------
+
+def test_ssh_push_targets_one_host_down_then_up(tmp_path, pebble):
+    from sshd_server import SshServer, require_sshd
+
+    require_sshd()
+    up = SshServer(tmp_path / "sshd-up").start()
+    down = SshServer(tmp_path / "sshd-down")  # described, not started: a host that is down
+    ssh_push = str(REPO / "hooks" / "notify.d" / "ssh-push")
+
+    def config() -> Path:
+        targets = {}
+        for name, srv in (("host-up", up), ("host-down", down)):
+            log = tmp_path / f"{name}.reloads"
+            targets[name] = {"command": [ssh_push], "timeout": 60, "env": srv.hook_env(
+                str(tmp_path / f"{name}-remote"), reload=f"echo reload >> '{log}'")}
+        return write_config(tmp_path, pebble, certs("s1", "s2"), hooks={"targets": targets})
+
+    try:
+        first = run(["renew"], config(), pebble)
+        assert first.returncode == 1
+        (line,) = first.stderr.splitlines()  # only the host that is down failed
+        assert line.startswith("certbatch: notify failed for target host-down: hook host-down ")
+        assert "ssh-push: 127.0.0.1: " in line  # the hook's own line names the host
+        for n in ("s1", "s2"):
+            got = (tmp_path / "host-up-remote" / n / "fullchain.pem").read_bytes()
+            assert got == (tmp_path / "state/certs" / n / "live/fullchain.pem").read_bytes()
+            assert (tmp_path / "host-up-remote" / n / "privkey.pem").stat().st_mode & 0o077 == 0
+        assert not (tmp_path / "host-down-remote").exists()
+        assert (tmp_path / "host-up.reloads").read_text() == "reload\n"
+
+        down.start()  # the host comes back (maybe on another port: the config is rewritten)
+        second = run(["run-hook"], config(), pebble)
+        assert second.returncode == 0, second.stderr
+        assert "host-down (2)" in second.stdout and "host-up" not in second.stdout
+        assert (tmp_path / "host-down.reloads").read_text() == "reload\n"
+        assert (tmp_path / "host-up.reloads").read_text() == "reload\n"  # not run again
+        assert pending(tmp_path) == []
+    finally:
+        up.stop()
+        down.stop()
