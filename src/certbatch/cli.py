@@ -7,8 +7,10 @@ or the notify phase failed; 2 usage or configuration error; 75 another run holds
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import os
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,7 @@ from .errors import (
     ConfigError,
     UsageError,
     exit_code_for,
+    os_error_message,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,7 +77,11 @@ def _opt(ctx: click.Context, key: str) -> Any:
 def load_settings(ctx: click.Context) -> config_mod.Settings:
     path = config_mod.find_config(_opt(ctx, "config"))
     settings = config_mod.load(path)
-    setup_logging(ctx, settings)
+    problem = setup_logging(ctx, settings)
+    if problem:  # only a command that writes nothing goes on without its log file
+        ctx.meta[_LOG_PROBLEM] = problem
+        if ctx.info_name != "check":  # check lists it with its other problems
+            err(f"certbatch: warning: {problem}; going on without it")
     log.info("certbatch %s %s: started (pid %d, config %s)", _version(), ctx.info_name,
              os.getpid(), settings.path)
     return settings
@@ -126,16 +133,64 @@ class _Redact(logging.Filter):
         return True
 
 
+class _LogFile(logging.FileHandler):
+    """The log file, appended to. A new one is created 0600 whatever the umask (it names
+    certificates, hooks and errors); an existing one keeps its mode. A write that fails (a full
+    disk) is one warning on stderr, then the command goes on without the file: a traceback per
+    log line ("--- Logging error ---") would bury the command's own message."""
+
+    _failed = False
+
+    def _open(self) -> io.TextIOWrapper:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        try:
+            fd = os.open(self.baseFilename, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            fd = os.open(self.baseFilename, flags)
+        else:
+            try:
+                os.fchmod(fd, 0o600)  # the umask may have taken bits away (0277: 0400)
+            except BaseException:
+                os.close(fd)
+                raise
+        return open(fd, "a", encoding="utf-8")  # noqa: SIM115 - the handler closes it
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self._failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)  # a bad log call: logging's own report
+            return
+        self._failed = True
+        err(f"certbatch: warning: log file {os_error_message(exc, self.baseFilename)}; "
+            f"not logging to it any more")
+
+
 _OURS = "_certbatch_handler"  # marks the handlers setup_logging added (and may remove again)
+_LOG_PROBLEM = "log_file_problem"  # ctx.meta: why a read-only command runs without its log file
 
 
-def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> None:
+def _writes_nothing(ctx: click.Context) -> bool:
+    """status, check and the dry runs: they change nothing, so they can do without a log."""
+    return ctx.info_name in ("status", "check") or bool(ctx.params.get("dry_run"))
+
+
+def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> str | None:
     """Log lines go to stderr with -v (INFO) or -vv (DEBUG), and to the log file (INFO; DEBUG
     with -vv). Nothing else is ever printed by logging: without a handler Python would print
     warnings and errors raw on stderr ("last resort"), a second copy of the errors the command
-    prints itself, and noise in cron mail even with -q."""
+    prints itself, and noise in cron mail even with -q.
+
+    A `logging.file` that cannot be opened stops renew and run-hook (ConfigError, exit 2); a
+    command that writes nothing goes on without it, and this returns why. `--log-file` was asked
+    for on the command line: it must work (UsageError, exit 2) whatever the command.
+    """
     verbose = _opt(ctx, "verbose") or 0
     handlers: list[logging.Handler] = [logging.NullHandler()]
+    log_problem = None
     if verbose:
         stderr = _StderrHandler()
         stderr.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
@@ -144,18 +199,22 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> N
     log_file = _opt(ctx, "log_file") or (settings.log_file if settings else None)
     if log_file:
         try:
-            file_handler = logging.FileHandler(log_file, encoding="utf-8")
+            file_handler = _LogFile(log_file, encoding="utf-8")
         except OSError as exc:
             if _opt(ctx, "log_file"):
                 raise UsageError(f"--log-file {log_file}: cannot open: "
                                  f"{exc.strerror or exc}") from None
             assert settings is not None
-            raise ConfigError(settings.path, "logging.file",
-                              f"cannot open {log_file}: {exc.strerror or exc}") from None
-        file_handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-        file_handler.setFormatter(_FileFormatter(
-            "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
-        handlers.append(file_handler)
+            problem = ConfigError(settings.path, "logging.file",
+                                  f"cannot open {log_file}: {exc.strerror or exc}")
+            if not _writes_nothing(ctx):
+                raise problem from None
+            log_problem = str(problem)
+        else:
+            file_handler.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+            file_handler.setFormatter(_FileFormatter(
+                "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+            handlers.append(file_handler)
     secrets = [settings.acme.eab.hmac_key] if settings and settings.acme.eab else []
     for handler in handlers:
         setattr(handler, _OURS, True)
@@ -179,6 +238,7 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> N
                 handler.close()
         for handler in handlers:
             logger.addHandler(handler)
+    return log_problem
 
 
 def out(line: str = "") -> None:
@@ -234,6 +294,11 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     from .runner import Runner, run_lock
 
     settings = load_settings(ctx)
+    if dry_run:  # reads the state folder, and only that: one line per folder it cannot read
+        state = settings.paths.state
+        problems = _read_problems([state, state / "certs"])
+        if problems:
+            return _cannot_read(problems)
     quiet = bool(_opt(ctx, "quiet"))
     verbose = bool(_opt(ctx, "verbose"))
     tty = sys.stdout.isatty() and sys.stderr.isatty()
@@ -290,6 +355,43 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     return exit_code
 
 
+def _read_problem(folder: Path) -> str | None:
+    """Why a command that only reads cannot read `folder` (`<path>: <what>`), or None; a
+    folder that does not exist yet is fine (nothing was stored there yet)."""
+    try:
+        st = os.stat(folder)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a symlink loop, a parent we may not enter, a file as a parent
+        return os_error_message(exc, folder)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{folder}: not a folder"
+    try:
+        with os.scandir(folder) as entries:
+            next(entries, None)
+    except OSError as exc:
+        return os_error_message(exc, folder)
+    return None
+
+
+def _read_problems(*trees: list[Path]) -> list[str]:
+    """`_read_problem` of each tree (a folder, then folders in it): its first problem, if any."""
+    problems = []
+    for tree in trees:
+        for folder in tree:
+            why = _read_problem(folder)
+            if why:
+                problems.append(why)
+                break
+    return problems
+
+
+def _cannot_read(problems: list[str]) -> int:
+    for p in problems:
+        err(f"certbatch: error: {p}")
+    return EXIT_USAGE
+
+
 def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
     from . import render
     from .runner import Runner, utcnow
@@ -304,9 +406,13 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
     for cert in settings.certificates.values():
         try:
             decision, stored, status = runner.decide(cert, now)
-        except StoreError as exc:  # one damaged certificate must not hide the others
-            decision, stored = Decision(ERROR, str(exc)), None
-            status = CertStatus(last_result="error", last_error=str(exc))
+        except (StoreError, OSError) as exc:  # one damaged certificate must not hide the others
+            if isinstance(exc, OSError):
+                why, result = os_error_message(exc, runner.store.cert_dir(cert.name)), "unreadable"
+            else:
+                why, result = str(exc), "error"
+            decision, stored = Decision(ERROR, why), None
+            status = CertStatus(last_result=result, last_error=why)
         days = None if stored is None else int((stored.not_after - now).total_seconds() // 86400)
         rows.append({
             "name": cert.name,
@@ -334,14 +440,31 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
 def status(ctx: click.Context, as_json: bool) -> int:
     """Show every configured certificate: expiry, days left, due or not, last result."""
     from . import render
+    from .errors import StoreError
     from .runner import Runner
 
     settings = load_settings(ctx)
+    # Read only (no lock, nothing created): what cannot be read is one line each, and exit 2.
+    state, spool = settings.paths.state, settings.paths.spool
+    problems = _read_problems([state, state / "certs"], [spool, spool / "pending"])
+    if problems:
+        return _cannot_read(problems)
     rows = status_data(settings)
     runner = Runner(settings)
-    pending = [p.name for p in runner.spool.pending()]
-    targets = [render.target_state_to_dict(t)
-               for t in runner.spool.target_states(runner.targets())]
+    pending: list[str] = []
+    targets: list[dict[str, Any]] = []
+    try:
+        found = runner.targets()
+    except OSError as exc:  # the hooks folder (notify.d: the targets)
+        found = []
+        problems.append(os_error_message(exc))
+    try:
+        pending = [p.name for p in runner.spool.pending()]
+        targets = [render.target_state_to_dict(t) for t in runner.spool.target_states(found)]
+    except (OSError, StoreError) as exc:
+        problems.append(os_error_message(exc, spool) if isinstance(exc, OSError) else str(exc))
+    if problems:
+        return _cannot_read(problems)
     if as_json:
         out(render.dumps({"schema_version": render.REPORT_SCHEMA_VERSION,
                           "certificates": rows,
@@ -509,6 +632,43 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
                                               "the spool only)")
 
 
+def _check_folder(label: str, path: Path) -> tuple[str, str | None]:
+    """What `check` says about the state, spool or hooks folder, and the problem with it (None:
+    fine). State and spool must be folders certbatch can write, or create; hooks one it can
+    read (a missing one is fine: no hooks)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if label == "hooks":
+            return "missing (no hooks will run)", None
+        # It will be created below its nearest existing parent, which must be writable.
+        for parent in path.parents:
+            try:
+                os.stat(parent)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                why = os_error_message(exc, parent)
+                return (f"CANNOT be created: {why}",
+                        f"{label} folder {path} cannot be created: {why}")
+            if os.access(parent, os.W_OK | os.X_OK):
+                break
+            return (f"CANNOT be created: {parent} is not writable",
+                    f"{label} folder {path} cannot be created: {parent} is not writable")
+        return "will be created", None
+    except OSError as exc:  # a symlink loop, a parent we may not enter, a file as a parent
+        why = os_error_message(exc, path)
+        return f"CANNOT be used: {why}", f"{label} folder {why}"
+    if not stat.S_ISDIR(st.st_mode):
+        return "NOT A FOLDER", f"{label} folder {path} is not a folder"
+    unreadable = _read_problem(path)
+    if unreadable:
+        return f"exists, NOT READABLE: {unreadable}", f"{label} folder {unreadable}"
+    if label != "hooks" and not os.access(path, os.W_OK | os.X_OK):
+        return "exists, NOT WRITABLE", f"{label} folder {path} is not writable"
+    return "exists", None
+
+
 @cli.command()
 @common_options
 @click.option("--online", is_flag=True, help="Also fetch the ACME directory.")
@@ -516,30 +676,27 @@ def deploy_plan(runner: Any, name: str) -> list[str]:
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
     from .hooks import scan
+    from .targets import resolve
 
     settings = load_settings(ctx)
     problems: list[str] = []
     say = _silent if _opt(ctx, "quiet") else out  # -q: the problems only (on stderr)
     say(f"config: {settings.path} (ok)")
     say(f"acme directory: {settings.acme.directory}")
+    hooks_ok = True
     for label, path in (("state", settings.paths.state), ("spool", settings.paths.spool),
                         ("hooks", settings.paths.hooks)):
-        if path.exists():
-            state = "exists" if os.access(path, os.W_OK) else "exists, NOT WRITABLE"
-            if "NOT" in state and label != "hooks":
-                problems.append(f"{label} folder {path} is not writable")
-        elif label == "hooks":
-            state = "missing (no hooks will run)"
-        else:
-            # It will be created below its nearest existing parent, which must be writable.
-            parent = next(p for p in path.parents if p.exists())
-            if os.access(parent, os.W_OK):
-                state = "will be created"
-            else:
-                state = f"CANNOT be created: {parent} is not writable"
-                problems.append(f"{label} folder {path} cannot be created: {parent} is not "
-                                f"writable")
+        state, problem = _check_folder(label, path)
+        if problem:
+            problems.append(problem)
+            hooks_ok = hooks_ok and label != "hooks"
         say(f"{label}: {path} ({state})")
+    log_file = _opt(ctx, "log_file") or settings.log_file
+    if log_file:
+        log_problem = ctx.meta.get(_LOG_PROBLEM)
+        say(f"log file: {log_file} ({'CANNOT be opened' if log_problem else 'ok'})")
+        if log_problem:
+            problems.append(log_problem)
     say(f"certificates: {len(settings.certificates)}")
     for cert in settings.certificates.values():
         ch = cert.challenge
@@ -551,11 +708,20 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
-    from .runner import Runner
-
+    notify_ok = hooks_ok
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
-        files = scan(folder)
+        if not hooks_ok:
+            say(f"{phase}: not looked at (the hooks folder cannot be read)")
+            continue
+        try:
+            files = scan(folder)
+        except OSError as exc:  # a symlink loop, a file, a folder we may not read
+            why = os_error_message(exc, folder)
+            say(f"{phase}: CANNOT be read: {why}")
+            problems.append(f"{phase} folder {why}")
+            notify_ok = notify_ok and phase != "notify.d"
+            continue
         n_run = sum(f.state == "run" for f in files)
         say(f"{phase}: {n_run} hook{'s' * (n_run != 1)} will run ({folder})")
         for f in files:
@@ -566,10 +732,19 @@ def check(ctx: click.Context, online: bool) -> int:
             else:
                 say(f"  {f.name} (PROBLEM: {f.why})")
                 problems.append(f"{f.path}: {f.why}")
-    targets = Runner(settings).targets()
-    say(f"notify targets: {len(targets)} (at most {settings.hooks.notify_workers} at a time)"
-        if targets else "notify targets: none (a batch is marked applied without running "
-                        "anything)")
+    targets = []
+    try:
+        if notify_ok:
+            targets = resolve(settings.paths.hooks, settings.hooks, settings.path)
+    except OSError as exc:  # notify.d changed since it was read above
+        notify_ok = False
+        problems.append(f"notify.d folder {os_error_message(exc)}")
+    if not notify_ok:
+        say("notify targets: unknown (notify.d cannot be read)")
+    else:
+        say(f"notify targets: {len(targets)} (at most {settings.hooks.notify_workers} at a "
+            f"time)" if targets else "notify targets: none (a batch is marked applied without "
+                                     "running anything)")
     for t in targets:
         env = f", env {' '.join(sorted(t.env))}" if t.env else ""
         how = f"CANNOT RUN: {t.problem}" if t.problem or t.command is None else (
@@ -584,6 +759,8 @@ def check(ctx: click.Context, online: bool) -> int:
             say(f"acme directory reachable: {meta}")
         except CertbatchError as exc:
             problems.append(f"acme directory: {exc}")
+        except OSError as exc:  # e.g. acme.ca_bundle cannot be read
+            problems.append(f"acme directory: {os_error_message(exc)}")
     for p in problems:
         err(f"certbatch: problem: {p}")
     return EXIT_FAILURE if problems else EXIT_OK
@@ -606,6 +783,11 @@ def main(argv: list[str] | None = None) -> None:
         err(f"certbatch: error: {exc}")
         if any(getattr(h, _OURS, False) for h in logging.getLogger("certbatch").handlers):
             log.error("%s", exc, extra={"file_only": True})  # stderr has it already
+        sys.exit(exit_code_for(exc))
+    except OSError as exc:  # a lock file, a state or spool folder: one line naming the path
+        err(f"certbatch: error: {os_error_message(exc)}")
+        if any(getattr(h, _OURS, False) for h in logging.getLogger("certbatch").handlers):
+            log.error("%s", os_error_message(exc), extra={"file_only": True})
         sys.exit(exit_code_for(exc))
     except KeyboardInterrupt:
         err("certbatch: interrupted")

@@ -8,6 +8,8 @@ the whole run reach the command layer.
 from __future__ import annotations
 
 import datetime as _dt
+import errno as _errno
+import os as _os
 from pathlib import Path
 
 EXIT_OK = 0
@@ -116,7 +118,43 @@ class HookError(CertbatchError):
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The process exit code for an exception that ended a command."""
+    """The process exit code for an exception that ended a command.
+
+    An OSError that reaches the command layer happened before any work (the runner records
+    errors during the work per certificate): a path that cannot be used as configured (see
+    SETUP_ERRNOS) exits 2, anything else (a full disk, an I/O error) 1.
+    """
     if isinstance(exc, CertbatchError):
         return exc.exit_code
+    if isinstance(exc, OSError):
+        return EXIT_USAGE if exc.errno in SETUP_ERRNOS else EXIT_FAILURE
     return EXIT_FAILURE
+
+
+# -- OS errors as one line ------------------------------------------------------------------------
+
+# Errors that say a configured path cannot be used as it is: permissions, a read-only file
+# system, a symlink loop, a file where a folder belongs. The operator must fix something: exit 2.
+SETUP_ERRNOS = frozenset({_errno.EACCES, _errno.EPERM, _errno.EROFS, _errno.ELOOP,
+                          _errno.ENOTDIR, _errno.EISDIR, _errno.EEXIST, _errno.ENAMETOOLONG})
+
+_WHAT = {_errno.ELOOP: "symlink loop (too many levels of symbolic links)"}
+
+
+def os_error_message(exc: OSError, path: Path | str | None = None) -> str:
+    """`<path>: <what>` for an OS error, on one line: the file the error names (else `path`),
+    and the system's text (`permission denied`, `no space left on device`, ...)."""
+    where: object = exc.filename if exc.filename is not None else path
+    if exc.filename is not None and exc.filename2 is not None:
+        where = f"{_name(exc.filename)} -> {_name(exc.filename2)}"
+    what = _WHAT.get(exc.errno or 0) or exc.strerror or str(exc) or type(exc).__name__
+    what = what[:1].lower() + what[1:]
+    if exc.errno in (_errno.EACCES, _errno.EPERM) and _os.geteuid() != 0:
+        what += f" (certbatch runs as uid {_os.geteuid()}, not as root)"
+    return f"{_name(where)}: {what}" if where is not None else what
+
+
+def _name(path: object) -> str:
+    if isinstance(path, (str, bytes, _os.PathLike)):
+        return _os.fsdecode(path).replace("\n", "?")  # one line, whatever the file is called
+    return str(path)

@@ -284,9 +284,13 @@ class Runner:
             result.outcome = FAILED
             result.error = str(exc)
         except Exception as exc:  # noqa: BLE001 - one certificate's bug must not stop the others
-            log.exception("%s: unexpected error", cert.name)
             result.outcome = FAILED
-            result.error = f"internal error: {type(exc).__name__}: {exc}"
+            if isinstance(exc, OSError):  # the store could not write: a full disk, read-only
+                from .errors import os_error_message
+                result.error = os_error_message(exc, self.settings.paths.state)
+            else:
+                log.exception("%s: unexpected error", cert.name)
+                result.error = f"internal error: {type(exc).__name__}: {exc}"
         result.duration = time.monotonic() - t0
         status.last_result = result.outcome
         status.last_error = result.error
