@@ -200,23 +200,23 @@ def test_nginx_end_to_end_three_renewed_one_reload(tmp_path, pebble):
         assert nginx.reload_count() == 1
 
 
-def test_unwritable_spool_keeps_certificate_stored_and_restages_later(tmp_path, pebble):
+def test_unusable_spool_is_refused_before_any_order(tmp_path, pebble):
+    """A spool that cannot be created is found before any work: one line, exit 2, no order.
+    (A spool that fails during staging keeps the certificate stored and restages it later:
+    see test_spool's write-failure test and the crash tests.)"""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")  # the spool path runs through a regular file: every write fails
     cfg = write_config(tmp_path, pebble, {"s1": {"domains": ["s1.batch.example.com"]}},
                        paths={"spool": str(blocker / "spool")})
-    first = run(["renew", "--json"], cfg, pebble)
-    assert first.returncode == 1
-    entry = json.loads(first.stdout)["certificates"][0]
-    assert entry["outcome"] == "not-staged" and "renewed, not staged" in entry["error"]
-    serial = live(tmp_path, "s1")["serial"]  # the certificate itself is safely stored
+    first = run(["renew"], cfg, pebble)
+    assert first.returncode == 2
+    assert first.stderr.startswith(f"certbatch: error: {blocker / 'spool'}: ")
+    assert not (tmp_path / "state" / "certs").exists()
 
     write_config(tmp_path, pebble, {"s1": {"domains": ["s1.batch.example.com"]}})
     second = run(["renew", "--json"], cfg, pebble)
     assert second.returncode == 0, second.stderr
-    entry = json.loads(second.stdout)["certificates"][0]
-    assert entry["outcome"] == "restaged" and entry["staged"]
-    assert live(tmp_path, "s1")["serial"] == serial  # no new order
+    assert json.loads(second.stdout)["certificates"][0]["outcome"] == "issued"
 
 
 def test_run_killed_between_storing_and_staging_is_staged_by_the_next_run(tmp_path, pebble):

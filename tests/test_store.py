@@ -12,6 +12,7 @@ import textwrap
 import pytest
 
 from certbatch import fsutil
+from certbatch.errors import UnsafePath
 from certbatch.store import CertStatus, Store
 
 UTC = dt.timezone.utc
@@ -204,13 +205,19 @@ def test_file_lock_excludes_threads_of_one_process(tmp_path):
     b.release()
 
 
-def test_existing_folders_keep_their_mode(tmp_path):
+def test_a_shared_folder_is_refused_as_root_and_a_subfolder_of_it_works(tmp_path):
     shared = tmp_path / "shared"
     shared.mkdir()
     os.chmod(shared, 0o1777)
-    s = Store(shared).save_certificate(
-        "site", key_type="ec-p256", domains=("a.example",), privkey_pem=b"K", cert_pem=b"C",
-        chain_pem=b"", fullchain_pem=b"C", serial="01", not_before=NB,
-        not_after=NB + dt.timedelta(days=90), issued_at=NB)
-    assert mode(shared) == 0o1777  # not ours to change
-    assert mode(shared / "certs") == 0o700 and mode(s.path("privkey.pem")) == 0o600
+    kwargs = dict(key_type="ec-p256", domains=("a.example",), privkey_pem=b"K", cert_pem=b"C",
+                  chain_pem=b"", fullchain_pem=b"C", serial="01", not_before=NB,
+                  not_after=NB + dt.timedelta(days=90), issued_at=NB)
+    with pytest.raises(UnsafePath, match=r"writable by others \(mode 1777\): a shared folder; "
+                                         r".*/shared/certbatch, which it creates 0700"):
+        Store(shared).save_certificate("site", **kwargs)
+    assert mode(shared) == 0o1777 and os.listdir(shared) == []  # not ours to change
+
+    s = Store(shared / "certbatch").save_certificate("site", **kwargs)
+    assert mode(shared) == 0o1777
+    assert mode(shared / "certbatch") == 0o700 and mode(shared / "certbatch" / "certs") == 0o700
+    assert mode(s.path("privkey.pem")) == 0o600

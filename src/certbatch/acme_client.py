@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from . import interrupt
 from .challenges import DNS01, ChallengeResponse, make_solver
 from .config import AcmeSettings, ChallengeSettings
 from .errors import AcmeError, CertbatchError, DeadlineExceeded, RateLimited
@@ -564,7 +565,9 @@ class _Conn:
                 raise AcmeError(f"unusable answer from {url}: {exc}") from None
 
     def _check_deadline(self, url: str) -> None:
-        # Each request's timeout is cut to what is left (_Network); none starts after it.
+        # Each request's timeout is cut to what is left (_Network); none starts after it, nor
+        # once certbatch is interrupted (one already sent finishes within its timeout).
+        interrupt.check(f"before requesting {url}")
         if time.monotonic() >= self.deadline:
             raise DeadlineExceeded(f"deadline exceeded before requesting {url}")
 
@@ -615,12 +618,14 @@ class _Backoff:
 
 
 def _sleep(conn: _Conn, seconds: float, what: str) -> None:
-    """Sleep, unless that would end past the deadline: then raise DeadlineExceeded at once."""
+    """Sleep, unless that would end past the deadline: then raise DeadlineExceeded at once.
+    A stop request (a signal) ends the sleep early with Interrupted."""
     remaining = conn.deadline - time.monotonic()
     if seconds >= remaining:
         raise DeadlineExceeded(f"deadline exceeded {what} (next step in "
                                f"{seconds:.1f} s, {max(remaining, 0):.1f} s left)")
-    time.sleep(seconds)
+    if interrupt.wait(seconds):
+        raise interrupt.error(what)
 
 
 # -- small helpers -------------------------------------------------------------------------------

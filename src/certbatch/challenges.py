@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from . import interrupt
 from .config import ChallengeSettings
-from .errors import ChallengeError, DeadlineExceeded
+from .errors import ChallengeError, DeadlineExceeded, Interrupted
 from .fsutil import atomic_write
 from .hooks import HookCommand, run_hook
 
@@ -322,10 +323,14 @@ class DnsScriptSolver:
         for records in calls:
             if not records:
                 continue
+            if interrupt.requested():  # no new script runs once certbatch is interrupted
+                log.warning("%s: interrupted: dns-01 TXT record(s) left in place, %s remove "
+                            "not run", self.name, self.script)
+                return
             try:
                 self._run("remove", records, time.monotonic() + CLEANUP_TIMEOUT,
                           deadline_bound=False)
-            except (ChallengeError, DeadlineExceeded) as exc:
+            except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
                 log.warning("%s: %s", self.name, exc)
         if added:
             log.info("%s: dns-01 TXT record(s) removed", self.name)
@@ -349,6 +354,8 @@ class DnsScriptSolver:
         # soon after the script exits even if a detached child still holds its output open.
         result = run_hook(HookCommand(f"{self.name}: dns {action}", tuple(argv)), env,
                           self.script.parent, timeout)
+        if result.interrupted:
+            raise interrupt.error(f"{what} stopped")
         if result.timed_out:
             if deadline_bound and timeout < SCRIPT_TIMEOUT:
                 raise DeadlineExceeded(f"deadline exceeded while {what} was "

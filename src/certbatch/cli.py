@@ -1,7 +1,8 @@
 """The command line: parse options, call the core, render its report, return an exit code.
 
 Exit codes (also in `certbatch --help` and the README): 0 success or nothing due; 1 a certificate
-or the notify phase failed; 2 usage or configuration error; 75 another run holds the lock.
+or the notify phase failed; 2 usage or configuration error; 75 another run holds the lock; 129,
+130, 143 stopped by SIGHUP, SIGINT, SIGTERM (128 + the signal number, see interrupt.py).
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from typing import Any, TypeVar
 import click
 
 from . import config as config_mod
+from . import interrupt
 from .errors import (
     EXIT_FAILURE,
     EXIT_OK,
     EXIT_USAGE,
     CertbatchError,
     ConfigError,
+    Interrupted,
     UsageError,
     exit_code_for,
     os_error_message,
@@ -38,7 +41,10 @@ Exit codes:
   0   success, or nothing was due
   1   a certificate or the notify phase failed
   2   usage or configuration error
-  75  another certbatch run holds the lock (try later)"""
+  75  another certbatch run holds the lock (try later)
+  129, 130, 143  stopped by SIGHUP, SIGINT (Ctrl-C), SIGTERM: hooks were
+      stopped, unfinished certificates and targets count as failed and are
+      retried by the next run"""
 
 
 # -- options accepted both before and after the command name -------------------------------------
@@ -405,7 +411,7 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
 
     for cert in settings.certificates.values():
         try:
-            decision, stored, status = runner.decide(cert, now)
+            decision, stored, status = runner.decide(cert, now, verify=True)
         except (StoreError, OSError) as exc:  # one damaged certificate must not hide the others
             if isinstance(exc, OSError):
                 why, result = os_error_message(exc, runner.store.cert_dir(cert.name)), "unreadable"
@@ -769,6 +775,26 @@ def check(ctx: click.Context, online: bool) -> int:
 # -- entry point: the one place that turns exceptions into exit codes ----------------------------
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the command line and exit. SIGTERM, SIGINT and SIGHUP are handled from the start
+    (interrupt.py): they end it with one line, `certbatch: interrupted (SIGTERM)`, and exit
+    128 + the signal number; renew and run-hook first stop their hooks and save their state.
+    The handlers stay set until the process exits: a late signal is ignored, not a traceback."""
+    interrupt.install()
+    try:
+        try:
+            _main(argv)
+        finally:
+            interrupt.stopping()  # once this has run no signal raises any more
+    except Interrupted as exc:
+        name = interrupt.signal_name(exc.signum)
+        err(f"certbatch: interrupted ({name})")
+        if any(getattr(h, _OURS, False) for h in logging.getLogger("certbatch").handlers):
+            log.warning("interrupted by %s: exit code %d", name, exc.exit_code,
+                        extra={"file_only": True})
+        sys.exit(exc.exit_code)
+
+
+def _main(argv: list[str] | None) -> None:
     try:
         rv = cli.main(args=argv, prog_name="certbatch", standalone_mode=False)
     except click.exceptions.Exit as exc:

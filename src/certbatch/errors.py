@@ -16,6 +16,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_LOCKED = 75  # EX_TEMPFAIL from sysexits.h: cron wrappers know it means "try later"
+EXIT_SIGNAL = 128  # + the signal number: 129 SIGHUP, 130 SIGINT, 143 SIGTERM (as a shell says)
 
 
 class CertbatchError(Exception):
@@ -59,6 +60,18 @@ class StoreError(CertbatchError):
     """Reading or writing the state folder failed."""
 
 
+class UnsafePath(StoreError):
+    """A file or folder certbatch would use is a symlink it did not make, not its own, or
+    writable by others: it is neither read, written nor deleted (exit 2 before any work)."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, path: Path | str, why: str) -> None:
+        self.path = str(path)
+        self.why = why
+        super().__init__(f"{self.path}: {why}")
+
+
 class AcmeError(CertbatchError):
     """The ACME server refused a request or could not be reached.
 
@@ -99,12 +112,15 @@ class HookError(CertbatchError):
     """A hook program failed or timed out."""
 
     def __init__(self, hook: str, returncode: int | None, timed_out: bool,
-                 stderr_tail: str = "") -> None:
+                 stderr_tail: str = "", interrupted: bool = False) -> None:
         self.hook = hook
         self.returncode = returncode
         self.timed_out = timed_out
         self.stderr_tail = stderr_tail
-        if timed_out:
+        self.interrupted = interrupted  # certbatch got a signal: stopped, or never started
+        if interrupted:
+            what = "stopped: certbatch was interrupted"
+        elif timed_out:
             what = "timed out"
         elif returncode is not None and returncode < 0:
             what = f"killed by signal {-returncode}"
@@ -117,6 +133,21 @@ class HookError(CertbatchError):
         super().__init__(msg)
 
 
+class Interrupted(BaseException):
+    """SIGTERM, SIGINT or SIGHUP stopped a step (a certificate, a hook) or the whole command.
+
+    A BaseException, like KeyboardInterrupt: no `except Exception` may take it for a failure of
+    its own and go on. The runner records it per certificate ("interrupted"); at the command
+    level the process exits 128 + `signum` (EXIT_SIGNAL) after its children are gone.
+    """
+
+    def __init__(self, signum: int, detail: str = "") -> None:
+        self.signum = signum
+        self.detail = detail
+        self.exit_code = EXIT_SIGNAL + signum
+        super().__init__(f"interrupted: {detail}" if detail else "interrupted")
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The process exit code for an exception that ended a command.
 
@@ -124,7 +155,7 @@ def exit_code_for(exc: BaseException) -> int:
     errors during the work per certificate): a path that cannot be used as configured (see
     SETUP_ERRNOS) exits 2, anything else (a full disk, an I/O error) 1.
     """
-    if isinstance(exc, CertbatchError):
+    if isinstance(exc, (CertbatchError, Interrupted)):
         return exc.exit_code
     if isinstance(exc, OSError):
         return EXIT_USAGE if exc.errno in SETUP_ERRNOS else EXIT_FAILURE

@@ -12,23 +12,28 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from . import safefs
 from .faults import point
 
 
-def ensure_dir(path: Path, mode: int = 0o700) -> Path:
-    """Create `path` (and parents) with `mode`, whatever the umask says.
-
-    A folder that already exists keeps its mode: it is the operator's (pointing paths.spool at
-    a shared 1777 folder must not lock everybody else out of it).
+def ensure_root(path: Path) -> Path:
+    """Create a state or spool root (and missing parents) 0700, or check the existing one: it
+    must be ours and not writable by others, and so must be the way to it (safefs.check_root).
     """
     try:
-        path.mkdir(parents=True)
+        os.mkdir(path, 0o700)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)  # e.g. /var/lib: the operator's folders
+        os.mkdir(path, 0o700)
     except FileExistsError:
-        if not path.is_dir():
-            raise
+        safefs.check_root(path)
         return path
-    os.chmod(path, mode)  # mkdir's mode is filtered by the umask
+    os.chmod(path, 0o700)  # mkdir's mode is filtered by the umask
+    safefs.check_root(path)
     return path
+
+
+ensure_dir = safefs.ensure_dir  # a folder inside a root: created 0700, or checked to be ours
 
 
 def fsync_dir(path: Path) -> None:
@@ -107,13 +112,30 @@ def atomic_symlink(target: str, link: Path) -> None:
     fsync_dir(link.parent)
 
 
-class FileLock:
-    """An exclusive flock on a lock file that is never deleted, also exclusive between threads.
+def _flock(fd: int, deadline: float | None, poll: float) -> bool:
+    """flock `fd` exclusively, polling until `deadline` (None: forever); False if not got."""
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
 
-    flock locks belong to an open file description, so two threads of one process that each open
-    the file would both "get" it; a process-wide threading.Lock per path closes that gap. The PID
-    of the holder is written into the file so a waiting process can name it. The kernel drops the
-    flock when the holder dies, so a killed process never blocks the next one.
+
+class FileLock:
+    """An exclusive lock on a lock file that is never deleted, also exclusive between threads.
+
+    Two flocks make it: one on the lock file's folder and one on the file itself. The folder's
+    cannot be escaped by deleting or replacing the file (a second run that made a new file
+    there still waits for the folder); the file's names the holder: its PID is written into it
+    so a waiting process can say who it waits for. flock locks belong to an open file
+    description, so two threads of one process that each open the file would both "get" it; a
+    process-wide threading.Lock per path closes that gap. The kernel drops the flocks when the
+    holder dies, so a killed process never blocks the next one.
     """
 
     _thread_locks: dict[str, threading.Lock] = {}
@@ -124,52 +146,85 @@ class FileLock:
         with self._guard:
             self._tlock = self._thread_locks.setdefault(str(path.resolve()), threading.Lock())
         self._fd: int | None = None
+        self._dir_fd: int | None = None
 
     def acquire(self, timeout: float | None = None, poll: float = 0.05) -> bool:
-        """Take the lock; wait at most `timeout` seconds (None: forever, 0: don't wait)."""
+        """Take the lock; wait at most `timeout` seconds (None: forever, 0: don't wait).
+
+        The file is opened without following a link and must be a regular file of ours; it is
+        never truncated (a link planted in its place could point anywhere). After the flock,
+        the path must still name the file we locked: if it was removed or replaced meanwhile,
+        start over.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._tlock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
             return False
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fds = self._lock_both(deadline, poll)
         except BaseException:
             self._tlock.release()
             raise
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    os.close(fd)
-                    self._tlock.release()
-                    raise
-            if deadline is not None and time.monotonic() >= deadline:
-                os.close(fd)
-                self._tlock.release()
-                return False
-            time.sleep(poll)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
+        if fds is None:
+            self._tlock.release()
+            return False
+        self._dir_fd, self._fd = fds
+        # Best effort (a full disk must not stop a run): the PID only names the holder.
+        with contextlib.suppress(OSError):
+            os.pwrite(self._fd, f"{os.getpid():<20}\n".encode(), 0)
         return True
 
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        fd, self._fd = self._fd, None
+    def _lock_both(self, deadline: float | None, poll: float) -> tuple[int, int] | None:
+        """(folder fd, file fd), both flock'ed, the file still at its path; None after the
+        deadline."""
+        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            os.ftruncate(fd, 0)
+            if not _flock(dir_fd, deadline, poll):
+                os.close(dir_fd)
+                return None
+            while True:
+                fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    if not _flock(fd, deadline, poll):
+                        os.close(fd)
+                        os.close(dir_fd)
+                        return None
+                    if self._still_at_path(fd):
+                        return dir_fd, fd
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.close(fd)  # removed or replaced while we waited: lock the file there now
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(dir_fd)
+            raise
+
+    def _still_at_path(self, fd: int) -> bool:
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
+
+    def release(self) -> None:
+        if self._fd is None or self._dir_fd is None:
+            return
+        fd, dir_fd, self._fd, self._dir_fd = self._fd, self._dir_fd, None, None
+        try:
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, b" " * 20 + b"\n", 0)  # no holder now
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+            os.close(dir_fd)
             self._tlock.release()
 
     def holder_pid(self) -> int | None:
         """The PID written by the current holder, if any (best effort)."""
         try:
-            text = self.path.read_text().strip()
-        except OSError:
+            text = safefs.read_text(self.path).strip()
+        except Exception:  # noqa: BLE001 - best effort: a name for a message
             return None
         return int(text) if text.isdigit() else None
 

@@ -4,6 +4,11 @@ A hook is an external program: an executable file in ``deploy.d/`` or ``notify.d
 `discover`, with run-parts' naming rules) or a command from the config file (`from_config`).
 `run_hook` runs one in its own process group with a timeout, hands data over only through
 environment variables, and keeps the last lines of its output for messages and logs.
+
+Every running hook's process group is in a registry, so that a signal to certbatch stops them
+all (`terminate_all`, called by the interrupt watcher): once a stop is requested no hook starts,
+and each running `run_hook` call SIGKILLs what is left of its group after KILL_GRACE and
+returns an interrupted result.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import selectors
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import interrupt
 from .errors import HookError
 
 log = logging.getLogger("certbatch.hooks")
@@ -46,7 +53,8 @@ class HookCommand:
 
 @dataclass(frozen=True)
 class HookResult:
-    """How one hook run ended; `returncode` is None only when it was killed after a timeout."""
+    """How one hook run ended; `returncode` is None only when we killed it (a timeout, or
+    `interrupted`: certbatch got a signal, and the hook was stopped or never started)."""
 
     hook: str
     argv: tuple[str, ...]
@@ -55,14 +63,16 @@ class HookResult:
     duration: float
     stdout_tail: str
     stderr_tail: str
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.timed_out and self.returncode == 0
+        return not self.timed_out and not self.interrupted and self.returncode == 0
 
     def error(self) -> HookError:
         """The exception describing this (failed) run."""
-        return HookError(self.hook, self.returncode, self.timed_out, self.stderr_tail)
+        return HookError(self.hook, self.returncode, self.timed_out, self.stderr_tail,
+                         self.interrupted)
 
 
 def skipped_name(name: str) -> bool:
@@ -101,6 +111,7 @@ def scan(directory: Path) -> list[HookFile]:
     except FileNotFoundError:
         return []
     base = directory.absolute()  # hooks run with another cwd: argv[0] must be absolute
+    unsafe = _untrusted(os.stat(directory))
     found = []
     for name in names:
         path = base / name
@@ -117,6 +128,10 @@ def scan(directory: Path) -> list[HookFile]:
             continue
         if stat.S_ISDIR(st.st_mode):
             found.append(HookFile(name, path, "skip", "a folder"))
+        elif unsafe or _untrusted(st):
+            # Whoever can change a hook runs code as us (root, from cron).
+            where = f"its folder {base} {unsafe}" if unsafe else f"it {_untrusted(st)}"
+            found.append(HookFile(name, path, "problem", f"not run: {where}"))
         elif not stat.S_ISREG(st.st_mode):
             found.append(HookFile(name, path, "problem", "not a regular file"))
         elif not os.access(path, os.X_OK):
@@ -126,6 +141,15 @@ def scan(directory: Path) -> list[HookFile]:
         else:
             found.append(HookFile(name, path, "run"))
     return found
+
+
+def _untrusted(st: os.stat_result) -> str:
+    """Why another user could change a hook or its folder with this stat, or ""."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"is owned by uid {st.st_uid}"
+    if st.st_mode & 0o022:
+        return f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 def discover(directory: Path) -> list[HookCommand]:
@@ -205,25 +229,65 @@ def _pump(sel: selectors.BaseSelector, tails: dict[int, _Tail], wait: float) -> 
             sel.unregister(fd)
 
 
+# -- the registry of running hooks -----------------------------------------------------------
+#
+# pid (= process group id) -> when SIGTERM was sent to the group (None: not yet). A hook is in
+# it from its start until just before it is reaped, so its group id can't have been reused by
+# an unrelated process when terminate_all signals it: the leader is only tested for exit with
+# WNOWAIT (`_exited`) until then.
+_running: dict[int, float | None] = {}
+_running_lock = threading.Lock()
+
+
+def _sigterm(pid: int) -> float:
+    """SIGTERM group `pid` unless that was done already (caller holds _running_lock); when."""
+    sent = _running.get(pid)
+    if sent is None:
+        sent = time.monotonic()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGTERM)
+        if pid in _running:
+            _running[pid] = sent
+    return sent
+
+
+def terminate_all() -> int:
+    """SIGTERM every running hook's process group (a signal stops certbatch); how many. Each
+    `run_hook` call sends SIGKILL to what is left of its group KILL_GRACE seconds later."""
+    with _running_lock:
+        for pid in _running:
+            _sigterm(pid)
+        return len(_running)
+
+
+def running() -> list[int]:
+    """The process group ids of the hooks running now."""
+    with _running_lock:
+        return list(_running)
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the hook's process has ended, without reaping it (see the registry above)."""
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the hook's whole process group, then SIGKILL what is left after KILL_GRACE.
 
     The group id is the hook's PID; we don't reap the hook before the final SIGKILL (waitid
-    with WNOWAIT), so that id cannot have been reused by an unrelated process meanwhile.
+    with WNOWAIT), so that id cannot have been reused by an unrelated process meanwhile. If
+    terminate_all sent the SIGTERM already, the grace counts from then.
     """
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + KILL_GRACE
-    while time.monotonic() < deadline:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                break  # the leader has ended; its children may ignore SIGTERM: stop waiting
-        except ChildProcessError:
-            break
+    with _running_lock:
+        deadline = _sigterm(proc.pid) + KILL_GRACE
+    while time.monotonic() < deadline and not _exited(proc):
+        # The leader has ended: its children may ignore SIGTERM, stop waiting.
         time.sleep(0.02)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float) -> HookResult:
@@ -233,28 +297,66 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
     worker threads), stdin from /dev/null, `cwd` as working directory and its own session, so a
     timeout kills the hook and everything it started. A hook that cannot be started counts as
     failed with status 127 (not found) or 126 (not executable), as in the shell.
+
+    Once certbatch is interrupted (see interrupt.py) no hook starts, and a running one is
+    stopped like a timed-out one: both give an `interrupted` result at once. A hook that had
+    already exited keeps its status, but what it left running in its group is killed too.
     """
     child_env = dict(os.environ)
     child_env.update(env)
-    log.info("hook %s: starting %s in %s", cmd.name, " ".join(cmd.argv), cwd)
     start = time.monotonic()
+    proc: subprocess.Popen[bytes] | None = None
+    with _running_lock:  # terminate_all either sees this hook or it does not start
+        if interrupt.requested():
+            failed = HookResult(cmd.name, cmd.argv, None, False, 0.0, "",
+                                "not started: certbatch was interrupted", interrupted=True)
+        else:
+            log.info("hook %s: starting %s in %s", cmd.name, " ".join(cmd.argv), cwd)
+            try:
+                proc = subprocess.Popen(
+                    cmd.argv, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                    close_fds=True, umask=0o077,  # what a hook creates is private by default
+                )
+                _running[proc.pid] = None
+            except OSError as exc:
+                code = 127 if isinstance(exc, FileNotFoundError) else 126
+                failed = HookResult(cmd.name, cmd.argv, code, False, time.monotonic() - start,
+                                    "", f"cannot run {cmd.argv[0]}: {exc.strerror or exc}")
+    if proc is None:
+        _log_result(failed)
+        return failed
+    ended = False
     try:
-        proc = subprocess.Popen(
-            cmd.argv, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-            close_fds=True, umask=0o077,  # what a hook creates is private unless it says so
-        )
-    except OSError as exc:
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
-        result = HookResult(cmd.name, cmd.argv, code, False, time.monotonic() - start, "",
-                            f"cannot run {cmd.argv[0]}: {exc.strerror or exc}")
-        _log_result(result)
-        return result
+        timed_out, interrupted, out, err = _wait(proc, start, timeout)
+        ended = True
+    finally:
+        if not ended:  # a bug in here must not leave the hook running or us waiting for it
+            _kill_group(proc)
+        with _running_lock:  # out of the registry, then reaped: its group id may be reused
+            _running.pop(proc.pid, None)
+        returncode = proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    result = HookResult(
+        hook=cmd.name, argv=cmd.argv, returncode=None if timed_out or interrupted else returncode,
+        timed_out=timed_out, duration=time.monotonic() - start, stdout_tail=out.text(),
+        stderr_tail=err.text(), interrupted=interrupted,
+    )
+    _log_result(result)
+    return result
 
+
+def _wait(proc: subprocess.Popen[bytes], start: float,
+          timeout: float) -> tuple[bool, bool, _Tail, _Tail]:
+    """run_hook's part while the hook runs: read its output until it ends, times out or a stop
+    is requested (then kill its group). Leaves the hook unreaped. (timed_out, interrupted,
+    stdout tail, stderr tail)."""
     assert proc.stdout is not None and proc.stderr is not None
     out, err = _Tail(), _Tail()
     tails = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-    timed_out = False
+    timed_out = interrupted = kill = False
     with selectors.DefaultSelector() as sel:
         for fd in tails:
             os.set_blocking(fd, False)
@@ -262,45 +364,45 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
         deadline = start + timeout
         exited_at: float | None = None
         while True:
+            if exited_at is None and _exited(proc):
+                exited_at = time.monotonic()  # it ended before this
             now = time.monotonic()
-            if exited_at is None and proc.poll() is not None:
-                exited_at = now
+            if interrupt.requested():
+                # Stop it, or what it left running in its group if it has ended. Seen to end
+                # only after the stop was requested, it may have ended of our SIGTERM (trapped,
+                # with any status): interrupted, not done.
+                stopped_at = interrupt.requested_at() or 0.0
+                interrupted, kill = exited_at is None or exited_at >= stopped_at, True
+                break
             if exited_at is not None:
                 if not sel.get_map() or now - exited_at >= DRAIN_GRACE:
                     break
                 wait = exited_at + DRAIN_GRACE - now
             elif now >= deadline:
-                timed_out = True
+                timed_out = kill = True
                 break
             else:
                 wait = deadline - now
             # Wake up regularly: the hook may exit while a background child keeps its pipes
-            # open, or close its pipes and keep running.
+            # open, or close its pipes and keep running; and a stop may be requested.
             if sel.get_map():
                 _pump(sel, tails, min(0.1, wait))
             else:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=min(0.1, wait))
-        if timed_out:
+                interrupt.wait(min(0.02, wait))
+        if kill:
             _kill_group(proc)
             drain_until = time.monotonic() + 0.2
             while sel.get_map() and time.monotonic() < drain_until:
                 _pump(sel, tails, drain_until - time.monotonic())
-        returncode = proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    result = HookResult(
-        hook=cmd.name, argv=cmd.argv, returncode=None if timed_out else returncode,
-        timed_out=timed_out, duration=time.monotonic() - start,
-        stdout_tail=out.text(), stderr_tail=err.text(),
-    )
-    _log_result(result)
-    return result
+    return timed_out, interrupted, out, err
 
 
 def _log_result(result: HookResult) -> None:
     level = logging.INFO if result.ok else logging.WARNING
-    if result.timed_out:
+    if result.interrupted:
+        how = ("stopped, process group killed" if result.duration else "not started") + \
+            ": certbatch was interrupted"
+    elif result.timed_out:
         how = "timed out, process group killed"
     elif result.returncode is not None and result.returncode < 0:
         how = f"killed by signal {-result.returncode}"

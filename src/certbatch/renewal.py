@@ -13,7 +13,7 @@ from .config import CertificateSettings
 from .store import CertStatus, StoredCert
 
 ISSUE = "issue"  # never issued
-REISSUE = "reissue"  # domains or key type changed since the last issuance
+REISSUE = "reissue"  # domains or key type changed, or the live files are damaged
 RENEW = "renew"  # due by the renewal rule
 FORCE = "force"  # --force
 RESTAGE = "restage"  # renewed earlier, deploy hooks failed: stage again without a new order
@@ -81,6 +81,8 @@ def _order_reason(cert: CertificateSettings, stored: StoredCert, now: dt.datetim
                   before_expiry: dt.timedelta | None, force: bool) -> Decision | None:
     """The decision if the stored certificate needs a new order, else None."""
     due_at = due_time(stored.not_before, stored.not_after, before_expiry)
+    if stored.damaged:
+        return Decision(REISSUE, f"live files damaged ({stored.damaged})", due_at)
     if set(stored.domains) != set(cert.domains):
         added = sorted(set(cert.domains) - set(stored.domains))
         removed = sorted(set(stored.domains) - set(cert.domains))

@@ -17,10 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import renewal
+from . import interrupt, renewal
 from .config import CertificateSettings, Settings
-from .errors import EXIT_FAILURE, EXIT_OK, CertbatchError, LockBusy, RateLimited, UsageError
-from .fsutil import FileLock, ensure_dir
+from .errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    CertbatchError,
+    HookError,
+    Interrupted,
+    LockBusy,
+    RateLimited,
+    UsageError,
+)
+from .fsutil import FileLock, ensure_root
 from .hooks import HookCommand, from_config
 from .renewal import Decision
 from .spool import CertFiles, NotifyOutcome, Spool, TargetState
@@ -84,6 +93,7 @@ class RunReport:
     duration: float = 0.0
     pending_after: int = 0  # entries left in the spool after the run
     targets: list[TargetState] = field(default_factory=list)  # after the notify phase
+    interrupted: int | None = None  # the signal that stopped the run, if one did
 
     @property
     def failures(self) -> list[CertResult]:
@@ -95,6 +105,8 @@ class RunReport:
 
     @property
     def exit_code(self) -> int:
+        if self.interrupted is not None:
+            return Interrupted(self.interrupted).exit_code
         return EXIT_FAILURE if self.failures or self.notify_failed else EXIT_OK
 
     @property
@@ -115,15 +127,22 @@ class Progress:
 
 @contextlib.contextmanager
 def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
-    """One renew or run-hook per state folder. `wait`: seconds to wait (0: fail at once)."""
-    ensure_dir(state_dir)
+    """One renew or run-hook per state folder. `wait`: seconds to wait (0: fail at once).
+
+    While it is held, SIGTERM, SIGINT and SIGHUP stop the work cleanly (interrupt.graceful):
+    the block runs on until every hook is stopped and every status saved, the lock is released
+    (hook processes are gone by then, so two notify hooks never overlap), then Interrupted is
+    raised.
+    """
+    ensure_root(state_dir)
     lock = FileLock(state_dir / ".lock")
     if not lock.acquire(timeout=wait):
         raise LockBusy(lock.path, lock.holder_pid())
-    try:
-        yield
-    finally:
-        lock.release()
+    with interrupt.graceful():  # outside: Interrupted is raised after the release
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 class Runner:
@@ -146,9 +165,10 @@ class Runner:
             raise UsageError(f"no certificate named {', '.join(unknown)} in {self.settings.path}")
         return [c for n, c in certs.items() if not only or n in only]
 
-    def decide(self, cert: CertificateSettings, now: dt.datetime,
-               force: bool = False) -> tuple[Decision, StoredCert | None, CertStatus]:
-        stored = self.store.current(cert.name)
+    def decide(self, cert: CertificateSettings, now: dt.datetime, force: bool = False,
+               verify: bool = False) -> tuple[Decision, StoredCert | None, CertStatus]:
+        """`verify`: parse the live files (status, check) instead of the cheap check."""
+        stored = self.store.current(cert.name, verify)
         status = self.store.status(cert.name)
         decision = renewal.decide(cert, stored, status, now,
                                   self.settings.renewal.before_expiry, force)
@@ -158,13 +178,21 @@ class Runner:
 
     def renew(self, *, force: bool = False, only: Sequence[str] = (), dry_run: bool = False,
               workers: int | None = None, notify: bool = True, jitter: float | None = None,
-              sleep: Callable[[float], None] = time.sleep) -> RunReport:
-        """Renew what is due, stage it, and run the notify phase once."""
+              sleep: Callable[[float], object] = interrupt.wait) -> RunReport:
+        """Renew what is due, stage it, and run the notify phase once.
+
+        Interrupted (a signal, see interrupt.py): certificates not started yet are not started
+        (and keep their status: they are due next run), the ones in flight fail with
+        "interrupted", the notify phase is skipped; `report.interrupted` is the signal.
+        """
         t0 = time.monotonic()
         now = utcnow()
         report = RunReport(started_at=now, dry_run=dry_run)
-        # Config mistakes about targets stop the run before any work (exit 2).
+        # Config mistakes about targets, and folders that are not ours, stop the run before
+        # any work (exit 2).
         targets = self.targets() if notify and not dry_run else []
+        if not dry_run:
+            self.preflight()
         work: list[WorkItem] = []
         for cert in self.select(only):
             try:
@@ -198,14 +226,18 @@ class Runner:
                 pause = random.uniform(0, delay)
                 log.info("jitter: sleeping %.1f s before the first ACME request", pause)
                 sleep(pause)
-            work = self._connect_or_fail(work)
+            if not interrupt.requested():
+                work = self._connect_or_fail(work)
         n_workers = max(1, workers or self.settings.renewal.workers)
         if work:
             with ThreadPoolExecutor(max_workers=min(n_workers, len(work)),
                                     thread_name_prefix="certbatch") as pool:
                 list(pool.map(lambda item: self._process(*item), work))
 
-        if notify:
+        if notify and interrupt.requested():
+            report.notify_skipped = "interrupted"
+            log.warning("notify phase skipped: interrupted")
+        elif notify:
             failed = [r.name for r in report.certificates if r.failed]
             try:
                 pending = self.spool.pending()
@@ -223,6 +255,7 @@ class Runner:
             report.notify_skipped = "--no-notify"
         with contextlib.suppress(CertbatchError, OSError):
             report.pending_after = len(self.spool.pending())
+        report.interrupted = interrupt.signal_number()
         report.duration = time.monotonic() - t0
         return report
 
@@ -233,6 +266,8 @@ class Runner:
         try:
             self._acme().connect()
             return work
+        except Interrupted:
+            return work  # not started: each certificate says so (_process)
         except CertbatchError as exc:
             error = str(exc)  # already names the CA's URL
             log.error("%s", error)
@@ -259,6 +294,11 @@ class Runner:
     def _process(self, cert: CertificateSettings, result: CertResult,
                  stored: StoredCert | None, status: CertStatus) -> None:
         """Issue (if needed) and stage one certificate; record everything in `result`/status."""
+        if interrupt.requested():
+            # Never started: its status stays as it was, so it is just as due next run.
+            result.outcome, result.error = FAILED, "interrupted: not started"
+            self._tell(self.progress.finished, result)
+            return
         t0 = time.monotonic()
         self._tell(self.progress.started, result)
         status.last_attempt = utcnow()
@@ -275,6 +315,10 @@ class Runner:
             if result.staged:
                 status.staged_version = stored.version
                 status.last_success = utcnow()
+        except Interrupted as exc:
+            # Nothing half-written: the store and the spool are crash-safe; a certificate stored
+            # but not staged is staged by the next run ("restage"), one not stored is due.
+            result.outcome, result.error = FAILED, str(exc)
         except RateLimited as exc:
             until = exc.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT
             status.rate_limited_until = until
@@ -311,6 +355,11 @@ class Runner:
             callback(*args)
         except Exception:  # noqa: BLE001
             log.debug("progress display failed", exc_info=True)
+
+    def preflight(self) -> None:
+        """Raise UnsafePath (exit 2) unless the state and spool folders are certbatch's own."""
+        self.store.check()
+        self.spool.check()
 
     def targets(self) -> list[Target]:
         """The current notify targets (notify.d files, hooks.targets, hooks.notify)."""
@@ -361,6 +410,11 @@ class Runner:
             error = None if outcome.ok else str(outcome.error)
         except (CertbatchError, OSError) as exc:
             error = str(exc)
+        else:
+            if isinstance(outcome.error, HookError) and outcome.error.interrupted:
+                what = "renewed and stored" if result.decision.needs_order else "stored"
+                raise interrupt.error(f"{what}, not staged (deploy hook {outcome.error.hook} "
+                                      f"stopped); the next run stages it")
         if error is None:
             result.staged = True
         else:
@@ -383,6 +437,8 @@ class Runner:
         runs just these targets."""
         targets = self.targets()
         self.select_targets(targets, only)
+        self.preflight()
+        interrupt.check()
         outcome = self.spool.notify(targets, (), only)
         self._restage_damaged(outcome, ())
         return outcome
@@ -405,6 +461,7 @@ class Runner:
         """
         targets = self.targets()
         self.select_targets(targets, [target])
+        self.preflight()
         self.spool.forget(target=target)
         pending = {e.name for e in self.spool.pending()}
         results = []
@@ -416,6 +473,7 @@ class Runner:
                                 Decision(renewal.RESTAGE, f"run-hook --target {target} --all"))
             self._process(cert, result, stored, self.store.status(cert.name))
             results.append(result)
+        interrupt.check()
         outcome = self.spool.notify(targets, [r.name for r in results if r.failed], [target])
         self._restage_damaged(outcome, results)
         return results, outcome
@@ -423,6 +481,7 @@ class Runner:
     def restage(self, name: str) -> CertResult:
         """Stage one stored certificate again through the deploy hooks (`run-hook --deploy`)."""
         cert = self.select([name])[0]
+        self.preflight()
         stored = self.store.current(name)
         if stored is None:
             raise UsageError(f"certificate {name} has not been issued yet; run `certbatch renew`")
@@ -430,6 +489,7 @@ class Runner:
         result = CertResult(name, stored.domains,
                             Decision(renewal.RESTAGE, "requested with run-hook --deploy"))
         self._process(cert, result, stored, status)
+        interrupt.check()  # its status says so; the command says only "interrupted"
         if result.staged:  # asked for by hand: every target applies it again
             self.spool.forget(name=name)
         return result

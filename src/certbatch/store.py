@@ -15,23 +15,28 @@ certificate from the same issuance, and a crash at any point leaves the previous
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from . import safefs
 from .errors import StoreError
 from .faults import point
-from .fsutil import atomic_symlink, atomic_write, ensure_dir, fsync_dir, write_new
+from .fsutil import atomic_symlink, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
 
 log = logging.getLogger("certbatch.store")
 
 KEEP_VERSIONS = 3  # the live set plus two older ones, for a manual rollback
 PEM_FILES = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
+_LIVE_RE = re.compile(r"versions/[0-9A-Za-z][0-9A-Za-z_-]*\Z")  # what save_certificate links
 
 
 def iso(t: dt.datetime) -> str:
@@ -69,6 +74,8 @@ class StoredCert:
     not_before: dt.datetime
     not_after: dt.datetime
     issued_at: dt.datetime
+    damaged: str | None = None  # why the live files cannot be used: renewed as a reissue
+    sizes: tuple[tuple[str, int], ...] = ()  # file sizes recorded when stored
 
     def path(self, filename: str) -> Path:
         return self.folder / filename
@@ -112,10 +119,18 @@ class Store:
 
     def _dir(self, *parts: str) -> Path:
         """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask)."""
-        path = ensure_dir(self.root)
+        path = ensure_root(self.root)
         for part in parts:
             path = ensure_dir(path / part)
         return path
+
+    def check(self) -> None:
+        """Create the root, or raise UnsafePath unless it and its top folders are certbatch's
+        own (see safefs): run before any work."""
+        ensure_root(self.root)
+        for part in ("certs", "accounts"):
+            with contextlib.suppress(FileNotFoundError):
+                safefs.check_dir(self.root / part)
 
     # -- accounts ------------------------------------------------------------------------------
 
@@ -127,7 +142,7 @@ class Store:
         """(account key PEM, registration JSON or None) for this ACME directory, if any."""
         path = self._account_dir(directory_url) / "account.json"
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(safefs.read_text(path))
             return data["key"].encode(), data.get("regr")
         except FileNotFoundError:
             return None
@@ -146,30 +161,84 @@ class Store:
     def cert_dir(self, name: str) -> Path:
         return self.root / "certs" / name
 
-    def current(self, name: str) -> StoredCert | None:
-        """The live set for `name`, or None if it was never issued (or its metadata is gone)."""
-        live = self.cert_dir(name) / "live"
+    def current(self, name: str, verify: bool = False) -> StoredCert | None:
+        """The live set for `name`, or None if it was never issued.
+
+        Every folder on the way is checked to be certbatch's own (safefs) and `live` must name
+        one of its versions. `damaged` says why the live files cannot be used: from a cheap
+        existence-and-size check, or with `verify` from parsing them (key and certificate
+        match, serial as recorded). Raises StoreError if the set cannot be read at all.
+        """
+        cdir = self.cert_dir(name)
+        live = cdir / "live"
         try:
             version = os.readlink(live)
         except FileNotFoundError:
             return None
+        except OSError as exc:  # EINVAL: `live` is not a symlink
+            raise StoreError(f"{live}: not the symlink certbatch makes: {exc.strerror}") from exc
+        if not _LIVE_RE.match(version):
+            raise StoreError(f"{live}: points at {version!r}, not at one of its versions/")
+        folder = cdir / version
         try:
-            meta = json.loads((live.parent / version / "meta.json").read_text())
-            return StoredCert(
-                name=name, version=Path(version).name, folder=live.parent / version,
+            for path in (cdir, cdir / "versions", folder):
+                safefs.check_dir(path)
+            meta = json.loads(safefs.read_text(folder / "meta.json"))
+            stored = StoredCert(
+                name=name, version=Path(version).name, folder=folder,
                 domains=tuple(meta["domains"]), key_type=meta["key_type"],
                 serial=meta["serial"],
                 not_before=_parse_ts(meta["not_before"]),  # type: ignore[arg-type]
                 not_after=_parse_ts(meta["not_after"]),  # type: ignore[arg-type]
                 issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
+                sizes=tuple((str(k), int(v)) for k, v in meta.get("sizes", {}).items()),
             )
+        except StoreError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{live}/meta.json: unreadable certificate metadata: "
                              f"{type(exc).__name__}: {exc}") from exc
+        damaged = self._damaged(stored, verify)
+        return dataclasses.replace(stored, damaged=damaged) if damaged else stored
+
+    def _damaged(self, stored: StoredCert, verify: bool) -> str | None:
+        """Why the live files of `stored` cannot be used, or None (see current)."""
+        sizes = dict(stored.sizes)
+        for f in PEM_FILES:
+            try:
+                st = os.lstat(stored.folder / f)
+            except FileNotFoundError:
+                return f"{f} is missing"
+            except OSError as exc:
+                return f"{f} cannot be examined: {exc.strerror}"
+            if not stat.S_ISREG(st.st_mode):
+                return f"{f} is not a regular file"
+            if st.st_size == 0 and f != "chain.pem":
+                return f"{f} is empty"
+            if f in sizes and st.st_size != sizes[f]:
+                return f"{f} was changed after it was stored ({st.st_size} bytes, not " \
+                       f"{sizes[f]})"
+        if not verify:
+            return None
+        from . import crypto  # cryptography: only for status and check
+        from .errors import CertificateCheckError
+
+        try:
+            files = self.read_files(stored)
+            info = crypto.check_pair(files["fullchain.pem"], files["privkey.pem"])
+            if crypto.check_pair(files["cert.pem"], files["privkey.pem"]).serial != info.serial:
+                return "cert.pem and fullchain.pem hold different certificates"
+        except CertificateCheckError as exc:
+            return str(exc)
+        except (OSError, StoreError) as exc:
+            return f"cannot be read: {exc}"
+        if int(info.serial, 16) != int(stored.serial, 16):
+            return f"the certificate's serial is {info.serial}, meta.json says {stored.serial}"
+        return None
 
     def read_files(self, stored: StoredCert) -> dict[str, bytes]:
         """The four PEM files of one version (read from its own folder, never via `live`)."""
-        return {f: (stored.folder / f).read_bytes() for f in PEM_FILES}
+        return {f: safefs.read_bytes(stored.folder / f) for f in PEM_FILES}
 
     def save_certificate(self, name: str, *, key_type: str, domains: tuple[str, ...],
                          privkey_pem: bytes, cert_pem: bytes, chain_pem: bytes,
@@ -193,7 +262,10 @@ class Store:
             write_new(tmp / "fullchain.pem", fullchain_pem, 0o644)
             meta = {"name": name, "domains": list(domains), "key_type": key_type,
                     "serial": serial, "not_before": _ts(not_before),
-                    "not_after": _ts(not_after), "issued_at": _ts(issued_at)}
+                    "not_after": _ts(not_after), "issued_at": _ts(issued_at),
+                    # for the cheap check of every run: a file replaced later differs in size
+                    "sizes": {"privkey.pem": len(privkey_pem), "cert.pem": len(cert_pem),
+                              "chain.pem": len(chain_pem), "fullchain.pem": len(fullchain_pem)}}
             write_new(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
             fsync_dir(tmp)
             point("store.version-written")
@@ -224,7 +296,7 @@ class Store:
 
     def status(self, name: str) -> CertStatus:
         try:
-            return CertStatus.from_json((self.cert_dir(name) / "status.json").read_text())
+            return CertStatus.from_json(safefs.read_text(self.cert_dir(name) / "status.json"))
         except FileNotFoundError:
             return CertStatus()
         except Exception:  # noqa: BLE001

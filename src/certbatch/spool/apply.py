@@ -4,6 +4,11 @@ Each target gets its own batch: the pending entries whose serial its ledger lack
 own batch and names files. Targets never wait for or stop each other; a target that fails, times
 out or cannot run keeps its entries (its ledger is unchanged for them) and gets them again, with
 anything staged since, on the next run. Its ledger is written when it ends, success or not.
+
+Interrupted (a signal, see interrupt.py): a target not started yet does not start and its
+ledger is left alone; a running one is stopped (hooks.run_hook) and counts as failed, its
+ledger keeps lacking those entries. The caller holds the spool lock until every target has
+returned, so no notify hook of a later run can overlap one that is being stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import interrupt
 from ..errors import CertbatchError
 from ..faults import point
 from ..fsutil import ensure_dir
@@ -74,6 +80,9 @@ def apply_one(batch: Batch, target: Target, waiting: Sequence[PendingEntry], led
     names = [e.name for e in waiting]
     if not waiting:
         return TargetOutcome(target.name, [], None, True)
+    if interrupt.requested():  # not started: nothing to record, it gets them next run
+        return TargetOutcome(target.name, names, None, False,
+                             f"target {target.name} not started: interrupted")
     now = dt.datetime.now(dt.timezone.utc)
     ledger.last_attempt = now
     result = None

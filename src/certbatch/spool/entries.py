@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import safefs
+from ..errors import UnsafePath
 from ..store import parse_iso
 
 log = logging.getLogger("certbatch.spool")
@@ -47,8 +49,13 @@ class PendingEntry:
 
 
 def read_pending(pending_dir: Path) -> list[PendingEntry]:
-    """The entries in `pending_dir`, sorted by name; unreadable ones are logged and left out."""
+    """The entries in `pending_dir`, sorted by name; unreadable ones are logged and left out.
+
+    An entry that is not certbatch's own (a symlink, another user's folder, writable by others)
+    is never handed to a target: it is left where it is, with a warning.
+    """
     try:
+        safefs.check_dir(pending_dir)
         names = sorted(os.listdir(pending_dir))
     except FileNotFoundError:
         return []
@@ -58,7 +65,8 @@ def read_pending(pending_dir: Path) -> list[PendingEntry]:
         if name.startswith(".") or not NAME_RE.match(name):
             continue
         try:
-            meta = json.loads((folder / "meta.json").read_text())
+            safefs.check_dir(folder)
+            meta = json.loads(safefs.read_text(folder / "meta.json"))
             entries.append(PendingEntry(
                 name=name,
                 domains=tuple(meta["domains"]),
@@ -69,6 +77,8 @@ def read_pending(pending_dir: Path) -> list[PendingEntry]:
             ))
         except (FileNotFoundError, NotADirectoryError):
             continue  # moved away meanwhile, or not an entry
+        except UnsafePath as exc:
+            log.warning("spool: ignoring %s (not staged by certbatch)", exc)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("spool: ignoring %s: unreadable meta.json (%s)", folder, exc)
     return entries
@@ -87,9 +97,11 @@ def entry_problem(folder: Path, serial: str) -> str | None:
     data = {}
     for filename in ENTRY_FILES:
         try:
-            data[filename] = (folder / filename).read_bytes()
+            data[filename] = safefs.read_bytes(folder / filename)
         except FileNotFoundError:
             return f"{filename} is missing"
+        except UnsafePath as exc:
+            return f"{filename} {exc.why}"
         except OSError as exc:
             return f"{filename} cannot be read: {exc.strerror or exc}"
         if not data[filename] and filename != "chain.pem":  # a self-signed CA has no chain

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safefs
+from ..errors import UnsafePath
 from ..fsutil import atomic_write, ensure_dir
 from ..store import iso, parse_iso
 from .entries import PendingEntry
@@ -90,10 +92,10 @@ class Ledgers:
     def load(self, target: str) -> Ledger:
         path = self.folder(target) / "ledger.json"
         try:
-            return Ledger.from_json(target, path.read_text())
+            return Ledger.from_json(target, safefs.read_text(path))
         except FileNotFoundError:
             return Ledger(target)
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
+        except (OSError, UnsafePath, ValueError, TypeError, AttributeError) as exc:
             log.warning("spool: %s is unreadable (%s): target %s gets everything pending again",
                         path, exc, target)
             return Ledger(target)

@@ -31,10 +31,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safefs
 from ..config import HookSettings
-from ..errors import CertbatchError, StoreError
+from ..errors import CertbatchError, StoreError, UnsafePath
 from ..faults import point
-from ..fsutil import FileLock, atomic_write, ensure_dir, fsync_dir, write_new
+from ..fsutil import FileLock, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
 from ..hooks import HookCommand, HookResult, discover, run_hook, scan
 from ..store import iso
 from ..targets import Target, resolve
@@ -146,9 +147,22 @@ class Spool:
     # -- locking and crash recovery ---------------------------------------------------------
 
     def _ensure_layout(self) -> None:
-        for folder in (self.root, self.pending_dir, self.applied_dir, self.staging.dir,
-                       self.ledgers.dir):
+        """Create the spool's folders, or check that they are its own (safefs)."""
+        ensure_root(self.root)
+        for folder in (self.pending_dir, self.applied_dir, self.staging.dir, self.ledgers.dir):
             ensure_dir(folder, 0o700)
+
+    def check(self) -> None:
+        """Create the spool's folders, or raise UnsafePath unless they and its lock files are
+        its own (see safefs): run before any work."""
+        self._ensure_layout()
+        for path in (self.lock.path, self.staging.prepare_lock):
+            try:
+                why = safefs.problem(os.lstat(path), "file")
+            except FileNotFoundError:
+                continue
+            if why:
+                raise UnsafePath(path, why)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -339,9 +353,10 @@ class Spool:
         batches = []
         for entry in os.listdir(self.applied_dir):
             path = self.applied_dir / entry
-            if BATCH_ID_RE.match(entry) and path.is_dir():
+            st = os.lstat(path)
+            if BATCH_ID_RE.match(entry) and safefs.problem(st) is None:
                 # Ids sort by time to the second; the folder's mtime breaks ties.
-                batches.append((entry[:16], path.stat().st_mtime_ns, path))
+                batches.append((entry[:16], st.st_mtime_ns, path))
         batches.sort()
         for _, _, path in batches[: max(len(batches) - self.keep_applied, 0)]:
             shutil.rmtree(path, ignore_errors=True)

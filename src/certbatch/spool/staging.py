@@ -24,10 +24,13 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .. import safefs
+from ..errors import UnsafePath
 from ..faults import point
 from ..fsutil import fsync_dir
 
@@ -42,8 +45,18 @@ def token() -> str:
 
 
 def remove(path: Path) -> None:
-    """Delete a file or a whole folder (never following a symlink to a folder)."""
-    if path.is_dir() and not path.is_symlink():
+    """Delete a file, a symlink (not what it points at) or a whole folder of certbatch's own.
+
+    shutil.rmtree works through folder descriptors and never follows a link inside the tree;
+    a folder owned by another user is left alone (UnsafePath).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if st.st_uid != os.geteuid():
+            raise UnsafePath(path, "is owned by another user: not deleted")
         shutil.rmtree(path, ignore_errors=True)
     else:
         with contextlib.suppress(FileNotFoundError):
@@ -79,7 +92,7 @@ class Staging:
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
         """Hold .prepare.lock shared: while we have a .tmp folder, recover() leaves them all."""
-        fd = os.open(self.prepare_lock, os.O_RDWR | os.O_CREAT, 0o600)
+        fd = safefs.open_file(self.prepare_lock, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
             yield
@@ -92,10 +105,10 @@ class Staging:
         Only an exclusive flock we actually get says so; any doubt keeps the leftovers.
         """
         try:
-            fd = os.open(self.prepare_lock, os.O_RDWR)
+            fd = safefs.open_file(self.prepare_lock, os.O_RDWR)
         except FileNotFoundError:
             return True  # every staging creates it before its .tmp folder
-        except OSError as exc:
+        except (OSError, UnsafePath) as exc:
             log.debug("spool: cannot open %s (%s): keeping .tmp folders", self.prepare_lock, exc)
             return False
         try:
