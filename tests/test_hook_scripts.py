@@ -1,8 +1,16 @@
 """The shipped hook scripts (hooks/): shellcheck, behaviour, and nginx end to end.
 
-The scripts run as certbatch runs them: copied into a hooks folder and driven by Spool.stage and
-Spool.notify. nginx is real; for HAProxy, Apache, Postfix and Dovecot (not installed here) the
-scripts' program/command settings point at small recording stand-in scripts.
+Two ways of running them:
+- as certbatch runs them: copied into a hooks folder and driven by Spool.stage and Spool.notify
+  (the older tests below);
+- directly, as a notify target, with real_servers.run_notify_hook: an environment built from
+  scratch with the target contract (the names only in CERTBATCH_NAMES_FILE, CERTBATCH_NAMES
+  absent with CERTBATCH_NAMES_TRUNCATED=1, CERTBATCH_TARGET), on a spool folder the test lays
+  out with real_servers.write_spool. These don't depend on certbatch's internals.
+nginx is real here (nginx_server.py), and so is a stand-in nginx for a 2,000-name batch. The
+HAProxy, Apache and Postfix/Dovecot tests here point the scripts' program/command settings at
+small recording stand-in scripts, to check exactly what they run; test_real_servers.py runs the
+same scripts against the real servers.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
-from nginx_server import NGINX_BIN, NginxServer, TestCA, self_signed
+from nginx_server import NGINX_BIN, Issued, NginxServer, TestCA, self_signed
+from real_servers import run_notify_hook, write_spool
 
 from certbatch.spool import Spool
 
@@ -448,3 +457,269 @@ def test_webhook_without_token_and_unreachable(tmp_path: Path, ca: TestCA,
     out = spool.notify()
     assert not out.ok and out.error is not None and "request to" in str(out.error)
 
+
+
+# -- the notify-target contract: names from CERTBATCH_NAMES_FILE, run directly ---------------
+
+INSTALLERS = ["nginx", "haproxy", "apache", "postfix-dovecot"]
+
+
+def recorder(path: Path, log: Path, fail_on: str = "") -> Path:
+    """A stand-in program: appends "<name> <args>" to `log`; fails if its args are `fail_on`."""
+    return stand_in(path, f'echo "{path.name} $*" >> "{log}"\n'
+                          f'if [ "$*" = "{fail_on}" ]; then\n'
+                          '    echo "[emerg] [ALERT] stand-in check failed" >&2; exit 1\n'
+                          'fi\n')
+
+
+def stand_in_settings(script: str, tmp_path: Path,
+                      fail_on: str = "") -> tuple[dict[str, str], Path]:
+    """Settings pointing `script` at recording stand-ins; returns them and its cert folder."""
+    log = tmp_path / "calls.log"
+    bin_dir = tmp_path / "bin"
+    cert_dir = tmp_path / f"{script} certs"
+    if script == "nginx":
+        return {"NGINX_BIN": str(recorder(bin_dir / "nginx", log, fail_on)),
+                "NGINX_CERT_DIR": str(cert_dir)}, cert_dir
+    if script == "haproxy":
+        return {"HAPROXY_BIN": str(recorder(bin_dir / "haproxy", log, fail_on)),
+                "HAPROXY_CERT_DIR": str(cert_dir), "HAPROXY_CONF": "/x/haproxy.cfg",
+                "HAPROXY_RELOAD_CMD": f'echo reload >> "{log}"'}, cert_dir
+    if script == "apache":
+        return {"APACHECTL": str(recorder(bin_dir / "apachectl", log, fail_on)),
+                "APACHE_CERT_DIR": str(cert_dir)}, cert_dir
+    return {"MAIL_CERT_DIR": str(cert_dir), "POSTFIX_RELOAD_CMD": f'echo postfix >> "{log}"',
+            "DOVECOT_RELOAD_CMD": f'echo dovecot >> "{log}"'}, cert_dir
+
+
+def installed(script: str, cert_dir: Path, name: str) -> dict[str, bytes]:
+    if script == "haproxy":
+        return {"pem": (cert_dir / f"{name}.pem").read_bytes()}
+    return {f: (cert_dir / name / f).read_bytes() for f in ("fullchain.pem", "privkey.pem")}
+
+
+def expected(script: str, issued: Issued) -> dict[str, bytes]:
+    if script == "haproxy":
+        return {"pem": issued.key_pem + issued.fullchain_pem}
+    return {"fullchain.pem": issued.fullchain_pem, "privkey.pem": issued.key_pem}
+
+
+EXPECTED_CALLS = {
+    "nginx": ["nginx -t", "nginx -s reload"],
+    "haproxy": ["haproxy -c -f /x/haproxy.cfg", "reload"],
+    "apache": ["apachectl configtest", "apachectl graceful"],
+    "postfix-dovecot": ["postfix", "dovecot"],
+}
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_names_file_only(script: str, tmp_path: Path, ca: TestCA) -> None:
+    """Names only in CERTBATCH_NAMES_FILE (no CERTBATCH_NAMES): all installed, one reload."""
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    batch = {n: ca.issue([f"{n}.example"]) for n in ("api", "www", "mail.x-1")}
+    spool = write_spool(tmp_path / "spool", batch)
+
+    proc = run_notify_hook(script, spool, sorted(batch), settings, target="t-1")
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{script} hook (t-1): installed api mail.x-1 www;")
+    assert (tmp_path / "calls.log").read_text().splitlines() == EXPECTED_CALLS[script]
+    for name, issued in batch.items():
+        assert installed(script, cert_dir, name) == expected(script, issued)
+    if script == "haproxy":
+        assert sorted(os.listdir(cert_dir)) == ["api.pem", "mail.x-1.pem", "www.pem"]
+    else:
+        assert sorted(os.listdir(cert_dir)) == ["api", "mail.x-1", "www"]  # no temp folder
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_legacy_names_variable(script: str, tmp_path: Path, ca: TestCA) -> None:
+    """From a certbatch without CERTBATCH_NAMES_FILE: the names come from CERTBATCH_NAMES."""
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    batch = {n: ca.issue([f"{n}.example"]) for n in ("a", "b")}
+    spool = write_spool(tmp_path / "spool", batch)
+
+    proc = run_notify_hook(script, spool, ["b", "a"], settings, legacy_names=True)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{script} hook: installed a b;")
+    for name, issued in batch.items():
+        assert installed(script, cert_dir, name) == expected(script, issued)
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+@pytest.mark.parametrize("bad", ["../up", "a b", "-rf", "Www", "*", "x/y", ".hidden", "ok\r",
+                                 "tab\there", "$(reboot)"])
+def test_invalid_name_in_names_file_changes_nothing(script: str, bad: str, tmp_path: Path,
+                                                    ca: TestCA) -> None:
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    spool = write_spool(tmp_path / "spool", {"good": ca.issue(["good.example"])})
+    (spool / "x").mkdir()  # something a "*" would match, were it globbed
+
+    proc = run_notify_hook(script, spool, ["good", bad], settings)
+
+    assert proc.returncode == 1
+    shown = bad.replace("\r", "\n")  # text=True reads a CR as a line break
+    assert proc.stderr.endswith(f"{script} hook: invalid name '{shown}'\n"), proc.stderr
+    assert not cert_dir.exists() and not (tmp_path / "calls.log").exists()
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_glob_in_legacy_names_is_not_expanded(script: str, tmp_path: Path, ca: TestCA) -> None:
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    spool = write_spool(tmp_path / "spool", {"good": ca.issue(["good.example"])})
+
+    proc = run_notify_hook(script, spool, ["good", "p*"], settings, legacy_names=True)
+
+    assert proc.returncode == 1  # "p*" would match "pending" in the working directory
+    assert proc.stderr.strip().splitlines()[-1] == f"{script} hook: invalid name 'p*'"
+    assert not cert_dir.exists()
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_names_file_edge_cases(script: str, tmp_path: Path, ca: TestCA) -> None:
+    """Repeats and blank lines are harmless; a last line without its newline still counts."""
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    batch = {n: ca.issue([f"{n}.example"]) for n in ("a", "b", "c")}
+    spool = write_spool(tmp_path / "spool", batch)
+    names_file = tmp_path / "names"
+    names_file.write_text("b\n\na\nb\nc")  # no final newline
+    settings = {**settings, "CERTBATCH_NAMES_FILE": str(names_file)}
+
+    proc = subprocess.run([str(HOOKS / "notify.d" / script)], cwd=spool, capture_output=True,
+                          text=True, timeout=60, stdin=subprocess.DEVNULL,
+                          env={"PATH": os.environ["PATH"], **settings,
+                               "CERTBATCH_SPOOL_DIR": str(spool)})
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{script} hook: installed a b c;")
+    assert (tmp_path / "calls.log").read_text().splitlines() == EXPECTED_CALLS[script]
+    for name, issued in batch.items():
+        assert installed(script, cert_dir, name) == expected(script, issued)
+
+
+@pytest.mark.parametrize("script", INSTALLERS)
+def test_unreadable_or_absent_names(script: str, tmp_path: Path) -> None:
+    settings, cert_dir = stand_in_settings(script, tmp_path)
+    spool = tmp_path / "spool"
+    (spool / "pending").mkdir(parents=True)
+    base = {"PATH": os.environ["PATH"], **settings, "CERTBATCH_SPOOL_DIR": str(spool)}
+    for extra, message in (
+            ({"CERTBATCH_NAMES_TRUNCATED": "1"},
+             "CERTBATCH_NAMES_FILE is not set: run this from certbatch"),
+            ({"CERTBATCH_NAMES_FILE": str(tmp_path / "nope")},
+             f"cannot read CERTBATCH_NAMES_FILE '{tmp_path / 'nope'}'"),
+            ({"CERTBATCH_NAMES_FILE": str(tmp_path)},  # a folder
+             f"cannot read CERTBATCH_NAMES_FILE '{tmp_path}'")):
+        proc = subprocess.run([str(HOOKS / "notify.d" / script)], cwd=spool, env=base | extra,
+                              capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 1
+        assert proc.stderr.strip().splitlines()[-1] == f"{script} hook: {message}"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    proc = subprocess.run([str(HOOKS / "notify.d" / script)], cwd=spool, capture_output=True,
+                          env=base | {"CERTBATCH_NAMES_FILE": str(empty)}, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"{script} hook: the batch has no names"
+    assert not cert_dir.exists()
+
+
+@pytest.mark.parametrize("script", ["nginx", "haproxy", "apache"])  # (postfix: no check)
+def test_names_file_rollback_with_stand_ins(script: str, tmp_path: Path, ca: TestCA) -> None:
+    """The server's check fails: every replaced file comes back, every new one goes."""
+    fail_on = {"nginx": "-t", "haproxy": "-c -f /x/haproxy.cfg", "apache": "configtest"}[script]
+    settings, cert_dir = stand_in_settings(script, tmp_path, fail_on=fail_on)
+    v1 = {n: ca.issue([f"{n}.example"]) for n in ("a", "b")}
+    assert run_notify_hook(script, write_spool(tmp_path / "s1", v1), ["a", "b"],
+                           {**settings, "HAPROXY_BIN": "true", "NGINX_BIN": "true",
+                            "APACHECTL": "true"}).returncode == 0
+    before = {n: installed(script, cert_dir, n) for n in v1}
+    v2 = {n: ca.issue([f"{n}.example"]) for n in ("a", "c")}  # a replaced, c new
+
+    proc = run_notify_hook(script, write_spool(tmp_path / "s2", v2), ["a", "c"], settings)
+
+    assert proc.returncode == 1
+    assert "previous certificate files restored" in proc.stderr
+    assert {n: installed(script, cert_dir, n) for n in v1} == before
+    assert sorted(os.listdir(cert_dir)) == (["a.pem", "b.pem"] if script == "haproxy"
+                                            else ["a", "b"])
+
+
+def test_nginx_names_file_2000_names(tmp_path: Path, ca: TestCA) -> None:
+    """A batch too big for CERTBATCH_NAMES: 2,000 names of 64 characters, in a few seconds."""
+    settings, cert_dir = stand_in_settings("nginx", tmp_path)
+    issued = ca.issue(["big.example"])  # the stand-in nginx doesn't read them: one will do
+    names = [f"{i:04d}-" + "x" * 59 for i in range(2000)]
+    assert all(len(n) == 64 for n in names) and len(" ".join(names)) > 64 * 1024
+    write_spool(tmp_path / "spool", {names[0]: issued})
+    for name in names[1:]:  # the same files for every name: hard links are quicker to make
+        shutil.copytree(tmp_path / "spool" / "pending" / names[0],
+                        tmp_path / "spool" / "pending" / name, copy_function=os.link)
+    started = time.monotonic()
+
+    proc = run_notify_hook("nginx", tmp_path / "spool", names, settings, timeout=120)
+
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "nginx hook: installed 2000 certificates; nginx reloaded"
+    assert (tmp_path / "calls.log").read_text().splitlines() == ["nginx -t", "nginx -s reload"]
+    assert sorted(os.listdir(cert_dir)) == names
+    for name in (names[0], names[999], names[-1]):
+        assert installed("nginx", cert_dir, name) == expected("nginx", issued)
+        assert mode(cert_dir / name / "privkey.pem") == 0o600
+        assert mode(cert_dir / name / "fullchain.pem") == 0o644
+    assert elapsed < 30, f"{elapsed:.1f} s for 2,000 names"
+
+
+def test_nginx_names_file_real_server(tmp_path: Path, ca: TestCA) -> None:
+    """Real nginx, names from the file: a broken batch is rolled back, the fixed one served."""
+    if not os.access(NGINX_BIN, os.X_OK):
+        pytest.skip(f"{NGINX_BIN} is not installed")
+    cert_dir = tmp_path / "nginx certs"
+    for name in SERVER_NAMES:
+        self_signed([name], serial=OLD_SERIALS[name]).install(cert_dir / name)
+    with NginxServer(tmp_path / "nginx", cert_dir, SERVER_NAMES) as server:
+        before = {p: p.read_bytes() for p in cert_dir.rglob("*.pem")}
+        good = {n: ca.issue([n], serial=NEW_SERIALS[n]) for n in SERVER_NAMES}
+        other = ca.issue(["x.test"])
+        batch = {**good, "x.test": other,
+                 "b.test": dataclasses.replace(good["b.test"], key_pem=other.key_pem)}
+        names = sorted(batch)
+
+        proc = run_notify_hook("nginx", write_spool(tmp_path / "bad", batch), names,
+                               server.hook_env(), target="front")
+
+        assert proc.returncode == 1
+        assert "key values mismatch" in proc.stderr  # nginx's own message
+        assert "nginx hook (front): nginx -t failed: " in proc.stderr.strip().splitlines()[-1]
+        assert {p: p.read_bytes() for p in cert_dir.rglob("*.pem")} == before
+        assert not (cert_dir / "x.test").exists()
+        assert wait_reloads(server, 1, timeout=0.5) == 0
+
+        batch["b.test"] = good["b.test"]
+        proc = run_notify_hook("nginx", write_spool(tmp_path / "good", batch), names,
+                               server.hook_env(), target="front")
+
+        assert proc.returncode == 0, proc.stderr
+        assert wait_reloads(server, 1) == 1
+        for name in SERVER_NAMES:
+            assert server.wait_for_serial(name, NEW_SERIALS[name]) == NEW_SERIALS[name]
+
+
+def test_webhook_names_file_only(tmp_path: Path, ca: TestCA,
+                                 webhook_server: tuple[str, type[_Recorder]]) -> None:
+    """The webhook posts the target's own batch file; it needs no names variable."""
+    url, handler = webhook_server
+    spool = write_spool(tmp_path / "spool", {"www": ca.issue(["www.example"])})
+
+    proc = run_notify_hook("webhook", spool, ["www"], {"CERTBATCH_WEBHOOK_URL": url},
+                           target="hooks-api")
+
+    assert proc.returncode == 0, proc.stderr
+    assert "webhook hook (hooks-api):" in proc.stdout
+    (path, headers, body) = handler.requests[-1]
+    sent = json.loads(body)
+    assert sent["names"] == ["www"] and sent["target"] == "hooks-api"
+    assert body == (tmp_path / "spool-target-hooks-api" / "batch.json").read_bytes()
