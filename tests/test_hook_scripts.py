@@ -216,39 +216,30 @@ def test_nginx_batch_installs_and_reloads_once(tmp_path: Path, nginx: NginxServe
     assert spool.pending() == []
 
 
-def test_nginx_broken_batch_is_rolled_back_and_kept(tmp_path: Path, nginx: NginxServer,
-                                                    ca: TestCA) -> None:
+def test_mismatched_entry_never_reaches_nginx(tmp_path: Path, nginx: NginxServer,
+                                              ca: TestCA) -> None:
+    """certbatch checks every entry before a target gets it: a key that does not match its
+    certificate is removed from the batch (and restaged from the store by the next run), the
+    rest is applied. (The hook's own rollback on `nginx -t` failing is tested directly in
+    test_nginx_names_file_real_server.)"""
     spool = make_spool(tmp_path, notify=["nginx"])
-    before = {p: p.read_bytes() for p in nginx.cert_dir.rglob("*.pem")}
     good = {n: ca.issue([n], serial=NEW_SERIALS[n]) for n in SERVER_NAMES}
     other = ca.issue(["x.test"])
     broken = dataclasses.replace(good["b.test"], key_pem=other.key_pem)  # key of another cert
     for name in ("a.test", "c.test"):
         assert spool.stage(good[name].cert_files(name)).ok
-    assert spool.stage(broken.cert_files("b.test")).ok
-    assert spool.stage(other.cert_files("x.test")).ok  # a name nginx had no files for yet
+    assert spool.stage(broken.cert_files("b.test")).ok  # no deploy hook ran: nothing checked
 
     out = spool.notify()
 
-    assert not out.ok and out.error is not None
-    assert out.error.hook == "nginx" and out.error.returncode == 1
-    assert "key values mismatch" in out.error.stderr_tail  # nginx's own message
-    assert "nginx -t failed" in str(out.error)
-    assert wait_reloads(nginx, 1, timeout=0.5) == 0
-    for name in SERVER_NAMES:
-        assert nginx.served_serial(name) == OLD_SERIALS[name]
-    after = {p: p.read_bytes() for p in nginx.cert_dir.rglob("*.pem")}
-    assert after == before  # restored byte for byte; x.test's new files removed
-    assert not (nginx.cert_dir / "x.test").exists()
-    assert [e.name for e in spool.pending()] == ["a.test", "b.test", "c.test", "x.test"]
-
-    # The operator fixes b.test; the next run retries the whole batch.
-    assert spool.stage(good["b.test"].cert_files("b.test")).ok
-    out = spool.notify()
-    assert out.ok, out.error and out.error.stderr_tail
+    assert not out.ok and [(d.name, d.problem) for d in out.damaged] == [
+        ("b.test", "the certificate does not match the private key")]
+    assert out.targets[0].ok and out.targets[0].names == ["a.test", "c.test"]
     assert wait_reloads(nginx, 1) == 1
-    for name in SERVER_NAMES:
+    for name in ("a.test", "c.test"):
         assert nginx.wait_for_serial(name, NEW_SERIALS[name]) == NEW_SERIALS[name]
+    assert nginx.served_serial("b.test") == OLD_SERIALS["b.test"]
+    assert spool.pending() == []
 
 
 def test_nginx_reload_command_override(tmp_path: Path, nginx: NginxServer, ca: TestCA,
@@ -435,9 +426,10 @@ def test_webhook(tmp_path: Path, ca: TestCA, monkeypatch: pytest.MonkeyPatch,
     assert headers["Authorization"] == "Bearer t0ken-123"
     assert headers["Content-Type"] == "application/json"
     assert out.batch_id is not None
-    applied = spool.root / "applied" / out.batch_id / "batch.json"
-    assert body == applied.read_bytes()
-    assert json.loads(body)["names"] == ["www"]
+    sent = json.loads(body)  # the target's own batch file
+    assert (sent["target"], sent["batch_id"], sent["names"]) == ("webhook", out.batch_id, ["www"])
+    applied = json.loads((spool.root / "applied" / out.batch_id / "batch.json").read_bytes())
+    assert sent["certificates"] == applied["certificates"]
 
 
 def test_webhook_without_token_and_unreachable(tmp_path: Path, ca: TestCA,

@@ -315,15 +315,13 @@ def test_full_disk_fails_one_line_keeps_everything_and_the_next_run_recovers(top
         assert status.returncode == 0 and status.stderr == "", status.stderr
         assert "web" in status.stdout
 
-        # A renewal: the certificate cannot be stored. One line naming the state folder and the
-        # problem; the live certificate and the pending entry are untouched.
+        # A renewal: the full disk is found before the CA is asked for a certificate that
+        # could not be stored. One line naming the state folder and the problem; the live
+        # certificate and the pending entry are untouched.
         full = run(["renew", "--force", "--no-notify"], cfg, pebble)
         no_traceback(full)
         assert full.returncode == 1, full.stderr
-        lines = full.stderr.splitlines()
-        assert len(lines) == 1, full.stderr
-        assert lines[0].startswith(f"certbatch: web: failed: {disk}/"), lines[0]
-        assert lines[0].endswith(": no space left on device"), lines[0]
+        assert full.stderr == f"certbatch: error: {disk}/state: no space left on device\n"
         assert live(disk, "web") == old
         assert tree(disk / "state" / "certs") == live_files
         assert tree(disk / "spool" / "pending") == pending
@@ -334,8 +332,9 @@ def test_full_disk_fails_one_line_keeps_everything_and_the_next_run_recovers(top
         assert "Traceback" not in notify.stderr and "internal error" not in notify.stderr
         assert notify.returncode == 1, notify.stderr
         assert len(notify.stderr.splitlines()) == 1, notify.stderr
-        # (spool/apply.py words this one; it should name the path it could not write, too)
-        assert "no space left on device" in notify.stderr.lower(), notify.stderr
+        assert f"{disk}/spool/targets/reload/" in notify.stderr, notify.stderr
+        assert notify.stderr.endswith(": no space left on device; 1 certificate stays pending "
+                                      "for it: fix it, then run `certbatch run-hook`\n")
         assert tree(disk / "spool" / "pending") == pending
         assert tree(disk / "state" / "certs") == live_files
 

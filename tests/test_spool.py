@@ -527,7 +527,7 @@ def test_no_fd_or_folder_left_by_success_hook_failure_or_write_failure(
         raise OSError(28, "No space left on device", str(path))
 
     monkeypatch.setattr(spool_core, "write_new", full_disk)
-    with pytest.raises(StoreError, match="staging www failed: .*No space left on device"):
+    with pytest.raises(StoreError, match="staging www failed: .*: no space left on device"):
         spool.stage(cert("www", version="v3"))
     assert open_fds() == before
     assert os.listdir(spool.root / ".staging") == []

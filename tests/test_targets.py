@@ -324,7 +324,7 @@ def test_target_env_reaches_the_hook_and_cannot_override_certbatch(tmp_path, peb
     result = run(["renew"], bad, pebble)
     assert result.returncode == 2
     assert result.stderr == (f"certbatch: error: {bad}: hooks.targets.envy.env.CERTBATCH_NAMES: "
-                             "CERTBATCH_* variables are set by certbatch itself\n")
+                             "CERTBATCH_NAMES is set by certbatch itself\n")
 
 
 def test_target_settings_for_a_notify_d_file_and_clashes(tmp_path, pebble):

@@ -551,7 +551,9 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
         for line in render.notify_lines(outcome):
             out(line)
         if outcome.ok and not outcome.no_targets and not any(t.ran for t in outcome.targets):
-            out("nothing to apply: every target has what is pending")
+            which = "the target run has" if len(outcome.targets) == 1 and only_targets else \
+                "the targets run have" if only_targets else "every target has"
+            out(f"nothing to apply: {which} everything pending")
     return EXIT_FAILURE if failures or not outcome.ok else EXIT_OK
 
 
@@ -610,7 +612,7 @@ def notify_plan(runner: Any, only: tuple[str, ...] = (), all_live: bool = False)
             lines.append(f"target {t.name}: CANNOT RUN: {t.problem}")
             continue
         names = state.waiting if not all_live else sorted(
-            set(state.waiting) | set(runner.settings.certificates))
+            set(state.waiting) | set(live))
         if not names:
             lines.append(f"target {t.name}: nothing to apply (it has every pending entry)")
             continue
@@ -756,6 +758,8 @@ def check(ctx: click.Context, online: bool) -> int:
         how = f"CANNOT RUN: {t.problem}" if t.problem or t.command is None else (
             f"{_command_text(t.command.argv)} [timeout {t.timeout:g} s{env}]")
         say(f"  {t.name}: {how}")
+        if t.problem and t.problem not in problems:  # e.g. a file name no target can have
+            problems.append(t.problem)
     if online:
         from .acme_client import AcmeClient
         from .store import Store

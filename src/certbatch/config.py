@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import yaml
 
 from certbatch.errors import ConfigError
+from certbatch.hooks import RESERVED_ENV
 
 KEY_TYPES = ("ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 DEFAULT_CONFIG_PATHS = (Path("certbatch.yaml"), Path("/etc/certbatch/certbatch.yaml"))
@@ -540,7 +541,9 @@ class _Checker:
         paths = PathSettings(state=self.opt_path(m, "paths", "state") or DEFAULT_STATE,
                              spool=self.opt_path(m, "paths", "spool") or DEFAULT_SPOOL,
                              hooks=self.opt_path(m, "paths", "hooks") or DEFAULT_HOOKS)
-        if paths.state.resolve() == paths.spool.resolve():
+        # realpath, not resolve(): a symlink loop must not crash every command here (the
+        # commands that use the folders say what is wrong with them).
+        if os.path.realpath(paths.state) == os.path.realpath(paths.spool):
             # Both keep a .lock file: one folder would make the run lock and the spool lock
             # the same lock, and a run would wait for itself forever.
             self.fail("paths.spool", f"must be another folder than paths.state ({paths.state})")
@@ -616,8 +619,8 @@ class _Checker:
             where = _join(key, name)
             if not isinstance(name, str) or not _ENV_NAME_RE.fullmatch(name):
                 self.fail(where, f"invalid environment variable name {_short(name)}")
-            if name.startswith("CERTBATCH_"):
-                self.fail(where, "CERTBATCH_* variables are set by certbatch itself")
+            if name in RESERVED_ENV:
+                self.fail(where, f"{name} is set by certbatch itself")
             if isinstance(value, bool) or not isinstance(value, (str, int)):
                 self.fail(where, f"expected a string, got {_describe(value)} (quote it)")
             text = str(value)

@@ -66,11 +66,34 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         point("atomic-write.synced")
         os.replace(tmp, path)
         point("atomic-write.renamed")
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_it(exc, path)
         raise
     fsync_dir(directory)
+
+
+def _name_it(exc: BaseException, path: Path) -> None:
+    """Raise an OSError of a write (which names no file) again, naming `path`."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
+def probe_space(folder: Path, size: int = 65536) -> None:
+    """Write and fsync `size` bytes in `folder`, then remove them: a full disk or quota shows
+    up as an OSError naming the folder before a run asks the CA for certificates it could not
+    store."""
+    fd, tmp = tempfile.mkstemp(prefix=".space.", suffix=".tmp", dir=folder)
+    try:
+        os.write(fd, b"\0" * size)
+        os.fsync(fd)
+    except OSError as exc:
+        _name_it(exc, folder)
+        raise
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
 
 
 def write_new(path: Path, data: bytes | str, mode: int = 0o644, sync: bool = True) -> None:
@@ -89,9 +112,10 @@ def write_new(path: Path, data: bytes | str, mode: int = 0o644, sync: bool = Tru
             if sync:  # False when the caller syncs the whole folder later
                 fh.flush()
                 os.fsync(fh.fileno())
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+        _name_it(exc, path)
         raise
 
 
@@ -144,7 +168,8 @@ class FileLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         with self._guard:
-            self._tlock = self._thread_locks.setdefault(str(path.resolve()), threading.Lock())
+            key = os.path.realpath(path)  # never raises, unlike resolve() on a symlink loop
+            self._tlock = self._thread_locks.setdefault(key, threading.Lock())
         self._fd: int | None = None
         self._dir_fd: int | None = None
 

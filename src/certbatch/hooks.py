@@ -43,6 +43,20 @@ DRAIN_GRACE = 1.0  # seconds to wait for EOF after the hook exited (a background
 _SKIP = re.compile(r"^\.|~$|\.bak$|\.disabled$|\.dpkg-[a-z]+$|\.rpm[a-z]*$")
 
 
+# Every variable certbatch sets for a hook: a hook's own settings (hooks.targets.*.env) may not
+# use these names, and an inherited value of one never reaches a hook (a left-out name list
+# must not be replaced by a stale one from certbatch's own environment).
+RESERVED_ENV = frozenset({
+    "CERTBATCH_NAME", "CERTBATCH_DOMAINS", "CERTBATCH_STAGE_DIR", "CERTBATCH_KEY_FILE",
+    "CERTBATCH_CERT_FILE", "CERTBATCH_CHAIN_FILE", "CERTBATCH_FULLCHAIN_FILE",
+    "CERTBATCH_SPOOL_DIR", "CERTBATCH_TARGET", "CERTBATCH_BATCH_FILE", "CERTBATCH_NAMES_FILE",
+    "CERTBATCH_COUNT", "CERTBATCH_NAMES", "CERTBATCH_NAMES_TRUNCATED", "CERTBATCH_FAILED_NAMES",
+    "CERTBATCH_FAILED_NAMES_TRUNCATED",
+    # dns-01 scripts (challenges.py)
+    "CERTBATCH_DOMAIN", "CERTBATCH_RECORD_NAME", "CERTBATCH_RECORD_VALUE", "CERTBATCH_RECORDS",
+})
+
+
 @dataclass(frozen=True)
 class HookCommand:
     """One hook to run: `name` for messages, `argv` to execute (argv[0] absolute for files)."""
@@ -302,7 +316,7 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
     stopped like a timed-out one: both give an `interrupted` result at once. A hook that had
     already exited keeps its status, but what it left running in its group is killed too.
     """
-    child_env = dict(os.environ)
+    child_env = {k: v for k, v in os.environ.items() if k not in RESERVED_ENV}
     child_env.update(env)
     start = time.monotonic()
     proc: subprocess.Popen[bytes] | None = None

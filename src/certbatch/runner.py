@@ -29,7 +29,7 @@ from .errors import (
     RateLimited,
     UsageError,
 )
-from .fsutil import FileLock, ensure_root
+from .fsutil import FileLock, ensure_root, probe_space
 from .hooks import HookCommand, from_config
 from .renewal import Decision
 from .spool import CertFiles, NotifyOutcome, Spool, TargetState
@@ -221,6 +221,10 @@ class Runner:
             return report
 
         if any(r.decision.needs_order for _, r, _, _ in work):
+            # A full disk or quota must stop the run before the CA issues what cannot be
+            # stored (the OSError names the folder: exit 1).
+            probe_space(self.settings.paths.state)
+            probe_space(self.settings.paths.spool)
             delay = self.settings.renewal.jitter if jitter is None else jitter
             if delay > 0:
                 pause = random.uniform(0, delay)
@@ -315,6 +319,8 @@ class Runner:
             if result.staged:
                 status.staged_version = stored.version
                 status.last_success = utcnow()
+            else:  # the next run stages it again, also when a restage by hand failed
+                status.staged_version = None
         except Interrupted as exc:
             # Nothing half-written: the store and the spool are crash-safe; a certificate stored
             # but not staged is staged by the next run ("restage"), one not stored is due.

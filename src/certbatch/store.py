@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import safefs
-from .errors import StoreError
+from .errors import StoreError, os_error_message
 from .faults import point
 from .fsutil import atomic_symlink, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
 
@@ -175,8 +176,10 @@ class Store:
             version = os.readlink(live)
         except FileNotFoundError:
             return None
-        except OSError as exc:  # EINVAL: `live` is not a symlink
-            raise StoreError(f"{live}: not the symlink certbatch makes: {exc.strerror}") from exc
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                raise StoreError(f"{live}: not the symlink certbatch makes") from exc
+            raise StoreError(os_error_message(exc, live)) from exc
         if not _LIVE_RE.match(version):
             raise StoreError(f"{live}: points at {version!r}, not at one of its versions/")
         folder = cdir / version

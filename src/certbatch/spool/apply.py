@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import interrupt
-from ..errors import CertbatchError
+from ..errors import CertbatchError, os_error_message
 from ..faults import point
 from ..fsutil import ensure_dir
 from ..hooks import HookResult, run_hook
@@ -93,7 +93,10 @@ def apply_one(batch: Batch, target: Target, waiting: Sequence[PendingEntry], led
         try:
             result = _run(batch, target, waiting, ledgers)
             error = None if result.ok else str(result.error())
-        except (OSError, CertbatchError) as exc:  # its files could not be written
+        except OSError as exc:  # its files could not be written
+            error = f"target {target.name}: cannot hand over the batch: " \
+                    f"{os_error_message(exc, ledgers.folder(target.name))}"
+        except CertbatchError as exc:
             error = f"target {target.name}: cannot hand over the batch: {exc}"
     if error is None:
         ledger.applied.update((e.name, e.serial) for e in waiting)

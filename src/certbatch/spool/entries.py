@@ -108,8 +108,13 @@ def entry_problem(folder: Path, serial: str) -> str | None:
             return f"{filename} is empty"
     try:
         info = crypto.check_pair(data["fullchain.pem"], data["privkey.pem"])
-        # certbatch writes fullchain.pem as cert.pem + chain.pem: parse only if that changed.
-        if not data["fullchain.pem"].startswith(data["cert.pem"].strip()) and \
+        # certbatch writes fullchain.pem as cert.pem + chain.pem: when cert.pem is exactly one
+        # whole PEM block that fullchain.pem starts with, it is the leaf just checked.
+        leaf = data["cert.pem"].strip()
+        same = leaf.startswith(b"-----BEGIN CERTIFICATE-----") and leaf.endswith(
+            b"-----END CERTIFICATE-----") and leaf.count(b"-----BEGIN") == 1 and \
+            data["fullchain.pem"].startswith(leaf)
+        if not same and \
                 crypto.check_pair(data["cert.pem"], data["privkey.pem"]).serial != info.serial:
             return "cert.pem and fullchain.pem hold different certificates"
     except CertificateCheckError as exc:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .. import safefs
 from ..config import HookSettings
-from ..errors import CertbatchError, StoreError, UnsafePath
+from ..errors import CertbatchError, StoreError, UnsafePath, os_error_message
 from ..faults import point
 from ..fsutil import FileLock, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
 from ..hooks import HookCommand, HookResult, discover, run_hook, scan
@@ -174,7 +174,8 @@ class Spool:
             self.lock.acquire()
         try:
             self.staging.recover()
-            # certbatch < 0.3 kept one batch.json for all notify hooks; each target has its own.
+            # Earlier versions kept one batch.json for all notify hooks (each target has its
+            # own now); a crash could also leave it behind.
             remove(self.root / "batch.json")
             yield
         finally:
@@ -211,7 +212,8 @@ class Spool:
                 finally:
                     remove(work)  # gone already if committed
         except OSError as exc:
-            raise StoreError(f"spool {self.root}: staging {cert.name} failed: {exc}") from exc
+            raise StoreError(f"staging {cert.name} failed: "
+                             f"{os_error_message(exc, self.root)}") from exc
 
     def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> Path:
         """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock
@@ -279,7 +281,7 @@ class Spool:
             with self._locked():
                 return self._notify_locked(list(targets), failed_names, only)
         except OSError as exc:
-            raise StoreError(f"spool {self.root}: notify failed: {exc}") from exc
+            raise StoreError(f"notify failed: {os_error_message(exc, self.root)}") from exc
 
     def _notify_locked(self, targets: list[Target], failed_names: Sequence[str],
                        only: Sequence[str]) -> NotifyOutcome:
@@ -355,7 +357,8 @@ class Spool:
             path = self.applied_dir / entry
             st = os.lstat(path)
             if BATCH_ID_RE.match(entry) and safefs.problem(st) is None:
-                # Ids sort by time to the second; the folder's mtime breaks ties.
+                # Ids sort by time (their first 16 characters, to the second); the folder's
+                # mtime breaks ties.
                 batches.append((entry[:16], st.st_mtime_ns, path))
         batches.sort()
         for _, _, path in batches[: max(len(batches) - self.keep_applied, 0)]:
