@@ -188,8 +188,7 @@ def test_nginx_end_to_end_three_renewed_one_reload(tmp_path, pebble):
     (hooks / "notify.d").mkdir(parents=True)
     shutil.copy(REPO / "hooks/notify.d/nginx", hooks / "notify.d/50-nginx")
     cfg = write_config(tmp_path, pebble, {n: {"domains": [n]} for n in names})
-    with NginxServer(tmp_path / "nginx", cert_dir, names) as nginx:
-        nginx.start()
+    with NginxServer(tmp_path / "nginx", cert_dir, names) as nginx:  # started by `with`
         old = {n: nginx.served_serial(n) for n in names}
         result = run(["renew"], cfg, pebble, env=nginx.hook_env())
         assert result.returncode == 0, result.stderr

@@ -283,3 +283,17 @@ def test_hooks_run_with_umask_077(tmp_path, pebble):
         os.umask(old)
     extra = next((tmp_path / "spool/applied").glob("*/www/extra.pem"))
     assert extra.stat().st_mode & 0o777 == 0o600
+
+
+def test_check_reports_damaged_live_files_and_unsafe_folders(tmp_path, pebble, issued):
+    cfg, _ = issued
+    (tmp_path / "state/certs/www/live/cert.pem").write_text("garbage\n")
+    result = run(["check"], cfg, pebble)
+    assert result.returncode == 1
+    assert ("certbatch: problem: www: DAMAGED (cert.pem was changed after it was stored (8 "
+            "bytes, not ") in result.stderr
+    assert "the next `certbatch renew` reissues it" in result.stderr
+    (tmp_path / "spool").chmod(0o777)
+    result = run(["check"], cfg, pebble)
+    assert f"certbatch: problem: spool folder {tmp_path / 'spool'}: is writable by others " \
+           "(mode 0777): a shared folder" in result.stderr

@@ -674,7 +674,29 @@ def _check_folder(label: str, path: Path) -> tuple[str, str | None]:
         return f"exists, NOT READABLE: {unreadable}", f"{label} folder {unreadable}"
     if label != "hooks" and not os.access(path, os.W_OK | os.X_OK):
         return "exists, NOT WRITABLE", f"{label} folder {path} is not writable"
+    if label != "hooks":
+        from . import safefs
+        from .errors import UnsafePath
+        try:
+            safefs.check_root(path)
+        except UnsafePath as exc:
+            return f"exists, NOT SAFE: {exc.why}", f"{label} folder {exc}"
     return "exists", None
+
+
+def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
+    """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
+    from .store import Store
+
+    try:
+        stored = Store(settings.paths.state).current(name, verify=True)
+    except CertbatchError as exc:
+        return f"CANNOT be read: {exc}"
+    except OSError as exc:
+        return f"CANNOT be read: {os_error_message(exc)}"
+    if stored is not None and stored.damaged:
+        return f"DAMAGED ({stored.damaged}): the next `certbatch renew` reissues it"
+    return None
 
 
 @cli.command()
@@ -716,6 +738,10 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
+        live_problem = _live_problem(settings, cert.name)
+        if live_problem:
+            say(f"    live: {live_problem}")
+            problems.append(f"{cert.name}: {live_problem}")
     notify_ok = hooks_ok
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase
