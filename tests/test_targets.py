@@ -440,3 +440,28 @@ def test_ssh_push_targets_one_host_down_then_up(tmp_path, pebble):
     finally:
         up.stop()
         down.stop()
+
+
+def test_only_the_variables_certbatch_sets_are_reserved(tmp_path, monkeypatch):
+    """A hook's own CERTBATCH_* settings (the webhook's) may be set per target; a name list
+    certbatch left out for its size is never replaced by one from certbatch's environment."""
+    from certbatch.config import load
+    from certbatch.hooks import HookCommand, run_hook
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("acme: {directory: https://ca.example/dir}\n"
+                   "defaults: {challenge: {type: dns-01, script: /bin/true}}\n"
+                   "certificates: {site: {domains: [a.example.com]}}\n"
+                   "hooks: {targets: {hook: {command: 'true', env: "
+                   "{CERTBATCH_WEBHOOK_URL: 'https://hooks.example/x'}}}}\n")
+    target = load(cfg).hooks.targets["hook"]
+    assert target.env == (("CERTBATCH_WEBHOOK_URL", "https://hooks.example/x"),)
+
+    monkeypatch.setenv("CERTBATCH_NAMES", "stale")
+    monkeypatch.setenv("CERTBATCH_WEBHOOK_TOKEN_FILE", "/etc/token")
+    out = tmp_path / "seen"
+    result = run_hook(HookCommand("h", ("/bin/sh", "-c",
+                                        f'echo "${{CERTBATCH_NAMES-unset}} '
+                                        f'$CERTBATCH_WEBHOOK_TOKEN_FILE" > {out}')),
+                      {"CERTBATCH_NAMES_TRUNCATED": "1"}, tmp_path, 10)
+    assert result.ok and out.read_text() == "unset /etc/token\n"
