@@ -713,13 +713,14 @@ def check(ctx: click.Context, online: bool) -> int:
     say = _silent if _opt(ctx, "quiet") else out  # -q: the problems only (on stderr)
     say(f"config: {settings.path} (ok)")
     say(f"acme directory: {settings.acme.directory}")
-    hooks_ok = True
+    hooks_ok = state_ok = True
     for label, path in (("state", settings.paths.state), ("spool", settings.paths.spool),
                         ("hooks", settings.paths.hooks)):
         state, problem = _check_folder(label, path)
         if problem:
             problems.append(problem)
             hooks_ok = hooks_ok and label != "hooks"
+            state_ok = state_ok and label != "state"
         say(f"{label}: {path} ({state})")
     log_file = _opt(ctx, "log_file") or settings.log_file
     if log_file:
@@ -738,7 +739,7 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
-        live_problem = _live_problem(settings, cert.name)
+        live_problem = _live_problem(settings, cert.name) if state_ok else None
         if live_problem:
             say(f"    live: {live_problem}")
             problems.append(f"{cert.name}: {live_problem}")
