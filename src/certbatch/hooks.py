@@ -274,12 +274,6 @@ def terminate_all() -> int:
         return len(_running)
 
 
-def running() -> list[int]:
-    """The process group ids of the hooks running now."""
-    with _running_lock:
-        return list(_running)
-
-
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
     """Whether the hook's process has ended, without reaping it (see the registry above)."""
     try:

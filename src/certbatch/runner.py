@@ -324,6 +324,8 @@ class Runner:
         except Interrupted as exc:
             # Nothing half-written: the store and the spool are crash-safe; a certificate stored
             # but not staged is staged by the next run ("restage"), one not stored is due.
+            if result.outcome != PLANNED:  # stopped while staging (see above)
+                status.staged_version = None
             result.outcome, result.error = FAILED, str(exc)
         except RateLimited as exc:
             until = exc.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT
