@@ -6,6 +6,8 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -134,6 +136,37 @@ def atomic_symlink(target: str, link: Path) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(link.parent)
+
+
+def remove_leftovers(folder: Path, levels: int = 1) -> None:
+    """Delete the temp files and folders (`.*.tmp`) that writers killed mid-write left in
+    `folder` (atomic_write, atomic_symlink, a store version being written), and with `levels` >
+    1 in its subfolders too, that many levels down. Call it only while holding the lock that
+    every writer of these folders holds: then none of them is alive.
+
+    Never follows a link: a temp file or symlink is unlinked, a temp folder deleted only if it
+    is certbatch's own, and only folders of its own are searched (safefs.problem). Best effort:
+    what cannot be examined or deleted stays.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        own_dir = stat.S_ISDIR(st.st_mode) and safefs.problem(st) is None
+        if name.startswith(".") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                if own_dir:
+                    shutil.rmtree(path)
+                elif not stat.S_ISDIR(st.st_mode):
+                    os.unlink(path)
+        elif own_dir and levels > 1:
+            remove_leftovers(path, levels - 1)
 
 
 def _flock(fd: int, deadline: float | None, poll: float) -> bool:

@@ -31,7 +31,15 @@ from pathlib import Path
 from . import safefs
 from .errors import StoreError, os_error_message
 from .faults import point
-from .fsutil import atomic_symlink, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
+from .fsutil import (
+    atomic_symlink,
+    atomic_write,
+    ensure_dir,
+    ensure_root,
+    fsync_dir,
+    remove_leftovers,
+    write_new,
+)
 
 log = logging.getLogger("certbatch.store")
 
@@ -127,11 +135,15 @@ class Store:
 
     def check(self) -> None:
         """Create the root, or raise UnsafePath unless it and its top folders are certbatch's
-        own (see safefs): run before any work."""
+        own (see safefs): run before any work, under the run lock. Then delete the temp files
+        and folders a killed run left (status.json and account.json writes, `live` links, a
+        version being written, the disk space probe): no writer of the state is alive."""
         ensure_root(self.root)
         for part in ("certs", "accounts"):
             with contextlib.suppress(FileNotFoundError):
                 safefs.check_dir(self.root / part)
+        # <root>, accounts/<hash>/, certs/<name>/ and certs/<name>/versions/
+        remove_leftovers(self.root, levels=4)
 
     # -- accounts ------------------------------------------------------------------------------
 

@@ -110,6 +110,7 @@ def apply_one(batch: Batch, target: Target, waiting: Sequence[PendingEntry], led
     except OSError as exc:
         # Not recorded: the target gets these entries again next time (re-applying is safe).
         log.error("spool: cannot save the ledger of target %s: %s", target.name, exc)
+    point("apply.ledger-saved")
     return TargetOutcome(target.name, names, result, error is None, error)
 
 

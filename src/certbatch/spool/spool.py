@@ -35,7 +35,15 @@ from .. import safefs
 from ..config import HookSettings
 from ..errors import CertbatchError, StoreError, UnsafePath, os_error_message
 from ..faults import point
-from ..fsutil import FileLock, atomic_write, ensure_dir, ensure_root, fsync_dir, write_new
+from ..fsutil import (
+    FileLock,
+    atomic_write,
+    ensure_dir,
+    ensure_root,
+    fsync_dir,
+    remove_leftovers,
+    write_new,
+)
 from ..hooks import HookCommand, HookResult, discover, run_hook, scan
 from ..store import iso
 from ..targets import Target, resolve
@@ -177,6 +185,10 @@ class Spool:
             # Earlier versions kept one batch.json for all notify hooks (each target has its
             # own now); a crash could also leave it behind.
             remove(self.root / "batch.json")
+            # Temp files of a run killed while it wrote a ledger, a target's batch.json or
+            # names, or an applied/ record: every writer there holds this lock.
+            for folder in (self.ledgers.dir, self.applied_dir):
+                remove_leftovers(folder, levels=2)
             yield
         finally:
             self.lock.release()
