@@ -9,6 +9,7 @@ import datetime as dt
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -175,6 +176,29 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 # libyaml's parser is several times faster than the pure-Python one; the constructor and the
 # duplicate-key walk below are Python either way.
 _BaseLoader: Any = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
+# What PyYAML's constructors raise, instead of a YAML error, for a value they cannot build.
+_CONSTRUCT_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError)
+_MAX_INT_BITS = 1000  # beyond any count or duration; float() and str() always work below it
+
+
+class _Loader(_BaseLoader):
+    """The safe loader, where a value PyYAML cannot build (`2020-13-45`, `!!int ''`,
+    `!!bool maybe`, a 5000-digit number) or an integer too large to use is a YAML error at that
+    value rather than a ValueError, KeyError... from deep inside PyYAML."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            data = super().construct_object(node, deep)
+        except _CONSTRUCT_ERRORS as e:
+            what = _short(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
+            why = f" ({str(e).partition(';')[0][:80]})" if isinstance(e, ValueError) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{what} is not a valid {str(node.tag).rpartition(':')[2]}{why}",
+                node.start_mark) from None
+        if type(data) is int and data.bit_length() > _MAX_INT_BITS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"integer too large ({data.bit_length()} bits)", node.start_mark)
+        return data
 
 
 def load(path: Path | str) -> Settings:
@@ -201,7 +225,7 @@ def _read_yaml(path: Path, file: str) -> Any:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(file, "", f"not UTF-8 text (bad byte at offset {e.start})") from None
-    loader = _BaseLoader(text)
+    loader = _Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
@@ -274,7 +298,9 @@ def _join(parent: str, key: Any) -> str:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    # reprlib for containers: a list built from aliases can be exponentially long printed whole
+    # (a "billion laughs": 30 nested anchors make 2**30 items).
+    text = reprlib.repr(value) if isinstance(value, (list, dict, set)) else repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -524,8 +550,9 @@ class _Checker:
         if email is not None and not _EMAIL_RE.fullmatch(email):
             self.fail("acme.email", f"not an email address: {_short(email)}")
         ca_bundle = self.opt_path(m, "acme", "ca_bundle")
-        if ca_bundle is not None and not ca_bundle.is_file():
-            what = "is not a regular file" if ca_bundle.exists() else "does not exist"
+        # os.path, not Path.is_file(): that raises for a name too long, os.path says False.
+        if ca_bundle is not None and not os.path.isfile(ca_bundle):
+            what = "is not a regular file" if os.path.exists(ca_bundle) else "does not exist"
             self.fail("acme.ca_bundle", f"{ca_bundle} {what}")
         eab = None
         if m.get("eab") is not None:
@@ -668,8 +695,8 @@ class _Checker:
                                         " document root) or 'standalone'")
         if has_webroot:
             webroot = self.resolve(self.string(m["webroot"], f"{key}.webroot"))
-            if not webroot.is_dir():
-                what = "is not a folder" if webroot.exists() else "does not exist"
+            if not os.path.isdir(webroot):
+                what = "is not a folder" if os.path.exists(webroot) else "does not exist"
                 self.fail(f"{key}.webroot", f"{webroot} {what}")
             return ChallengeSettings(type="http-01", webroot=webroot)
         where = f"{key}.standalone"
@@ -690,8 +717,8 @@ class _Checker:
 
     def dns01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
         script = self.resolve(self.req_str(m, key, "script"))
-        if not script.is_file():
-            what = "is not a regular file" if script.exists() else "does not exist"
+        if not os.path.isfile(script):
+            what = "is not a regular file" if os.path.exists(script) else "does not exist"
             self.fail(f"{key}.script", f"{script} {what}")
         if not os.access(script, os.X_OK):
             self.fail(f"{key}.script", f"{script} is not executable (chmod +x it)")
