@@ -297,3 +297,58 @@ def test_check_reports_damaged_live_files_and_unsafe_folders(tmp_path, pebble, i
     result = run(["check"], cfg, pebble)
     assert f"certbatch: problem: spool folder {tmp_path / 'spool'}: is writable by others " \
            "(mode 0777): a shared folder" in result.stderr
+
+
+def test_forged_entry_of_a_renewed_certificate_does_not_wedge_the_spool(tmp_path, pebble,
+                                                                         issued):
+    cfg, probes = issued
+    forged = tmp_path / "spool/pending/www"
+    applied = next((tmp_path / "spool/applied").glob("*/www"))
+    subprocess.run(["cp", "-a", str(applied), str(forged)], check=True)
+    for p in [forged, *forged.iterdir()]:
+        os.chown(p, NOBODY, NOBODY)
+
+    result = run(["renew", "--force"], cfg, pebble)
+
+    assert result.returncode == 1
+    assert result.stderr == (f"certbatch: www: not-staged: renewed, not staged: "
+                             f"{forged}: is owned by nobody (uid 65534), not by root "
+                             f"(uid 0) who runs certbatch; not replaced\n")
+    assert forged.stat().st_uid == NOBODY  # neither moved nor deleted
+    assert probe_lines(probes, "50-apply")[-1]["CERTBATCH_NAMES"] == "api"
+    again = run(["run-hook"], cfg, pebble)  # the spool still works
+    assert again.returncode == 0, again.stderr
+
+
+def test_symlinked_hook_in_another_users_folder_does_not_run(tmp_path, pebble):
+    """The link in notify.d is root's and so is the file, but its real folder is nobody's:
+    nobody could rename their own script over it between the check and the run."""
+    cfg = write_config(tmp_path, pebble, certs("www"))
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    hook = probe_hook(theirs / "app", probes)
+    os.chown(theirs, NOBODY, NOBODY)
+    (tmp_path / "hooks/notify.d/app").symlink_to(hook)
+    result = run(["renew"], cfg, pebble)
+    assert result.returncode == 1
+    assert f"not run: {theirs}: is owned by nobody (uid 65534): another user could swap what " \
+           "is inside it" in result.stderr
+    assert probe_lines(probes, "app") == []
+
+
+def test_state_through_another_users_symlink_is_refused(tmp_path, pebble):
+    real = tmp_path / "real-state"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "sticky"
+    link.mkdir()
+    link.chmod(0o1777)
+    (link / "state").symlink_to(real)
+    os.chown(link / "state", NOBODY, NOBODY, follow_symlinks=False)
+    cfg = write_config(tmp_path, pebble, certs("www"), paths={"state": str(link / "state")})
+    result = run(["renew"], cfg, pebble)
+    assert result.returncode == 2
+    assert result.stderr == (f"certbatch: error: {link / 'state'}: is a symlink owned by nobody "
+                             "(uid 65534): another user could point it elsewhere\n")
+    assert os.listdir(real) == []

@@ -465,3 +465,28 @@ def test_only_the_variables_certbatch_sets_are_reserved(tmp_path, monkeypatch):
                                         f'$CERTBATCH_WEBHOOK_TOKEN_FILE" > {out}')),
                       {"CERTBATCH_NAMES_TRUNCATED": "1"}, tmp_path, 10)
     assert result.ok and out.read_text() == "unset /etc/token\n"
+
+
+@pytest.mark.parametrize("meta", ["", '{"name": "mm", "staged_at": null}', None])
+def test_entry_with_broken_meta_json_is_restaged_not_forgotten(tmp_path, pebble, meta):
+    cfg = write_config(tmp_path, pebble, certs("mm", "ok"))
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    probe_hook(tmp_path / "hooks/notify.d/50-apply", probes)
+    assert run(["renew", "--no-notify"], cfg, pebble).returncode == 0
+    path = tmp_path / "spool/pending/mm/meta.json"
+    if meta is None:
+        path.unlink()
+    else:
+        path.write_text(meta)
+
+    result = run(["run-hook"], cfg, pebble)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("certbatch: mm: staged entry damaged before it was applied "
+                                    "(meta.json is ")
+    assert [c["CERTBATCH_NAMES"] for c in probe_lines(probes, "50-apply")] == ["ok"]
+    healed = run(["renew"], cfg, pebble)
+    assert healed.returncode == 0, healed.stderr
+    assert [c["CERTBATCH_NAMES"] for c in probe_lines(probes, "50-apply")] == ["ok", "mm"]

@@ -125,7 +125,7 @@ def scan(directory: Path) -> list[HookFile]:
     except FileNotFoundError:
         return []
     base = directory.absolute()  # hooks run with another cwd: argv[0] must be absolute
-    unsafe = _untrusted(os.stat(directory))
+    unsafe = _untrusted(os.stat(directory)) or _unsafe_way(directory)
     found = []
     for name in names:
         path = base / name
@@ -142,9 +142,11 @@ def scan(directory: Path) -> list[HookFile]:
             continue
         if stat.S_ISDIR(st.st_mode):
             found.append(HookFile(name, path, "skip", "a folder"))
-        elif unsafe or _untrusted(st):
-            # Whoever can change a hook runs code as us (root, from cron).
-            where = f"its folder {base} {unsafe}" if unsafe else f"it {_untrusted(st)}"
+        elif unsafe or _untrusted(st) or _unsafe_way(path):
+            # Whoever can change a hook, or a folder on the way to it (a symlinked hook's real
+            # folder too), runs code as us (root, from cron).
+            where = f"its folder {base} {unsafe}" if unsafe else f"it {_untrusted(st)}" \
+                if _untrusted(st) else _unsafe_way(path)
             found.append(HookFile(name, path, "problem", f"not run: {where}"))
         elif not stat.S_ISREG(st.st_mode):
             found.append(HookFile(name, path, "problem", "not a regular file"))
@@ -155,6 +157,19 @@ def scan(directory: Path) -> list[HookFile]:
         else:
             found.append(HookFile(name, path, "run"))
     return found
+
+
+def _unsafe_way(path: Path) -> str:
+    """Why another user could swap the file `path` names (a folder or link on the way to its
+    real location is theirs, or writable by others), or ""."""
+    from . import safefs
+    from .errors import UnsafePath
+
+    try:
+        safefs.check_parents(path)
+    except UnsafePath as exc:
+        return str(exc)
+    return ""
 
 
 def _untrusted(st: os.stat_result) -> str:

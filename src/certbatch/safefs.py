@@ -61,12 +61,31 @@ def check_dir(path: Path) -> None:
         raise UnsafePath(path, why + ("; chmod go-w it" if "writable" in why else ""))
 
 
-def check_parents(path: Path) -> None:
-    """The folders leading to a root must not be changeable by another user: each is owned by
-    root or by us, and writable by others only with the sticky bit (like /tmp)."""
-    for parent in Path(os.path.abspath(path)).parents:
+def check_links(path: Path) -> None:
+    """Every symlink on the way to `path` (as written) must be root's or ours: one made by
+    another user (in a sticky /tmp, say) could be pointed elsewhere at any time."""
+    current = Path("/")
+    for part in Path(os.path.abspath(path)).parts[1:]:
+        current = current / part
         try:
-            st = os.stat(parent)  # an operator's symlinked /var/lib is fine: we check its target
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise UnsafePath(current, f"cannot be examined: {exc.strerror}") from exc
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, os.geteuid()):
+            raise UnsafePath(current, f"is a symlink owned by {_who(st.st_uid)}: another user "
+                                      f"could point it elsewhere")
+
+
+def check_parents(path: Path) -> None:
+    """The folders leading to `path` must not be changeable by another user: each is owned by
+    root or by us, and writable by others only with the sticky bit (like /tmp). They are the
+    real folders (symlinks resolved, each checked by check_links)."""
+    check_links(path)
+    for parent in Path(os.path.realpath(path)).parents:
+        try:
+            st = os.stat(parent)
         except OSError as exc:
             raise UnsafePath(parent, f"cannot be examined: {exc.strerror}") from exc
         if st.st_uid not in (0, os.geteuid()):

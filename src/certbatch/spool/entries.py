@@ -48,11 +48,31 @@ class PendingEntry:
     folder: Path
 
 
-def read_pending(pending_dir: Path) -> list[PendingEntry]:
+def _parse_meta(name: str, text: str) -> dict[str, object]:
+    """meta.json of the entry `name`, checked field by field; ValueError says what is wrong."""
+    meta = json.loads(text)
+    if not isinstance(meta, dict):
+        raise ValueError("not a JSON object")
+    if meta.get("name") != name:
+        raise ValueError(f"it names {meta.get('name')!r}, not {name!r}")
+    domains = meta.get("domains")
+    if not isinstance(domains, list) or not domains or \
+            not all(isinstance(d, str) and d for d in domains):
+        raise ValueError("'domains' is not a list of names")
+    for key in ("serial", "not_after", "staged_at"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise ValueError(f"{key!r} is missing or not a string")
+    return meta
+
+
+def read_pending(pending_dir: Path, broken: list[tuple[str, str]] | None = None
+                 ) -> list[PendingEntry]:
     """The entries in `pending_dir`, sorted by name; unreadable ones are logged and left out.
 
     An entry that is not certbatch's own (a symlink, another user's folder, writable by others)
-    is never handed to a target: it is left where it is, with a warning.
+    is never handed to a target: it is left where it is, with a warning. One of certbatch's own
+    whose meta.json is missing or unreadable is added to `broken` as (name, problem), so that
+    the apply phase can remove it and have it staged again (it is left out either way).
     """
     try:
         safefs.check_dir(pending_dir)
@@ -66,25 +86,36 @@ def read_pending(pending_dir: Path) -> list[PendingEntry]:
             continue
         try:
             safefs.check_dir(folder)
-            meta = json.loads(safefs.read_text(folder / "meta.json"))
-            entries.append(PendingEntry(
-                name=name,
-                domains=tuple(meta["domains"]),
-                serial=str(meta["serial"]),
-                not_after=parse_iso(meta["not_after"]),
-                staged_at=parse_iso(meta["staged_at"]),
-                folder=folder,
-            ))
         except (FileNotFoundError, NotADirectoryError):
-            continue  # moved away meanwhile, or not an entry
+            continue  # moved away meanwhile
         except UnsafePath as exc:
             log.warning("spool: ignoring %s (not staged by certbatch)", exc)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("spool: ignoring %s: unreadable meta.json (%s)", folder, exc)
+            continue
+        try:
+            meta = _parse_meta(name, safefs.read_text(folder / "meta.json"))
+            entries.append(PendingEntry(
+                name=name,
+                domains=tuple(meta["domains"]),  # type: ignore[arg-type]
+                serial=str(meta["serial"]),
+                not_after=parse_iso(str(meta["not_after"])),
+                staged_at=parse_iso(str(meta["staged_at"])),
+                folder=folder,
+            ))
+        except FileNotFoundError:
+            problem = "meta.json is missing"
+        except UnsafePath as exc:
+            problem = f"meta.json {exc.why}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problem = f"meta.json is unreadable: {exc}"
+        else:
+            continue
+        log.warning("spool: %s: %s", folder, problem)
+        if broken is not None:
+            broken.append((name, problem))
     return entries
 
 
-def entry_problem(folder: Path, serial: str) -> str | None:
+def entry_problem(folder: Path, serial: str, name: str | None = None) -> str | None:
     """Why the entry in `folder` must not be handed to a target, or None if it is sound.
 
     Its files are there and not empty, the certificate and the key parse and belong together,
@@ -119,6 +150,12 @@ def entry_problem(folder: Path, serial: str) -> str | None:
             return "cert.pem and fullchain.pem hold different certificates"
     except CertificateCheckError as exc:
         return str(exc)
+    try:
+        meta = _parse_meta(name or folder.name, data["meta.json"].decode())
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"meta.json is unreadable: {exc}"
+    if meta["serial"] != serial:
+        return f"meta.json says serial {meta['serial']}, not {serial}"
     try:
         same = int(info.serial, 16) == int(serial, 16)
     except ValueError:

@@ -137,6 +137,7 @@ class Spool:
         self.staging = Staging(self.root)
         self.ledgers = Ledgers(self.root)
         self.lock = FileLock(self.root / ".lock")
+        self._swept = False  # leftover temp files removed (once per Spool object: per run)
 
     # -- what hooks get (also used for dry-run display) --------------------------------------
 
@@ -186,9 +187,12 @@ class Spool:
             # own now); a crash could also leave it behind.
             remove(self.root / "batch.json")
             # Temp files of a run killed while it wrote a ledger, a target's batch.json or
-            # names, or an applied/ record: every writer there holds this lock.
-            for folder in (self.ledgers.dir, self.applied_dir):
-                remove_leftovers(folder, levels=2)
+            # names, or an applied/ record: every writer there holds this lock. Once per run:
+            # the lock is taken once per staging, and applied/ may hold thousands of entries.
+            if not self._swept:
+                for folder in (self.ledgers.dir, self.applied_dir):
+                    remove_leftovers(folder, levels=2)
+                self._swept = True
             yield
         finally:
             self.lock.release()
@@ -262,12 +266,13 @@ class Spool:
                 log.warning("%s: deploy hook %s failed, staging discarded", cert.name, cmd.name)
                 return StageOutcome(False, results, result.error())
         if results:
-            problem = entry_problem(work, cert.serial)
+            problem = entry_problem(work, cert.serial, cert.name)
             if problem:
                 return StageOutcome(False, results, CertbatchError(
                     f"the deploy hooks left the staged files damaged ({problem}); staging "
                     f"discarded"))
             sync_tree(work)  # deploy hooks don't fsync what they write
+        self.staging.check_replaceable(cert.name)  # before the point of no return
         tok = self.staging.mark_ready(work, cert.name)
         self.staging.commit(cert.name, tok)
         log.info("%s: staged (serial %s)", cert.name, cert.serial)
@@ -298,7 +303,11 @@ class Spool:
     def _notify_locked(self, targets: list[Target], failed_names: Sequence[str],
                        only: Sequence[str]) -> NotifyOutcome:
         self.ledgers.drop_removed([t.name for t in targets])
-        entries = self.pending()
+        broken: list[tuple[str, str]] = []
+        entries = read_pending(self.pending_dir, broken)
+        damaged = [self._drop(name, problem) for name, problem in broken]
+        if not entries and damaged:
+            return NotifyOutcome(_new_batch_id(), damaged=damaged)
         if not entries:
             log.info("spool: nothing pending, no target run")
             return NotifyOutcome(None)
@@ -311,7 +320,8 @@ class Spool:
                                  applied=[e.name for e in entries], no_targets=True)
         loaded = {t.name: self.ledgers.load(t.name) for t in targets}
         running = [t for t in targets if not only or t.name in only]
-        entries, damaged = self._check_entries(entries, [loaded[t.name] for t in running])
+        entries, found = self._check_entries(entries, [loaded[t.name] for t in running])
+        damaged += found
         outcomes = apply_all(batch, running, entries, self.ledgers, loaded, self.notify_workers)
         done = [e for e in entries if not any(loaded[t.name].waiting([e]) for t in targets)]
         self._move_applied(batch, done)
@@ -334,14 +344,18 @@ class Spool:
                 problem = entry_problem(entry.folder, entry.serial)
             if problem is None:
                 sound.append(entry)
-                continue
-            log.error("spool: %s: staged entry damaged (%s); removed, it is staged again from "
-                      "the store by the next run", entry.name, problem)
-            damaged.append(Damaged(entry.name, problem))
-            remove(entry.folder)
-        if damaged:
-            fsync_dir(self.pending_dir)
+            else:
+                damaged.append(self._drop(entry.name, problem))
         return sound, damaged
+
+    def _drop(self, name: str, problem: str) -> Damaged:
+        """Remove a damaged entry of our own from pending/ (its certificate is still in the
+        store: the runner has it staged again by the next run)."""
+        log.error("spool: %s: staged entry damaged (%s); removed, it is staged again from "
+                  "the store by the next run", name, problem)
+        remove(self.pending_dir / name)
+        fsync_dir(self.pending_dir)
+        return Damaged(name, problem)
 
     def _move_applied(self, batch: Batch, entries: Sequence[PendingEntry]) -> None:
         """Move entries every target has applied to applied/<batch_id>/ and prune old batches.

@@ -131,12 +131,23 @@ class Staging:
         point("staging.ready")
         return tok
 
+    def check_replaceable(self, name: str) -> None:
+        """Raise UnsafePath if pending/<name> exists and is not certbatch's own: another user's
+        (or a linked) entry is never moved or deleted."""
+        try:
+            why = safefs.problem(os.lstat(self.pending_dir / name))
+        except FileNotFoundError:
+            return
+        if why:
+            raise UnsafePath(self.pending_dir / name, why + "; not replaced")
+
     def commit(self, name: str, tok: str) -> None:
         """Make .staging/<name>.<tok>.ready the pending entry of `name` (see module doc)."""
         ready = self.dir / f"{name}.{tok}.ready"
         old = self.dir / f"{name}.{tok}.old"
         target = self.pending_dir / name
         if target.exists():
+            self.check_replaceable(name)  # before the first rename: nothing is half done
             os.rename(target, old)
             point("staging.old-aside")
             fsync_dir(self.pending_dir)
@@ -157,6 +168,15 @@ class Staging:
         """
         groups: dict[tuple[str, str], set[str]] = {}
         for entry in sorted(os.listdir(self.dir)):
+            st = os.lstat(self.dir / entry)
+            if stat.S_ISLNK(st.st_mode):  # never ours: unlinked, what it names is untouched
+                log.warning("spool: removing the symlink %s", self.dir / entry)
+                os.unlink(self.dir / entry)
+                continue
+            why = safefs.problem(st)
+            if why:
+                log.warning("spool: leaving %s alone: it %s", self.dir / entry, why)
+                continue
             parts = entry.rsplit(".", 2)
             if len(parts) != 3 or parts[2] not in STATES:
                 log.warning("spool: removing unknown leftover %s", self.dir / entry)
@@ -175,7 +195,11 @@ class Staging:
                     remove(self.dir / f"{name}.{tok}.tmp")
             if "ready" in states:
                 log.warning("spool: completing interrupted staging of %s", name)
-                self.commit(name, tok)
+                try:
+                    self.commit(name, tok)
+                except UnsafePath as exc:  # never replaces a foreign entry; never wedges
+                    log.error("spool: discarding the staging of %s: %s", name, exc)
+                    remove(self.dir / f"{name}.{tok}.ready")
             elif "old" in states:
                 old = self.dir / f"{name}.{tok}.old"
                 target = self.pending_dir / name
