@@ -474,11 +474,15 @@ class Runner:
         pending = {e.name for e in self.spool.pending()}
         results = []
         for cert in self.settings.certificates.values():
-            stored = self.store.current(cert.name)
+            decision = Decision(renewal.RESTAGE, f"run-hook --target {target} --all")
+            try:
+                stored = self.store.current(cert.name)
+            except CertbatchError as exc:  # that one fails; the others are still handed over
+                results.append(CertResult(cert.name, cert.domains, decision, FAILED, str(exc)))
+                continue
             if stored is None or cert.name in pending:
                 continue
-            result = CertResult(cert.name, stored.domains,
-                                Decision(renewal.RESTAGE, f"run-hook --target {target} --all"))
+            result = CertResult(cert.name, stored.domains, decision)
             self._process(cert, result, stored, self.store.status(cert.name))
             results.append(result)
         interrupt.check()
