@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -66,6 +67,29 @@ def check_pair(fullchain_pem: bytes, key_pem: bytes) -> CertInfo:
             != key.public_key().public_bytes(serialization.Encoding.DER, spki)):
         raise CertificateCheckError("the certificate does not match the private key")
     return cert_info(leaf)
+
+
+def set_problem(files: Mapping[str, bytes], serial: str) -> str | None:
+    """Why a stored or staged set (privkey.pem, cert.pem, fullchain.pem) is not usable, or
+    None: the leaf and the key parse and belong together, cert.pem holds that leaf, and its
+    serial is `serial` (hex)."""
+    try:
+        info = check_pair(files["fullchain.pem"], files["privkey.pem"])
+        # certbatch writes fullchain.pem as cert.pem + chain.pem: when cert.pem is exactly one
+        # whole PEM block that fullchain.pem starts with, it is the leaf just checked.
+        leaf = files["cert.pem"].strip()
+        same = leaf.startswith(b"-----BEGIN CERTIFICATE-----") and leaf.endswith(
+            b"-----END CERTIFICATE-----") and leaf.count(b"-----BEGIN") == 1 and \
+            files["fullchain.pem"].startswith(leaf)
+        if not same and check_pair(files["cert.pem"], files["privkey.pem"]).serial != info.serial:
+            return "cert.pem and fullchain.pem hold different certificates"
+    except CertificateCheckError as exc:
+        return str(exc)
+    try:
+        same = int(info.serial, 16) == int(serial, 16)
+    except ValueError:
+        same = False
+    return None if same else f"the certificate's serial is {info.serial}, meta.json says {serial}"
 
 
 def check_issued(fullchain_pem: bytes, key_pem: bytes, domains: tuple[str, ...] | list[str],

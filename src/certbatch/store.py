@@ -236,20 +236,12 @@ class Store:
         if not verify:
             return None
         from . import crypto  # cryptography: only for status and check
-        from .errors import CertificateCheckError
 
         try:
             files = self.read_files(stored)
-            info = crypto.check_pair(files["fullchain.pem"], files["privkey.pem"])
-            if crypto.check_pair(files["cert.pem"], files["privkey.pem"]).serial != info.serial:
-                return "cert.pem and fullchain.pem hold different certificates"
-        except CertificateCheckError as exc:
-            return str(exc)
         except (OSError, StoreError) as exc:
             return f"cannot be read: {exc}"
-        if int(info.serial, 16) != int(stored.serial, 16):
-            return f"the certificate's serial is {info.serial}, meta.json says {stored.serial}"
-        return None
+        return crypto.set_problem(files, stored.serial)
 
     def read_files(self, stored: StoredCert) -> dict[str, bytes]:
         """The four PEM files of one version (read from its own folder, never via `live`)."""

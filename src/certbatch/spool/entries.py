@@ -123,7 +123,6 @@ def entry_problem(folder: Path, serial: str, name: str | None = None) -> str | N
     so this is checked after they ran and again before any target gets the entry.
     """
     from .. import crypto  # cryptography: only when something is staged or applied
-    from ..errors import CertificateCheckError
 
     data = {}
     for filename in ENTRY_FILES:
@@ -137,29 +136,13 @@ def entry_problem(folder: Path, serial: str, name: str | None = None) -> str | N
             return f"{filename} cannot be read: {exc.strerror or exc}"
         if not data[filename] and filename != "chain.pem":  # a self-signed CA has no chain
             return f"{filename} is empty"
-    try:
-        info = crypto.check_pair(data["fullchain.pem"], data["privkey.pem"])
-        # certbatch writes fullchain.pem as cert.pem + chain.pem: when cert.pem is exactly one
-        # whole PEM block that fullchain.pem starts with, it is the leaf just checked.
-        leaf = data["cert.pem"].strip()
-        same = leaf.startswith(b"-----BEGIN CERTIFICATE-----") and leaf.endswith(
-            b"-----END CERTIFICATE-----") and leaf.count(b"-----BEGIN") == 1 and \
-            data["fullchain.pem"].startswith(leaf)
-        if not same and \
-                crypto.check_pair(data["cert.pem"], data["privkey.pem"]).serial != info.serial:
-            return "cert.pem and fullchain.pem hold different certificates"
-    except CertificateCheckError as exc:
-        return str(exc)
+    problem = crypto.set_problem(data, serial)
+    if problem:
+        return problem
     try:
         meta = _parse_meta(name or folder.name, data["meta.json"].decode())
     except (ValueError, UnicodeDecodeError) as exc:
         return f"meta.json is unreadable: {exc}"
     if meta["serial"] != serial:
         return f"meta.json says serial {meta['serial']}, not {serial}"
-    try:
-        same = int(info.serial, 16) == int(serial, 16)
-    except ValueError:
-        same = False
-    if not same:
-        return f"the certificate's serial is {info.serial}, meta.json says {serial}"
     return None

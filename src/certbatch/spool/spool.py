@@ -378,17 +378,11 @@ class Spool:
         self._prune()
 
     def _prune(self) -> None:
-        batches = []
-        for entry in os.listdir(self.applied_dir):
-            path = self.applied_dir / entry
-            st = os.lstat(path)
-            if BATCH_ID_RE.match(entry) and safefs.problem(st) is None:
-                # Ids sort by time (their first 16 characters, to the second); the folder's
-                # mtime breaks ties.
-                batches.append((entry[:16], st.st_mtime_ns, path))
-        batches.sort()
-        for _, _, path in batches[: max(len(batches) - self.keep_applied, 0)]:
-            shutil.rmtree(path, ignore_errors=True)
+        """Keep the last `keep_applied` batches of our own (ids sort by time, to the µs)."""
+        batches = sorted(e for e in os.listdir(self.applied_dir) if BATCH_ID_RE.match(e)
+                         and safefs.problem(os.lstat(self.applied_dir / e)) is None)
+        for batch_id in batches[: max(len(batches) - self.keep_applied, 0)]:
+            shutil.rmtree(self.applied_dir / batch_id, ignore_errors=True)
 
     def applied(self) -> list[str]:
         """Ids of the kept applied batches, oldest first."""
