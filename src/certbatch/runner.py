@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import interrupt, renewal
+from . import interrupt, renewal, safefs
 from .config import CertificateSettings, Settings
 from .errors import (
     EXIT_FAILURE,
@@ -140,7 +141,17 @@ def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
         raise LockBusy(lock.path, lock.holder_pid())
     with interrupt.graceful():  # outside: Interrupted is raised after the release
         try:
-            yield
+            # `.running` outlives only a run that did not end (SIGKILL, power loss): then,
+            # and only then, sweep the temp files such a run may have left.
+            marker = state_dir / ".running"
+            if os.path.lexists(marker):
+                Store(state_dir).sweep()
+            os.close(safefs.open_file(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(marker)
         finally:
             lock.release()
 

@@ -48,7 +48,7 @@ def problem(st: os.stat_result, kind: str = "folder") -> str | None:
     return None
 
 
-def check_dir(path: Path) -> None:
+def check_dir(path: Path | str) -> None:
     """Raise UnsafePath unless `path` is certbatch's own folder (see the module doc)."""
     try:
         st = os.lstat(path)
@@ -131,7 +131,7 @@ def ensure_dir(path: Path, mode: int = 0o700) -> Path:
     return path
 
 
-def open_file(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
+def open_file(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
     """Open one of certbatch's own files without following a link; check it on the descriptor.
 
     With O_CREAT the file may be new (created with `mode`). Raises UnsafePath if the path is a
@@ -154,12 +154,12 @@ def open_file(path: Path, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
     return fd
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path | str) -> bytes:
     """The content of one of certbatch's own files (see open_file)."""
     fd = open_file(path)
     with os.fdopen(fd, "rb") as fh:
         return fh.read()
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path | str) -> str:
     return read_bytes(path).decode()
