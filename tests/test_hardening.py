@@ -122,13 +122,19 @@ def test_shared_world_writable_spool_is_refused(tmp_path, pebble):
     assert (shared / "cb").stat().st_mode & 0o777 == 0o700
 
 
-def test_entry_forged_by_another_user_is_never_applied_or_deleted(tmp_path, pebble, issued):
-    cfg, probes = issued
+def forge_pending_www(tmp_path: Path) -> Path:
+    """pending/www, a copy of an applied entry, owned by another user (nobody)."""
     forged = tmp_path / "spool/pending/www"
     applied = next((tmp_path / "spool/applied").glob("*/www"))
     subprocess.run(["cp", "-a", str(applied), str(forged)], check=True)
     for p in [forged, *forged.iterdir()]:
         os.chown(p, NOBODY, NOBODY)
+    return forged
+
+
+def test_entry_forged_by_another_user_is_never_applied_or_deleted(tmp_path, pebble, issued):
+    cfg, probes = issued
+    forged = forge_pending_www(tmp_path)
 
     result = run(["renew", "--only", "api", "--force", "-v"], cfg, pebble)
 
@@ -302,11 +308,7 @@ def test_check_reports_damaged_live_files_and_unsafe_folders(tmp_path, pebble, i
 def test_forged_entry_of_a_renewed_certificate_does_not_wedge_the_spool(tmp_path, pebble,
                                                                          issued):
     cfg, probes = issued
-    forged = tmp_path / "spool/pending/www"
-    applied = next((tmp_path / "spool/applied").glob("*/www"))
-    subprocess.run(["cp", "-a", str(applied), str(forged)], check=True)
-    for p in [forged, *forged.iterdir()]:
-        os.chown(p, NOBODY, NOBODY)
+    forged = forge_pending_www(tmp_path)
 
     result = run(["renew", "--force"], cfg, pebble)
 

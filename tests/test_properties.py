@@ -25,12 +25,9 @@ from unittest import mock
 
 import pytest
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
+from test_spool import cert as spool_cert
 
 import certbatch.spool.staging as staging_mod
 from certbatch.config import Settings, load
@@ -358,25 +355,9 @@ NAMES = ("alpha", "bravo", "charlie")
 NOW = dt.datetime(2026, 11, 22, 10, 15, tzinfo=dt.timezone.utc)
 
 
-@functools.cache
-def _pems(name: str, serial: str) -> tuple[bytes, bytes]:
-    """A self-signed certificate and its key, one per (name, serial) for the whole session."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {serial}")])
-    crt = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-           .public_key(key.public_key()).serial_number(int(serial, 16))
-           .not_valid_before(NOW).not_valid_after(NOW + dt.timedelta(days=90))
-           .sign(key, hashes.SHA256()))
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()),
-            crt.public_bytes(serialization.Encoding.PEM))
-
-
 def cert(name: str, serial: str) -> CertFiles:
-    key_pem, cert_pem = _pems(name, serial)
-    return CertFiles(name=name, domains=(f"{name}.example",), privkey_pem=key_pem,
-                     cert_pem=cert_pem, chain_pem=b"", fullchain_pem=cert_pem, serial=serial,
-                     not_before=NOW, not_after=NOW + dt.timedelta(days=90))
+    """A real certificate and key, one per (name, serial) for the whole session."""
+    return spool_cert(name, serial, version=serial, domains=(f"{name}.example",))
 
 
 def _fill(work: Path, c: CertFiles, only_key: bool = False) -> None:
