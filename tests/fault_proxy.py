@@ -8,6 +8,12 @@ real `certbatch` command, whose config points acme.directory at `FaultProxy.dire
 Each request is recorded as a `Proxied`: method, path, the decoded JWS payload and "kid" of a
 signed POST, and what was answered (status, problem type, Location). `Fault.match` lets a fault
 pick requests by their content, e.g. only the new-order for one certificate's names.
+
+`FaultProxy.profiles` adds what Pebble 2.4 lacks for ACME profiles (draft-ietf-acme-profiles):
+when set, the directory it serves carries `meta.profiles` (name -> description). Pebble's own
+directory already names the proxy's URLs, as it builds them from the Host header the proxy keeps.
+The new-order payloads (`Proxied.payload`) show the `profile` each order asked for; Pebble itself
+ignores the field.
 """
 
 from __future__ import annotations
@@ -112,6 +118,7 @@ class FaultProxy:
         self.inst = inst
         self.faults: list[Fault] = []
         self.requests: list[Proxied] = []
+        self.profiles: dict[str, str] | None = None  # set: the directory's meta.profiles
         self.lock = threading.Lock()
         upstream = ssl.create_default_context(cafile=str(inst.ca_bundle))
         proxy = self
@@ -145,7 +152,13 @@ class FaultProxy:
                         headers["Replay-Nonce"] = nonce["Replay-Nonce"]
                     self.answer(record, fault.status, headers, fault.body)
                     return
-                self.answer(record, *self.upstream(self.command, self.path, body))
+                status, headers, data = self.upstream(self.command, self.path, body)
+                if self.command == "GET" and self.path == DIRECTORY and status == 200 \
+                        and proxy.profiles is not None:
+                    directory = json.loads(data)
+                    directory.setdefault("meta", {})["profiles"] = dict(proxy.profiles)
+                    data = json.dumps(directory).encode()
+                self.answer(record, status, headers, data)
 
             def upstream(self, method: str, path: str, body: bytes
                          ) -> tuple[int, dict[str, str], bytes]:

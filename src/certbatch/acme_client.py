@@ -27,7 +27,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -121,20 +121,26 @@ class AcmeClient:
     # -- the protocol ----------------------------------------------------------------------------
 
     def issue(self, name: str, domains: Sequence[str], key_pem: bytes,
-              challenge: ChallengeSettings, deadline: float) -> IssuedChain:
+              challenge: ChallengeSettings, deadline: float,
+              profile: str | None = None) -> IssuedChain:
         """Order, validate and download a certificate for `domains` with the key `key_pem`.
 
-        `deadline` is a time.monotonic() value. Challenge responses are always cleaned up.
+        `deadline` is a time.monotonic() value. `profile`: the ACME profile to order with
+        (None: the CA's default); one the directory does not offer fails before any order.
+        Challenge responses are always cleaned up.
         """
         domains = list(dict.fromkeys(domains))
         with _acme_errors(name):
             # Account: directory and account are shared by every certificate of the run.
             self._connect(name, deadline)
+            if profile is not None:
+                _check_profile(self._current_directory, profile)
             csr = _make_csr(key_pem, domains)
             with _Conn(self, name, deadline, self._current_account) as conn:
                 # New order for all names at once.
-                log.info("%s: ordering a certificate for %s", name, ", ".join(domains))
-                order_url, order = _new_order(conn, domains)
+                log.info("%s: ordering a certificate for %s%s", name, ", ".join(domains),
+                         f" with profile {profile}" if profile else "")
+                order_url, order = _new_order(conn, domains, profile)
 
                 # Authorizations: choose our challenge type; valid (reused) ones need nothing.
                 todo = _pending_challenges(conn, order, challenge.type)
@@ -184,6 +190,21 @@ class AcmeClient:
         if meta.external_account_required:
             parts.append("external account binding required")
         return ", ".join(parts)
+
+    def profiles(self) -> dict[str, str]:
+        """The profiles the CA's directory offers (name -> description; {} for none). Fetches
+        the directory (within 15 s) unless it is known already."""
+        with _acme_errors("acme"):
+            return _offered_profiles(self._get_directory("acme", time.monotonic() + 15))
+
+    def profile_problem(self, profile: str) -> str | None:
+        """Why the CA would refuse to order with `profile` (None: it offers it)."""
+        try:
+            with _acme_errors("acme"):
+                _check_profile(self._get_directory("acme", time.monotonic() + 15), profile)
+        except _UnknownProfile as exc:
+            return str(exc)
+        return None
 
     def _connect(self, name: str, deadline: float) -> None:
         with self._lock:
@@ -283,10 +304,31 @@ class AcmeClient:
 
 # -- protocol steps ------------------------------------------------------------------------------
 
-def _new_order(conn: _Conn, domains: Sequence[str]) -> tuple[str, messages.Order]:
+class _UnknownProfile(AcmeError):
+    """A configured profile the CA's directory does not list."""
+
+
+def _offered_profiles(directory: messages.Directory) -> dict[str, str]:
+    """meta.profiles (draft-ietf-acme-profiles): profile name -> description."""
+    profiles = directory.meta.profiles  # josepy makes it a frozendict, a Mapping
+    if not isinstance(profiles, Mapping):
+        return {}
+    return {str(k): str(v) for k, v in profiles.items()}
+
+
+def _check_profile(directory: messages.Directory, profile: str) -> None:
+    offered = _offered_profiles(directory)
+    if profile not in offered:
+        raise _UnknownProfile(f"the CA offers no profile {profile!r} (offered: "
+                              f"{', '.join(sorted(offered)) or 'none'})")
+
+
+def _new_order(conn: _Conn, domains: Sequence[str], profile: str | None = None
+               ) -> tuple[str, messages.Order]:
     identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains]
+    # acme's NewOrder carries `profile` (omitted when None, as RFC 8555 CAs expect).
     response = conn.request("POST", conn.directory["newOrder"],
-                            messages.NewOrder(identifiers=identifiers))
+                            messages.NewOrder(identifiers=identifiers, profile=profile))
     order = messages.Order.from_json(response.json())
     order_url = response.headers.get("Location")
     if not order_url:

@@ -435,6 +435,7 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
             "last_attempt": render.ts(status.last_attempt),
             "last_success": render.ts(status.last_success),
             "rate_limited_until": render.ts(status.rate_limited_until),
+            "profile": cert.profile,
         })
     return rows
 
@@ -736,7 +737,8 @@ def check(ctx: click.Context, online: bool) -> int:
             f" webroot {ch.webroot}" if ch.webroot else
             f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
             f" script {ch.script} ({ch.calls}{wait})")
-        say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}, {how}]")
+        profile = f", profile {cert.profile}" if cert.profile else ""
+        say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
         live_problem = _live_problem(settings, cert.name) if state_ok else None
@@ -794,6 +796,15 @@ def check(ctx: click.Context, online: bool) -> int:
             client = AcmeClient(settings.acme, Store(settings.paths.state))
             meta = client.directory_info()
             say(f"acme directory reachable: {meta}")
+            offered = client.profiles()
+            say(f"acme profiles: {len(offered)}" if offered else
+                "acme profiles: none offered (the CA's default applies)")
+            for name, description in sorted(offered.items()):
+                say(f"  {name}: {' '.join(description.split()) or '-'}")
+            for cert in settings.certificates.values():
+                refused = cert.profile and client.profile_problem(cert.profile)
+                if refused:
+                    problems.append(f"{cert.name}: profile: {refused}")
         except CertbatchError as exc:
             problems.append(f"acme directory: {exc}")
         except OSError as exc:  # e.g. acme.ca_bundle cannot be read

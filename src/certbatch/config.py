@@ -43,6 +43,7 @@ class AcmeSettings:
     ca_bundle: Path | None = None
     eab: EAB | None = None
     timeout: float = 30.0  # seconds, for every HTTP request to the CA
+    profile: str | None = None  # ACME profile for every certificate that names none itself
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class CertificateSettings:
     key: str  # one of KEY_TYPES
     challenge: ChallengeSettings
     deploy: HookCommandSpec | None = None
+    # The ACME profile to order with: its own, else acme.profile; None: the CA's default.
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ DEFAULT_STANDALONE_ADDRESS = "0.0.0.0"
 DEFAULT_STANDALONE_PORT = 80
 
 _TOP_KEYS = ("acme", "paths", "renewal", "hooks", "logging", "metrics", "defaults", "certificates")
-_ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout")
+_ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout", "profile")
 _EAB_KEYS = ("kid", "hmac_key")
 _PATHS_KEYS = ("state", "spool", "hooks")
 _RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter")
@@ -151,7 +154,7 @@ TARGET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _FILE_KEYS = ("file",)
 _DEFAULTS_KEYS = ("key", "challenge", "deploy")
-_CERT_KEYS = ("domains", "key", "challenge", "deploy")
+_CERT_KEYS = ("domains", "key", "challenge", "deploy", "profile")
 _CHALLENGE_KEYS = {
     "http-01": ("type", "webroot", "standalone"),
     "dns-01": ("type", "script", "wait", "calls"),
@@ -510,6 +513,14 @@ class _Checker:
         self.fail(key, "expected a string (shell command) or a list (argv),"
                        f" got {_describe(value)}")
 
+    def profile(self, m: dict[Any, Any], parent: str) -> str | None:
+        """An ACME profile name (the CA lists its own in its directory: checked when ordering)."""
+        profile = self.opt_str(m, parent, "profile")
+        if profile is not None and any(c.isspace() or not c.isprintable() for c in profile):
+            self.fail(_join(parent, "profile"), f"a profile name has no whitespace or control"
+                                                f" characters, got {_short(profile)}")
+        return profile
+
     def key_type(self, value: Any, key: str) -> str:
         if value not in KEY_TYPES or not isinstance(value, str):
             hint = _suggest(value, KEY_TYPES) if isinstance(value, str) else ""
@@ -534,7 +545,8 @@ class _Checker:
         metrics_file = self.opt_path(self.section(top.get("metrics"), "metrics", _FILE_KEYS),
                                      "metrics", "file")
         d_key, d_challenge, d_deploy = self.defaults(top.get("defaults"))
-        certificates = self.certificates(top.get("certificates"), d_key, d_challenge, d_deploy)
+        certificates = self.certificates(top.get("certificates"), d_key, d_challenge, d_deploy,
+                                         acme.profile)
         return Settings(path=path, acme=acme, paths=paths, renewal=renewal, hooks=hooks,
                         certificates=certificates, log_file=log_file, metrics_file=metrics_file)
 
@@ -561,7 +573,7 @@ class _Checker:
                       hmac_key=self.req_str(e, "acme.eab", "hmac_key"))
         timeout = self.duration(m, "acme", "timeout", 30.0, positive=True)
         return AcmeSettings(directory=directory, email=email, ca_bundle=ca_bundle, eab=eab,
-                            timeout=timeout)
+                            timeout=timeout, profile=self.profile(m, "acme"))
 
     def paths(self, raw: Any) -> PathSettings:
         m = self.section(raw, "paths", _PATHS_KEYS)
@@ -731,7 +743,8 @@ class _Checker:
         return ChallengeSettings(type="dns-01", script=script, wait=wait, calls=calls)
 
     def certificates(self, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
-                     d_deploy: HookCommandSpec | None) -> dict[str, CertificateSettings]:
+                     d_deploy: HookCommandSpec | None, d_profile: str | None = None
+                     ) -> dict[str, CertificateSettings]:
         if raw is None:
             self.fail("certificates", "required section is missing or empty:"
                                       " configure at least one certificate")
@@ -742,11 +755,12 @@ class _Checker:
             self.fail("certificates", "no certificates configured; at least one is required")
         out: dict[str, CertificateSettings] = {}
         for name, body in raw.items():
-            out[name] = self.certificate(name, body, d_key, d_challenge, d_deploy)
+            out[name] = self.certificate(name, body, d_key, d_challenge, d_deploy, d_profile)
         return out
 
     def certificate(self, name: Any, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
-                    d_deploy: HookCommandSpec | None) -> CertificateSettings:
+                    d_deploy: HookCommandSpec | None, d_profile: str | None = None
+                    ) -> CertificateSettings:
         key = _join("certificates", name)
         if not isinstance(name, str):
             self.fail(key, f"certificate names must be strings, got {_describe(name)}"
@@ -772,8 +786,9 @@ class _Checker:
                     self.fail(f"{key}.domains[{i}]", f"wildcard {d!r} needs a dns-01 challenge"
                                                       f" (this certificate uses {challenge.type})")
         deploy = d_deploy if m.get("deploy") is None else self.command(m["deploy"], f"{key}.deploy")
+        profile = self.profile(m, key) or d_profile
         return CertificateSettings(name=name, domains=domains, key=key_type, challenge=challenge,
-                                   deploy=deploy)
+                                   deploy=deploy, profile=profile)
 
     def domains(self, raw: Any, key: str) -> tuple[str, ...]:
         if raw is None:

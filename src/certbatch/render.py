@@ -107,6 +107,7 @@ def cert_to_dict(c: CertResult) -> dict[str, Any]:
         "not_after": ts(c.not_after),
         "staged": c.staged,
         "duration_seconds": round(c.duration, 3),
+        "profile": c.profile,
     }
 
 
@@ -178,12 +179,13 @@ def error_lines(report: RunReport) -> list[str]:
 
 
 def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
-    headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "LAST RESULT"]
+    headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "PROFILE", "LAST RESULT"]
     table = [headers] + [[
         r["name"], ",".join(r["domains"]),
         r["not_after"][:10] if r["not_after"] else "-",
         "-" if r["days_left"] is None else str(r["days_left"]),
         r["decision"] if r["due"] else "no",
+        r["profile"] or "-",
         (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else ""),
     ] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]

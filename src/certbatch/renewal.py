@@ -13,7 +13,7 @@ from .config import CertificateSettings
 from .store import CertStatus, StoredCert
 
 ISSUE = "issue"  # never issued
-REISSUE = "reissue"  # domains or key type changed, or the live files are damaged
+REISSUE = "reissue"  # domains, key type or profile changed, or the live files are damaged
 RENEW = "renew"  # due by the renewal rule
 FORCE = "force"  # --force
 RESTAGE = "restage"  # renewed earlier, deploy hooks failed: stage again without a new order
@@ -91,6 +91,11 @@ def _order_reason(cert: CertificateSettings, stored: StoredCert, now: dt.datetim
         return Decision(REISSUE, f"domains changed ({'; '.join(parts)})", due_at)
     if stored.key_type != cert.key:
         return Decision(REISSUE, f"key type changed ({stored.key_type} -> {cert.key})", due_at)
+    # No profile configured: whatever the CA chose is fine. A version stored without one (or
+    # before certbatch recorded profiles) has the CA's default, which a configured one replaces.
+    if cert.profile is not None and stored.profile != cert.profile:
+        return Decision(REISSUE, f"profile changed ({stored.profile or 'CA default'} -> "
+                                 f"{cert.profile})", due_at)
     if force:
         return Decision(FORCE, "forced", due_at)
     if now >= stored.not_after:

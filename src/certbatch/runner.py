@@ -77,6 +77,7 @@ class CertResult:
     not_after: dt.datetime | None = None
     staged: bool = False
     duration: float = 0.0
+    profile: str | None = None  # the configured ACME profile (None: the CA's default)
 
     @property
     def failed(self) -> bool:
@@ -212,11 +213,11 @@ class Runner:
                 # Damaged state of one certificate: that one fails, the others go on.
                 result = CertResult(cert.name, cert.domains,
                                     Decision(renewal.ERROR, str(exc)), outcome=FAILED,
-                                    error=str(exc))
+                                    error=str(exc), profile=cert.profile)
                 report.certificates.append(result)
                 log.error("%s: %s", cert.name, exc)
                 continue
-            result = CertResult(cert.name, cert.domains, decision)
+            result = CertResult(cert.name, cert.domains, decision, profile=cert.profile)
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
             if not dry_run and not decision.does_work:
@@ -413,13 +414,15 @@ class Runner:
 
         key_pem = crypto.generate_key(cert.key)
         deadline = time.monotonic() + self.settings.renewal.deadline
-        issued = self._acme().issue(cert.name, cert.domains, key_pem, cert.challenge, deadline)
+        issued = self._acme().issue(cert.name, cert.domains, key_pem, cert.challenge, deadline,
+                                    cert.profile)
         info = crypto.check_issued(issued.fullchain_pem, key_pem, cert.domains)
         return self.store.save_certificate(
             cert.name, key_type=cert.key, domains=cert.domains, privkey_pem=key_pem,
             cert_pem=issued.cert_pem, chain_pem=issued.chain_pem,
             fullchain_pem=issued.fullchain_pem, serial=info.serial,
-            not_before=info.not_before, not_after=info.not_after, issued_at=utcnow())
+            not_before=info.not_before, not_after=info.not_after, issued_at=utcnow(),
+            profile=cert.profile)
 
     def _stage(self, cert: CertificateSettings, stored: StoredCert, result: CertResult) -> None:
         """Stage the stored set; any failure here leaves it stored but "not-staged", so the next

@@ -70,6 +70,12 @@ def _parse_ts(value: str | None) -> dt.datetime | None:
     return parse_iso(value) if value else None
 
 
+def _opt_text(value: object, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{key} is not a string")
+    return value
+
+
 @dataclass(frozen=True)
 class StoredCert:
     """The live certificate set of one name, as described by its meta.json."""
@@ -85,6 +91,9 @@ class StoredCert:
     issued_at: dt.datetime
     damaged: str | None = None  # why the live files cannot be used: renewed as a reissue
     sizes: tuple[tuple[str, int], ...] = ()  # file sizes recorded when stored
+    # The ACME profile it was ordered with; None: none asked for (the CA's default), also for
+    # versions stored before certbatch knew profiles.
+    profile: str | None = None
 
     def path(self, filename: str) -> Path:
         return self.folder / filename
@@ -212,6 +221,7 @@ class Store:
                 not_after=_parse_ts(meta["not_after"]),  # type: ignore[arg-type]
                 issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
                 sizes=tuple((str(k), int(v)) for k, v in meta.get("sizes", {}).items()),
+                profile=_opt_text(meta.get("profile"), "profile"),
             )
         except StoreError:
             raise
@@ -256,7 +266,8 @@ class Store:
     def save_certificate(self, name: str, *, key_type: str, domains: tuple[str, ...],
                          privkey_pem: bytes, cert_pem: bytes, chain_pem: bytes,
                          fullchain_pem: bytes, serial: str, not_before: dt.datetime,
-                         not_after: dt.datetime, issued_at: dt.datetime) -> StoredCert:
+                         not_after: dt.datetime, issued_at: dt.datetime,
+                         profile: str | None = None) -> StoredCert:
         """Write a complete new version and switch `live` to it in one rename."""
         base = self._dir("certs", name)
         versions = self._dir("certs", name, "versions")
@@ -276,6 +287,7 @@ class Store:
             meta = {"name": name, "domains": list(domains), "key_type": key_type,
                     "serial": serial, "not_before": _ts(not_before),
                     "not_after": _ts(not_after), "issued_at": _ts(issued_at),
+                    "profile": profile,  # as ordered (None: the CA's default)
                     # for the cheap check of every run: a file replaced later differs in size
                     "sizes": {"privkey.pem": len(privkey_pem), "cert.pem": len(cert_pem),
                               "chain.pem": len(chain_pem), "fullchain.pem": len(fullchain_pem)}}
