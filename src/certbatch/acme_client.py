@@ -16,6 +16,11 @@ Robustness, all in the helpers below `issue()`:
     sleep past the deadline.
 Errors leave this module as certbatch exceptions only (AcmeError, RateLimited, ChallengeError,
 DeadlineExceeded), never as acme, josepy or requests exceptions.
+
+The wire: acme's ClientNetwork signs, and holds nonces and the HTTP session; _Network/_Conn reuse
+one session and nonce pool per thread through its non-public `session`, `_nonces` and
+`_send_request`. Rather than own that layer, certbatch pins acme 5.x and josepy 2.x (pyproject)
+and tests/test_acme_internals.py fails loudly if an upgrade changes those internals.
 """
 
 from __future__ import annotations
