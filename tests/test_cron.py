@@ -269,7 +269,9 @@ def test_quiet_verbose_and_status_json(tmp_path, pebble):
     assert good["rate_limited_until"] is None
     assert bad_row["name"] == "bad" and bad_row["serial"] is None
     assert bad_row["days_left"] is None and bad_row["not_after"] is None
-    assert bad_row["due"] is True and bad_row["decision"] == "issue"
+    # Right after its failed order it backs off (a minute) before ordering again.
+    assert bad_row["due"] is False and bad_row["decision"] == "backoff"
+    assert bad_row["failed_orders"] == 1 and bad_row["next_attempt"] is not None
     assert bad_row["last_result"] == "failed" and "DNS API refused" in bad_row["last_error"]
     assert bad_row["last_success"] is None
 

@@ -123,3 +123,84 @@ def test_before_expiry_longer_than_lifetime_does_not_renew_every_run():
                           dt.timedelta(days=100)).action == renewal.SKIP
     assert renewal.decide(cert(), stored(90), STAGED, T0 + 45 * DAY,
                           dt.timedelta(days=100)).action == renewal.RENEW
+
+
+# -- backoff after failed orders (not rate limits) ---------------------------------------------
+
+MINUTE = dt.timedelta(minutes=1)
+DUE_NOW = T0 + 61 * DAY  # the 90-day certificate is due from day 60
+
+
+def failed_orders(n: int, start: dt.datetime = DUE_NOW) -> tuple[CertStatus, list[dt.datetime]]:
+    """A status after `n` failed orders, each made as soon as the backoff allowed; the times."""
+    status = CertStatus(staged_version="v1", last_error="DNS API refused it")
+    times, now = [], start
+    for _ in range(n):
+        renewal.record_order_failure(status, now)
+        times.append(now)
+        assert status.next_attempt is not None
+        now = status.next_attempt
+    return status, times
+
+
+@pytest.mark.parametrize("failures, wait", [
+    (1, MINUTE), (2, 10 * MINUTE), (3, 100 * MINUTE), (4, DAY), (5, DAY), (30, DAY),
+])
+def test_backoff_sequence(failures, wait):
+    assert renewal.backoff_delay(failures) == wait
+    status, times = failed_orders(failures)
+    assert status.failed_orders == failures
+    assert status.next_attempt == times[-1] + wait
+    for configured, live in ((cert(), stored(90)), (cert(), None)):  # a renewal, a first issue
+        during = renewal.decide(configured, live, status, status.next_attempt - dt.timedelta(
+            seconds=1), None)
+        assert during.action == renewal.BACKOFF and not during.does_work
+        s = "s" if failures > 1 else ""
+        assert during.reason == (f"{failures} failed order{s} in a row; next attempt "
+                                 f"{status.next_attempt:%Y-%m-%d %H:%M}Z "
+                                 f"(last error: DNS API refused it)")
+        after = renewal.decide(configured, live, status, status.next_attempt, None)
+        assert after.needs_order
+
+
+@pytest.mark.parametrize("case, status, now, force, expected", [
+    # --force skips the backoff ...
+    ("force", failed_orders(3)[0], DUE_NOW + MINUTE, True, renewal.FORCE),
+    # ... but never a rate limit's Retry-After, which also wins over the backoff.
+    ("rate limit wins", CertStatus(staged_version="v1", failed_orders=2,
+                                   next_attempt=DUE_NOW + 10 * MINUTE,
+                                   rate_limited_until=DUE_NOW + DAY),
+     DUE_NOW + MINUTE, False, renewal.RATE_LIMITED),
+    ("rate limit wins with --force", CertStatus(staged_version="v1", failed_orders=2,
+                                                next_attempt=DUE_NOW + 10 * MINUTE,
+                                                rate_limited_until=DUE_NOW + DAY),
+     DUE_NOW + MINUTE, True, renewal.RATE_LIMITED),
+    # Not due: nothing to back off from (a failed forced order of a fresh certificate).
+    ("not due", CertStatus(staged_version="v1", failed_orders=1, next_attempt=T0 + 2 * DAY),
+     T0 + DAY, False, renewal.SKIP),
+    # A restage needs no order, so the backoff does not hold it back.
+    ("restage", CertStatus(staged_version="v0", failed_orders=1, next_attempt=DUE_NOW + DAY),
+     DUE_NOW, False, renewal.RESTAGE),
+    # Old status files: no count, no time.
+    ("no backoff fields", CertStatus(staged_version="v1"), DUE_NOW, False, renewal.RENEW),
+])
+def test_backoff_against_force_rate_limits_and_restage(case, status, now, force, expected):
+    assert renewal.decide(cert(), stored(90), status, now, None, force=force).action == expected
+
+
+def test_a_successful_order_resets_the_backoff():
+    status, _ = failed_orders(4)
+    renewal.record_order_success(status)
+    assert status.failed_orders == 0 and status.next_attempt is None
+    assert renewal.decide(cert(), stored(90), status, DUE_NOW, None).action == renewal.RENEW
+    # The next failure starts over at one minute.
+    renewal.record_order_failure(status, DUE_NOW)
+    assert status.next_attempt == DUE_NOW + MINUTE
+
+
+def test_backoff_fields_persist_and_old_status_files_load():
+    status, _ = failed_orders(2)
+    again = CertStatus.from_json(status.to_json())
+    assert again == status and again.failed_orders == 2
+    old = CertStatus.from_json('{"last_result": "failed", "staged_version": "v1"}')
+    assert old.failed_orders == 0 and old.next_attempt is None

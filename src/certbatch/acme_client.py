@@ -9,7 +9,10 @@ Robustness, all in the helpers below `issue()`:
   * badNonce: the request is signed again with a fresh nonce (the one in the error reply).
   * connection errors, timeouts and 5xx answers to idempotent requests (directory GET, POST-as-GET
     polls and downloads) are retried a few times with backoff; every request has a timeout.
-  * rateLimited / HTTP 429 raise RateLimited at once, with the CA's Retry-After.
+  * rateLimited / HTTP 429 raise RateLimited at once, with the CA's Retry-After. So does a 503
+    with a Retry-After (the CA is unavailable and said until when): on an idempotent request
+    after the retries above, or at once when its wait exceeds RETRY_AFTER_WAIT_MAX or the
+    deadline; the runner stores the time and asks no earlier. A 503 without one is an error.
   * an account the CA no longer knows is registered again (once, by one thread), saved, and the
     request retried.
   * polls start after 0.05 s and back off exponentially up to 5 s, honour Retry-After, and never
@@ -61,6 +64,8 @@ ERROR_PREFIX = "urn:ietf:params:acme:error:"
 BAD_NONCE_RETRIES = 10
 TRANSIENT_RETRIES = 3  # network errors / 5xx on idempotent requests
 TRANSIENT_BACKOFF = 0.5  # seconds before the first such retry, doubled each time
+# A 503's Retry-After longer than this is not waited out within the run: RateLimited.
+RETRY_AFTER_WAIT_MAX = 60.0
 POLL_FIRST = 0.05  # seconds before the first poll: CAs often finish validating within ms
 POLL_FACTOR = 1.6
 POLL_MAX = 5.0
@@ -489,11 +494,22 @@ class _Problem(Exception):
             return self.type[len(ERROR_PREFIX):]
         return None
 
+    @property
+    def unavailable_until(self) -> dt.datetime | None:
+        """A 503 with a usable Retry-After: when the CA said to come back (else None)."""
+        return _parse_retry_after(self.retry_after) if self.status == 503 else None
+
     def error(self, url: str) -> AcmeError:
         if self.status == 429 or self.code == "rateLimited":
             return RateLimited(self.detail, _parse_retry_after(self.retry_after),
                                type=self.type or ERROR_PREFIX + "rateLimited",
                                status=self.status)
+        until = self.unavailable_until
+        if until is not None:  # honoured like a 429: a stored wait, not retried before it
+            detail = self.detail if self.detail.startswith("HTTP 503") \
+                else f"HTTP 503: {self.detail}"
+            return RateLimited(f"{detail} ({url}, Retry-After {self.retry_after})", until,
+                               type=self.type, status=503)
         detail = self.detail if self.type else f"{url}: {self.detail}"
         return AcmeError(detail, type=self.type, status=self.status)
 
@@ -593,7 +609,8 @@ class _Conn:
                     self._use(self.client._replace_account(self._account, self.name,
                                                            self.deadline))
                     continue
-                if idempotent and problem.status >= 500 and transient < TRANSIENT_RETRIES:
+                if idempotent and problem.status >= 500 and transient < TRANSIENT_RETRIES \
+                        and not self._wait_too_long(problem):
                     transient += 1
                     self._pause_before_retry(transient, problem.retry_after, url, str(problem))
                     continue
@@ -617,6 +634,14 @@ class _Conn:
         interrupt.check(f"before requesting {url}")
         if time.monotonic() >= self.deadline:
             raise DeadlineExceeded(f"deadline exceeded before requesting {url}")
+
+    def _wait_too_long(self, problem: _Problem) -> bool:
+        """A 503 whose Retry-After is not to be waited out in this run (see the top)."""
+        until = problem.unavailable_until
+        if until is None:
+            return False
+        wait = (until - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        return wait > RETRY_AFTER_WAIT_MAX or time.monotonic() + wait >= self.deadline
 
     def _pause_before_retry(self, attempt: int, retry_after: str | None, url: str,
                             why: str) -> None:

@@ -435,6 +435,8 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
             "last_attempt": render.ts(status.last_attempt),
             "last_success": render.ts(status.last_success),
             "rate_limited_until": render.ts(status.rate_limited_until),
+            "failed_orders": status.failed_orders,
+            "next_attempt": render.ts(status.next_attempt),
             "profile": cert.profile,
         })
     return rows

@@ -87,7 +87,8 @@ class AcmeError(CertbatchError):
 
 
 class RateLimited(AcmeError):
-    """The CA answered rateLimited (HTTP 429); do not retry before `retry_after`."""
+    """The CA answered rateLimited (HTTP 429), or 503 with a Retry-After; do not retry before
+    `retry_after`."""
 
     def __init__(self, detail: str, retry_after: _dt.datetime | None,
                  type: str | None = "urn:ietf:params:acme:error:rateLimited",

@@ -178,13 +178,20 @@ def error_lines(report: RunReport) -> list[str]:
     return lines
 
 
+def _due_cell(row: dict[str, Any]) -> str:
+    if row["decision"] == "backoff" and row.get("next_attempt"):
+        at = row["next_attempt"]  # 2026-12-01T04:10:00Z
+        return f"backoff until {at[:10]} {at[11:16]}Z"
+    return str(row["decision"]) if row["due"] else "no"
+
+
 def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
     headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "PROFILE", "LAST RESULT"]
     table = [headers] + [[
         r["name"], ",".join(r["domains"]),
         r["not_after"][:10] if r["not_after"] else "-",
         "-" if r["days_left"] is None else str(r["days_left"]),
-        r["decision"] if r["due"] else "no",
+        _due_cell(r),
         r["profile"] or "-",
         (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else ""),
     ] for r in rows]
@@ -294,8 +301,8 @@ class RichProgress(Progress):
         for col in ("certificate", "outcome", "expires", "serial"):
             t.add_column(col, no_wrap=True)
         t.add_column("detail", overflow="fold")  # long paths in errors: folded, never cut
-        colors = {"failed": "red", "not-staged": "red", "issued": "green", "renewed": "green",
-                  "restaged": "green", "rate-limited": "yellow"}
+        colors = {"failed": "red", "not-staged": "red", "backoff": "red", "issued": "green",
+                  "renewed": "green", "restaged": "green", "rate-limited": "yellow"}
         for c in report.certificates:
             color = colors.get(c.outcome, "")
             detail = Text(c.error, style="red") if c.error else Text(

@@ -19,9 +19,45 @@ FORCE = "force"  # --force
 RESTAGE = "restage"  # renewed earlier, deploy hooks failed: stage again without a new order
 SKIP = "skip"  # not due
 RATE_LIMITED = "rate-limited"  # the CA asked us to wait
+BACKOFF = "backoff"  # the last orders failed: wait before the next (not with --force)
 ERROR = "error"  # the stored state of this certificate cannot be read
 
 SHORT_LIVED = dt.timedelta(days=10)
+
+# The wait after 1, 2, 3 consecutive failed orders, then BACKOFF_MAX after each further one
+# (Let's Encrypt's integration guide: about 1 minute, 10 minutes, 100 minutes, then once a day).
+BACKOFF_STEPS = (dt.timedelta(minutes=1), dt.timedelta(minutes=10), dt.timedelta(minutes=100))
+BACKOFF_MAX = dt.timedelta(days=1)
+
+
+def backoff_delay(failed_orders: int) -> dt.timedelta:
+    """How long to wait before ordering again after `failed_orders` (>= 1) failures in a row."""
+    if failed_orders < 1:
+        return dt.timedelta(0)
+    return BACKOFF_STEPS[failed_orders - 1] if failed_orders <= len(BACKOFF_STEPS) \
+        else BACKOFF_MAX
+
+
+def record_order_failure(status: CertStatus, now: dt.datetime) -> None:
+    """An order failed (not a rate limit): count it and set the next attempt time."""
+    status.failed_orders += 1
+    status.next_attempt = now + backoff_delay(status.failed_orders)
+
+
+def record_order_success(status: CertStatus) -> None:
+    status.failed_orders, status.next_attempt = 0, None
+
+
+def _backoff(status: CertStatus, now: dt.datetime) -> Decision | None:
+    """The BACKOFF decision while the next attempt time lies ahead, else None."""
+    if status.failed_orders < 1 or status.next_attempt is None or status.next_attempt <= now:
+        return None
+    n = status.failed_orders
+    reason = (f"{n} failed order{'s' * (n != 1)} in a row; next attempt "
+              f"{status.next_attempt:%Y-%m-%d %H:%M}Z")
+    if status.last_error:
+        reason += f" (last error: {status.last_error})"
+    return Decision(BACKOFF, reason)
 
 
 @dataclass(frozen=True)
@@ -62,16 +98,20 @@ def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertSta
     limited = status.rate_limited_until is not None and status.rate_limited_until > now
     rate_limited = Decision(RATE_LIMITED, f"rate-limited by the CA until "
                             f"{status.rate_limited_until:%Y-%m-%d %H:%M}Z") if limited else None
+    # A rate limit wins over the backoff (even with --force); --force skips the backoff.
+    held = rate_limited or (None if force else _backoff(status, now))
     if stored is None:
-        return rate_limited or Decision(ISSUE, "no certificate yet")
+        return held or Decision(ISSUE, "no certificate yet")
     order = _order_reason(cert, stored, now, before_expiry, force)
-    if order is not None and rate_limited is None:
+    if order is not None and held is None:
         return order
     if status.staged_version != stored.version:
         # Needs no CA, so a rate limit does not hold it back.
         return Decision(RESTAGE, "stored but not staged yet (deploy hook failed or run "
                                  "interrupted)", order.due_at if order else None)
-    # A rate limit is honoured even with --force: asking again only extends the penalty.
+    if order is not None and held is not None:
+        # A rate limit is honoured even with --force: asking again only extends the penalty.
+        return held
     return rate_limited or Decision(
         SKIP, f"due {due_time(stored.not_before, stored.not_after, before_expiry):%Y-%m-%d}",
         due_time(stored.not_before, stored.not_after, before_expiry))

@@ -51,7 +51,8 @@ RATE_LIMITED = "rate-limited"
 FAILED = "failed"
 NOT_STAGED = "not-staged"  # renewed and stored, but a deploy hook failed
 PLANNED = "planned"  # --dry-run
-FAILED_OUTCOMES = (FAILED, NOT_STAGED)
+BACKOFF = "backoff"  # the last orders failed and the backoff has not passed: no order
+FAILED_OUTCOMES = (FAILED, NOT_STAGED, BACKOFF)
 
 # A 429 without Retry-After: wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT = dt.timedelta(hours=1)
@@ -221,8 +222,12 @@ class Runner:
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
             if not dry_run and not decision.does_work:
-                result.outcome = RATE_LIMITED if decision.action == renewal.RATE_LIMITED \
-                    else NOT_DUE
+                result.outcome = {renewal.RATE_LIMITED: RATE_LIMITED,
+                                  renewal.BACKOFF: BACKOFF}.get(decision.action, NOT_DUE)
+                if result.outcome == BACKOFF:
+                    # A failure of this run too (exit 1), with no work done; the status keeps
+                    # the error of the last order.
+                    result.error = decision.reason
             report.certificates.append(result)
             log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
             if decision.does_work:
@@ -286,6 +291,10 @@ class Runner:
             return work  # not started: each certificate says so (_process)
         except CertbatchError as exc:
             error = str(exc)  # already names the CA's URL
+            limited = exc if isinstance(exc, RateLimited) else None
+            if limited is not None:
+                until = limited.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT
+                error = f"{exc} (not retried before {until:%Y-%m-%d %H:%M:%S}Z)"
             log.error("%s", error)
         remaining = []
         for cert, result, stored, status in work:
@@ -293,6 +302,10 @@ class Runner:
                 remaining.append((cert, result, stored, status))
                 continue
             result.outcome, result.error = FAILED, error
+            if limited is not None:
+                status.rate_limited_until = until
+            else:
+                renewal.record_order_failure(status, utcnow())
             status.last_attempt = utcnow()
             status.last_result, status.last_error = FAILED, error
             with contextlib.suppress(OSError):
@@ -318,11 +331,15 @@ class Runner:
         t0 = time.monotonic()
         self._tell(self.progress.started, result)
         status.last_attempt = utcnow()
+        ordering = False  # an exception while True: the order failed (see the backoff)
         try:
             if result.decision.needs_order:
+                ordering = True
                 stored = self._issue(cert)
+                ordering = False
                 result.outcome = ISSUED if result.decision.action == renewal.ISSUE else RENEWED
                 status.rate_limited_until = None
+                renewal.record_order_success(status)
             else:
                 result.outcome = RESTAGED
             assert stored is not None
@@ -339,11 +356,13 @@ class Runner:
             if result.outcome != PLANNED:  # stopped while staging (see above)
                 status.staged_version = None
             result.outcome, result.error = FAILED, str(exc)
+            ordering = False  # cut short by a signal: not a failed order
         except RateLimited as exc:
             until = exc.retry_after or utcnow() + DEFAULT_RATE_LIMIT_WAIT
             status.rate_limited_until = until
             result.outcome = FAILED
             result.error = f"{exc} (not retried before {until:%Y-%m-%d %H:%M:%S}Z)"
+            ordering = False  # the CA's Retry-After is the wait, not the backoff
         except CertbatchError as exc:
             result.outcome = FAILED
             result.error = str(exc)
@@ -355,6 +374,8 @@ class Runner:
             else:
                 log.exception("%s: unexpected error", cert.name)
                 result.error = f"internal error: {type(exc).__name__}: {exc}"
+        if ordering and not interrupt.requested():  # a signal's doing is not the CA's
+            renewal.record_order_failure(status, utcnow())
         result.duration = time.monotonic() - t0
         status.last_result = result.outcome
         status.last_error = result.error

@@ -111,10 +111,17 @@ class CertStatus:
     # The stored version last staged into the spool. A live version that differs (deploy hooks
     # failed, or a crash between storing and staging) is staged again by the next run.
     staged_version: str | None = None
+    # Consecutive failed orders (not rate limits), and when the next order may go out (the
+    # backoff, see renewal.backoff_delay); a successful order resets both. Files written
+    # before certbatch had a backoff lack them: 0 and None.
+    failed_orders: int = 0
+    next_attempt: dt.datetime | None = None
+
+    _TIMES = ("last_attempt", "last_success", "rate_limited_until", "next_attempt")
 
     def to_json(self) -> str:
         data = asdict(self)
-        for key in ("last_attempt", "last_success", "rate_limited_until"):
+        for key in self._TIMES:
             data[key] = _ts(data[key])
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -123,8 +130,11 @@ class CertStatus:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("status is not a JSON object")
-        for key in ("last_attempt", "last_success", "rate_limited_until"):
+        for key in cls._TIMES:
             data[key] = _parse_ts(data.get(key))
+        count = data.get("failed_orders", 0)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError("failed_orders is not a count")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
