@@ -70,7 +70,7 @@ def test_failed_order_backs_off_until_forced(tmp_path: Path, pebble: PebbleInsta
     assert second.returncode == 1, second.stderr
     line = error_line(second.stderr, "bad")
     assert line.startswith(f"certbatch: bad: backoff: 1 failed order in a row; next attempt "
-                           f"{next_at:%Y-%m-%d %H:%M}Z (last error: ")
+                           f"{next_at:%Y-%m-%d %H:%M}Z, or now with renew --force (last error: ")
     assert "DNS API refused" in line
     assert adds(log, bad) == 1
     assert 'certbatch_certificate_last_run_ok{name="bad"} 0' in metrics.read_text()

@@ -157,8 +157,8 @@ def test_backoff_sequence(failures, wait):
         assert during.action == renewal.BACKOFF and not during.does_work
         s = "s" if failures > 1 else ""
         assert during.reason == (f"{failures} failed order{s} in a row; next attempt "
-                                 f"{status.next_attempt:%Y-%m-%d %H:%M}Z "
-                                 f"(last error: DNS API refused it)")
+                                 f"{status.next_attempt:%Y-%m-%d %H:%M}Z, or now with renew "
+                                 f"--force (last error: DNS API refused it)")
         after = renewal.decide(configured, live, status, status.next_attempt, None)
         assert after.needs_order
 

@@ -54,7 +54,7 @@ def _backoff(status: CertStatus, now: dt.datetime) -> Decision | None:
         return None
     n = status.failed_orders
     reason = (f"{n} failed order{'s' * (n != 1)} in a row; next attempt "
-              f"{status.next_attempt:%Y-%m-%d %H:%M}Z")
+              f"{status.next_attempt:%Y-%m-%d %H:%M}Z, or now with renew --force")
     if status.last_error:
         reason += f" (last error: {status.last_error})"
     return Decision(BACKOFF, reason)
