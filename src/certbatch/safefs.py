@@ -48,15 +48,19 @@ def problem(st: os.stat_result, kind: str = "folder") -> str | None:
     return None
 
 
-def check_dir(path: Path | str) -> None:
-    """Raise UnsafePath unless `path` is certbatch's own folder (see the module doc)."""
+def _lstat(path: Path | str) -> os.stat_result:
+    """lstat; FileNotFoundError as is, any other OS error as UnsafePath naming the path."""
     try:
-        st = os.lstat(path)
+        return os.lstat(path)
     except FileNotFoundError:
         raise
     except OSError as exc:
         raise UnsafePath(path, f"cannot be examined: {exc.strerror}") from exc
-    why = problem(st)
+
+
+def check_dir(path: Path | str) -> None:
+    """Raise UnsafePath unless `path` is certbatch's own folder (see the module doc)."""
+    why = problem(_lstat(path))
     if why:
         raise UnsafePath(path, why + ("; chmod go-w it" if "writable" in why else ""))
 
@@ -68,11 +72,9 @@ def check_links(path: Path) -> None:
     for part in Path(os.path.abspath(path)).parts[1:]:
         current = current / part
         try:
-            st = os.lstat(current)
+            st = _lstat(current)
         except FileNotFoundError:
             return
-        except OSError as exc:
-            raise UnsafePath(current, f"cannot be examined: {exc.strerror}") from exc
         if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, os.geteuid()):
             raise UnsafePath(current, f"is a symlink owned by {_who(st.st_uid)}: another user "
                                       f"could point it elsewhere")
