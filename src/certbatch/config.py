@@ -85,6 +85,7 @@ class RenewalSettings:
     workers: int = 4
     deadline: float = 600.0  # seconds one certificate may take, challenges and all
     jitter: float = 0.0  # seconds: random sleep before the first ACME request
+    ari: bool = True  # ask the CA's renewalInfo (RFC 9773) when it offers it
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ _TOP_KEYS = ("acme", "paths", "renewal", "hooks", "logging", "metrics", "default
 _ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout", "profile")
 _EAB_KEYS = ("kid", "hmac_key")
 _PATHS_KEYS = ("state", "spool", "hooks")
-_RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter")
+_RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter", "ari")
 _HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout", "notify_workers", "targets")
 _TARGET_KEYS = ("command", "timeout", "env")
 # Target names become folder names in the spool and appear in messages and metrics labels.
@@ -502,6 +503,14 @@ class _Checker:
             self.fail(_join(parent, name), f"must be between {lo} and {hi}, got {value}")
         return value
 
+    def boolean(self, m: dict[Any, Any], parent: str, name: str, default: bool) -> bool:
+        value = m.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.fail(_join(parent, name), f"expected true or false, got {_describe(value)}")
+        return value
+
     def command(self, value: Any, key: str) -> HookCommandSpec:
         """A hook: a string for /bin/sh -c, or a non-empty list of strings used as argv."""
         if isinstance(value, str):
@@ -601,7 +610,8 @@ class _Checker:
             before_expiry=before,
             workers=self.integer(m, "renewal", "workers", 4, 1, 64),
             deadline=self.duration(m, "renewal", "deadline", 600.0, positive=True),
-            jitter=self.duration(m, "renewal", "jitter", 0.0, positive=False))
+            jitter=self.duration(m, "renewal", "jitter", 0.0, positive=False),
+            ari=self.boolean(m, "renewal", "ari", True))
 
     def hooks(self, raw: Any) -> HookSettings:
         m = self.section(raw, "hooks", _HOOKS_KEYS)

@@ -94,6 +94,9 @@ class StoredCert:
     # The ACME profile it was ordered with; None: none asked for (the CA's default), also for
     # versions stored before certbatch knew profiles.
     profile: str | None = None
+    # The URL of the ACME account that ordered it (None: not recorded, versions stored before
+    # certbatch recorded it). ARI's `replaces` is sent only for the account in use.
+    account: str | None = None
 
     def path(self, filename: str) -> Path:
         return self.folder / filename
@@ -232,6 +235,7 @@ class Store:
                 issued_at=_parse_ts(meta["issued_at"]),  # type: ignore[arg-type]
                 sizes=tuple((str(k), int(v)) for k, v in meta.get("sizes", {}).items()),
                 profile=_opt_text(meta.get("profile"), "profile"),
+                account=_opt_text(meta.get("account"), "account"),
             )
         except StoreError:
             raise
@@ -277,8 +281,9 @@ class Store:
                          privkey_pem: bytes, cert_pem: bytes, chain_pem: bytes,
                          fullchain_pem: bytes, serial: str, not_before: dt.datetime,
                          not_after: dt.datetime, issued_at: dt.datetime,
-                         profile: str | None = None) -> StoredCert:
-        """Write a complete new version and switch `live` to it in one rename."""
+                         profile: str | None = None, account: str | None = None) -> StoredCert:
+        """Write a complete new version and switch `live` to it in one rename. `account`: the
+        URL of the ACME account that ordered it."""
         base = self._dir("certs", name)
         versions = self._dir("certs", name, "versions")
         version = f"{issued_at.strftime('%Y%m%dT%H%M%SZ')}-{serial[-12:]}"
@@ -298,6 +303,7 @@ class Store:
                     "serial": serial, "not_before": _ts(not_before),
                     "not_after": _ts(not_after), "issued_at": _ts(issued_at),
                     "profile": profile,  # as ordered (None: the CA's default)
+                    "account": account,
                     # for the cheap check of every run: a file replaced later differs in size
                     "sizes": {"privkey.pem": len(privkey_pem), "cert.pem": len(cert_pem),
                               "chain.pem": len(chain_pem), "fullchain.pem": len(fullchain_pem)}}
