@@ -106,10 +106,9 @@ def test_webroot_rejects_tokens_that_could_escape(tmp_path: Path) -> None:
 
 
 def test_webroot_unwritable_is_a_challenge_error(tmp_path: Path) -> None:
-    missing = tmp_path / "no" / "such"
-    (tmp_path / "no").write_text("a file, not a folder")
+    (tmp_path / ".well-known").write_text("a file, not a folder")  # root may write anywhere
     with pytest.raises(ChallengeError, match="cannot write http-01 token"):
-        WebrootSolver(missing, "c").prepare([http01("tok")], soon())
+        WebrootSolver(tmp_path, "c").prepare([http01("tok")], soon())
 
 
 # -- standalone ----------------------------------------------------------------------------------
@@ -418,3 +417,15 @@ def test_dns_script_leaving_a_detached_child_does_not_hold_us(tmp_path: Path) ->
     solver.prepare([dns01("x.example.com", "v1")], soon(30))
     assert time.monotonic() - t0 < 6  # the daemon sleeps 8 s; room for a loaded CI machine
     solver.cleanup()
+
+
+def test_webroot_missing_is_a_challenge_error_and_nothing_is_created(tmp_path: Path) -> None:
+    """Checked at run time (only this certificate fails), and the webroot is never created."""
+    for webroot, what in ((tmp_path / "nowhere", "does not exist"),
+                          (tmp_path / "file", "is not a folder")):
+        if webroot.name == "file":
+            webroot.write_text("")
+        with pytest.raises(ChallengeError) as err:
+            WebrootSolver(webroot, "c").prepare([http01("tok")], soon())
+        assert str(err.value) == f"webroot {webroot} {what}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

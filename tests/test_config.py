@@ -37,6 +37,11 @@ LE_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 DELETE = object()  # patch value: remove the key
 
 
+SECRET = "c2VjcmV0IHNlY3JldCBzZWNyZXQ="
+RFC2136 = {"type": "dns-01", "provider": "rfc2136", "server": "192.0.2.53",
+           "tsig_key": "certbatch", "tsig_secret": SECRET}
+
+
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
     """A config folder with a webroot, an executable DNS script, a plain file and a CA bundle."""
@@ -583,9 +588,6 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
      "missing: http-01 needs 'webroot' (the web server's document root) or 'standalone'"),
     ({"type": "http-01", "webroot": "www", "standalone": {"port": 80}}, "defaults.challenge",
      "takes 'webroot' or 'standalone', not both"),
-    ({"type": "http-01", "webroot": "nowhere"}, "defaults.challenge.webroot",
-     "nowhere does not exist"),
-    ({"type": "http-01", "webroot": "dns.sh"}, "defaults.challenge.webroot", "is not a folder"),
     ({"type": "http-01", "webroot": 5}, "defaults.challenge.webroot", "expected a string"),
     ({"type": "http-01", "standalone": 80}, "defaults.challenge.standalone",
      "expected a mapping like {port: 80, address: 0.0.0.0}"),
@@ -599,12 +601,41 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
      "defaults.challenge.standalone.address", "must be an IP address"),
     ({"type": "http-01", "standalone": {"address": "300.1.1.1"}},
      "defaults.challenge.standalone.address", "must be an IP address"),
-    ({"type": "dns-01"}, "defaults.challenge.script", "required key is missing"),
-    ({"type": "dns-01", "script": "missing.sh"}, "defaults.challenge.script",
-     "missing.sh does not exist"),
-    ({"type": "dns-01", "script": "www"}, "defaults.challenge.script", "is not a regular file"),
-    ({"type": "dns-01", "script": "noexec.sh"}, "defaults.challenge.script",
-     "noexec.sh is not executable"),
+    ({"type": "dns-01"}, "defaults.challenge.script",
+     "required key is missing: dns-01 needs 'script' or 'provider' (rfc2136)"),
+    ({"type": "dns-01", "script": "dns.sh", "provider": "rfc2136"}, "defaults.challenge",
+     "dns-01 takes 'script' or 'provider', not both"),
+    ({"type": "dns-01", "provider": "lexicn"}, "defaults.challenge.provider",
+     "unknown value 'lexicn'"),
+    ({"type": "dns-01", "script": "dns.sh", "server": "127.0.0.1"}, "defaults.challenge.server",
+     "only valid with provider: rfc2136"),
+    ({**RFC2136, "calls": "per-record"}, "defaults.challenge.calls", "only valid with a script"),
+    ({**RFC2136, "server": None}, "defaults.challenge.server", "required key is missing"),
+    ({**RFC2136, "server": "ns1.example.com"}, "defaults.challenge.server",
+     "expected an IP address (IP, IP:PORT or [IPv6]:PORT), got 'ns1.example.com'"),
+    ({**RFC2136, "server": "127.0.0.1:99999"}, "defaults.challenge.server",
+     "the port must be between 1 and 65535, got '99999'"),
+    ({**RFC2136, "server": "[::1]x"}, "defaults.challenge.server", "expected IP, IP:PORT"),
+    ({**RFC2136, "resolver": "localhost:53"}, "defaults.challenge.resolver",
+     "expected an IP address"),
+    ({**RFC2136, "tsig_key": "bad key"}, "defaults.challenge.tsig_key", "not a DNS name"),
+    ({**RFC2136, "tsig_secret": None}, "defaults.challenge.tsig_secret",
+     "missing: rfc2136 needs 'tsig_secret_file' (or 'tsig_secret')"),
+    ({**RFC2136, "tsig_secret_file": "x"}, "defaults.challenge.tsig_secret",
+     "give 'tsig_secret' (base64) or 'tsig_secret_file', not both"),
+    ({**RFC2136, "tsig_secret": "not base64!"}, "defaults.challenge.tsig_secret",
+     "must be the key's secret in base64"),
+    ({**RFC2136, "tsig_algorithm": "hmac-sha265"}, "defaults.challenge.tsig_algorithm",
+     "(did you mean 'hmac-sha256'?)"),
+    ({**RFC2136, "zone": "exa mple.com"}, "defaults.challenge.zone", "not a DNS name"),
+    ({**RFC2136, "propagation": "off"}, "defaults.challenge.propagation",
+     "expected one of: check, none"),
+    ({**RFC2136, "propagation_timeout": "0s"}, "defaults.challenge.propagation_timeout",
+     "must be greater than zero"),
+    ({**RFC2136, "follow_cnames": "no"}, "defaults.challenge.follow_cnames",
+     "expected true or false"),
+    ({**RFC2136, "nameserver_port": 0}, "defaults.challenge.nameserver_port",
+     "must be between 1 and 65535"),
     ({"type": "dns-01", "script": "dns.sh", "wait": "-1s"}, "defaults.challenge.wait",
      "must not be negative"),
     ({"type": "dns-01", "script": "dns.sh", "calls": "per-cert"}, "defaults.challenge.calls",
@@ -620,8 +651,40 @@ def test_challenge_errors(site: Path, challenge: Any, key: str, problem: str) ->
 
 
 def test_certificate_challenge_errors_name_the_certificate(site: Path) -> None:
-    data = patched({"certificates/example/challenge": {"type": "dns-01", "script": "nope"}})
-    config_error(write(site, data), "certificates.example.challenge.script", "does not exist")
+    data = patched({"certificates/example/challenge": {"type": "dns-01", "script": "dns.sh",
+                                                       "calls": "x"}})
+    config_error(write(site, data), "certificates.example.challenge.calls", "unknown value 'x'")
+
+
+@pytest.mark.parametrize("challenge", [
+    {"type": "http-01", "webroot": "nowhere"},
+    {"type": "http-01", "webroot": "dns.sh"},
+    {"type": "dns-01", "script": "missing.sh"},
+    {"type": "dns-01", "script": "noexec.sh"},
+    {**RFC2136, "tsig_secret": None, "tsig_secret_file": "missing.secret"},
+])
+def test_a_broken_dns_or_webroot_setup_loads(site: Path, challenge: dict[str, Any]) -> None:
+    """Checked when the certificate is renewed (it alone fails) and by `check`, not at load."""
+    data = patched({"certificates/example/challenge": challenge})
+    challenge_settings = load(write(site, data)).certificates["example"].challenge
+    assert challenge_settings.type == challenge["type"]
+
+
+def test_rfc2136_settings_and_defaults(site: Path) -> None:
+    data = patched({"defaults/challenge": {**RFC2136, "server": "[::1]:5353", "zone": "Example.COM",
+                                           "resolver": "127.0.0.1:53000"},
+                    "certificates/script": {"domains": ["s.example.com"],
+                                            "challenge": {"type": "dns-01", "script": "dns.sh"}}})
+    certs = load(write(site, data)).certificates
+    ch = certs["example"].challenge
+    assert ch.provider == "rfc2136" and ch.script is None and ch.rfc2136 is not None
+    assert ch.rfc2136.server == ("::1", 5353) and ch.rfc2136.zone == "example.com."
+    assert ch.rfc2136.tsig_key == "certbatch." and ch.rfc2136.tsig_algorithm == "hmac-sha256"
+    assert (ch.follow_cnames, ch.propagation, ch.propagation_timeout) == (True, "check", 120.0)
+    assert ch.resolver == ("127.0.0.1", 53000) and ch.nameserver_port == 53
+    assert SECRET not in repr(ch)  # a settings dump never shows the secret
+    # A script keeps its old behaviour: no propagation check unless asked for.
+    assert certs["script"].challenge.propagation == "none"
 
 
 def test_no_challenge_anywhere(site: Path) -> None:

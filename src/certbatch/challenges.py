@@ -105,6 +105,13 @@ def _check_token(token: str) -> str:
 _webroot_lock = threading.Lock()
 
 
+def webroot_problem(webroot: Path) -> str | None:
+    """Why `webroot` cannot take http-01 tokens (None: it is a folder)."""
+    if os.path.isdir(webroot):
+        return None
+    return f"webroot {webroot} {'is not a folder' if os.path.exists(webroot) else 'does not exist'}"
+
+
 class WebrootSolver:
     """Write ``<webroot>/.well-known/acme-challenge/<token>`` files for a web server to serve."""
 
@@ -117,6 +124,9 @@ class WebrootSolver:
     def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
         if not responses:
             return
+        problem = webroot_problem(self.webroot)
+        if problem:  # never create the webroot itself: a typo would publish nowhere
+            raise ChallengeError(problem)
         folder = self.webroot / WELL_KNOWN
         with _webroot_lock:
             try:

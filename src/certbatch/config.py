@@ -54,14 +54,33 @@ class PathSettings:
 
 
 @dataclass(frozen=True)
+class Rfc2136Settings:
+    """dns-01 `provider: rfc2136`: where updates go and the TSIG key that signs them."""
+
+    server: tuple[str, int]  # (IP address, port) of the primary that accepts updates
+    tsig_key: str  # key name, absolute (trailing dot)
+    tsig_secret: str | None = field(default=None, repr=False)  # base64; or tsig_secret_file
+    tsig_secret_file: Path | None = None  # read when a certificate needs it, not at load
+    tsig_algorithm: str = "hmac-sha256"
+    zone: str | None = None  # absolute; None: found by SOA lookup
+
+
+@dataclass(frozen=True)
 class ChallengeSettings:
     type: str  # "http-01" | "dns-01"
     webroot: Path | None = None  # http-01 webroot
     standalone_address: str | None = None  # http-01 standalone (address, port)
     standalone_port: int | None = None
-    script: Path | None = None  # dns-01
+    script: Path | None = None  # dns-01: a script, or a provider
     wait: float = 0.0  # dns-01: seconds to wait after adding records (propagation)
     calls: str = "per-record"  # dns-01: one script run per record, or per certificate
+    provider: str | None = None  # dns-01: one of DNS_PROVIDERS
+    rfc2136: Rfc2136Settings | None = None
+    follow_cnames: bool = True  # dns-01: write at the end of _acme-challenge's CNAME chain
+    propagation: str = "none"  # dns-01: "check" the authoritative servers, or "none"
+    propagation_timeout: float = 120.0
+    resolver: tuple[str, int] | None = None  # for CNAME/SOA/NS lookups; None: the system's
+    nameserver_port: int = 53  # where the propagation check asks authoritative servers
 
     @property
     def standalone(self) -> bool:
@@ -158,10 +177,19 @@ _DEFAULTS_KEYS = ("key", "challenge", "deploy")
 _CERT_KEYS = ("domains", "key", "challenge", "deploy", "profile")
 _CHALLENGE_KEYS = {
     "http-01": ("type", "webroot", "standalone"),
-    "dns-01": ("type", "script", "wait", "calls"),
+    "dns-01": ("type", "script", "provider", "wait", "calls", "follow_cnames", "propagation",
+               "propagation_timeout", "resolver", "nameserver_port", "server", "tsig_key",
+               "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone"),
 }
-_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", "script", "wait", "calls")
+_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", *_CHALLENGE_KEYS["dns-01"][1:])
 DNS_CALLS = ("per-record", "per-certificate")
+DNS_PROVIDERS = ("rfc2136",)  # lexicon and acme-dns: see docs/dns.md
+DNS_PROPAGATION = ("check", "none")
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha512", "hmac-sha384", "hmac-sha224", "hmac-sha1",
+                   "hmac-md5")
+_RFC2136_KEYS = ("server", "tsig_key", "tsig_secret", "tsig_secret_file", "tsig_algorithm",
+                 "zone")
+_SCRIPT_KEYS = ("calls",)
 _STANDALONE_KEYS = ("port", "address")
 
 _CERT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -175,6 +203,7 @@ _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _URL_RE = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
 _SIMPLE_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+_DNS_NAME_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 # libyaml's parser is several times faster than the pure-Python one; the constructor and the
@@ -408,6 +437,16 @@ def _domain_problem(name: str) -> str:
     if labels[-1].isdigit():
         return f"{_short(name)} ends in an all-digit label, which no host name does"
     return f"{_short(name)} is not a valid domain name"
+
+
+def _is_base64(text: str) -> bool:
+    import base64  # only configs with an inline secret pay for it
+    import binascii
+
+    try:
+        return bool(text) and bool(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _is_ip(text: str) -> bool:
@@ -716,10 +755,8 @@ class _Checker:
             self.fail(f"{key}.webroot", "missing: http-01 needs 'webroot' (the web server's"
                                         " document root) or 'standalone'")
         if has_webroot:
+            # Whether it exists is checked when a certificate needs it (and by `check`).
             webroot = self.resolve(self.string(m["webroot"], f"{key}.webroot"))
-            if not os.path.isdir(webroot):
-                what = "is not a folder" if os.path.exists(webroot) else "does not exist"
-                self.fail(f"{key}.webroot", f"{webroot} {what}")
             return ChallengeSettings(type="http-01", webroot=webroot)
         where = f"{key}.standalone"
         if not isinstance(m["standalone"], dict):
@@ -738,19 +775,108 @@ class _Checker:
         return ChallengeSettings(type="http-01", standalone_address=address, standalone_port=port)
 
     def dns01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
-        script = self.resolve(self.req_str(m, key, "script"))
-        if not os.path.isfile(script):
-            what = "is not a regular file" if os.path.exists(script) else "does not exist"
-            self.fail(f"{key}.script", f"{script} {what}")
-        if not os.access(script, os.X_OK):
-            self.fail(f"{key}.script", f"{script} is not executable (chmod +x it)")
+        # Whether the script exists and runs is checked when it is needed (and by `check`): one
+        # certificate's broken DNS setup must not stop the others, nor `status`.
+        has_script, has_provider = m.get("script") is not None, m.get("provider") is not None
+        if has_script == has_provider:
+            self.fail(f"{key}.script" if not has_script else key,
+                      "dns-01 takes 'script' or 'provider', not both" if has_script else
+                      "required key is missing: dns-01 needs 'script' or 'provider'"
+                      f" ({', '.join(DNS_PROVIDERS)})")
+        provider = None if has_script else self.choice(m, key, "provider", DNS_PROVIDERS)
+        for k in (_RFC2136_KEYS if has_script else _SCRIPT_KEYS):
+            if m.get(k) is not None:
+                self.fail(_join(key, k), "only valid with provider: rfc2136" if has_script
+                          else "only valid with a script")
         wait = self.duration(m, key, "wait", 0.0, positive=False)
         calls = DNS_CALLS[0] if m.get("calls") is None else m["calls"]
         if not isinstance(calls, str) or calls not in DNS_CALLS:
             hint = _suggest(calls, DNS_CALLS) if isinstance(calls, str) else ""
             self.fail(f"{key}.calls", f"unknown value {_short(calls)}{hint}; expected one of:"
                                       f" {', '.join(DNS_CALLS)}")
-        return ChallengeSettings(type="dns-01", script=script, wait=wait, calls=calls)
+        # A provider's records are checked by default; a script keeps its old behaviour (it may
+        # publish where certbatch cannot look, or wait itself) unless it asks for the check.
+        propagation = (DNS_PROPAGATION[1] if has_script else DNS_PROPAGATION[0]
+                       ) if m.get("propagation") is None else self.choice(
+            m, key, "propagation", DNS_PROPAGATION)
+        resolver = None
+        if m.get("resolver") is not None:
+            resolver = self.address(self.string(m["resolver"], f"{key}.resolver"),
+                                    f"{key}.resolver", 53)
+        return ChallengeSettings(
+            type="dns-01", wait=wait, calls=calls, provider=provider,
+            script=self.resolve(self.string(m["script"], f"{key}.script")) if has_script
+            else None,
+            rfc2136=self.rfc2136(m, key) if provider == "rfc2136" else None,
+            follow_cnames=self.boolean(m, key, "follow_cnames", True),
+            propagation=propagation,
+            propagation_timeout=self.duration(m, key, "propagation_timeout", 120.0,
+                                              positive=True),
+            resolver=resolver,
+            nameserver_port=self.integer(m, key, "nameserver_port", 53, 1, 65535))
+
+    def rfc2136(self, m: dict[Any, Any], key: str) -> Rfc2136Settings:
+        server = self.address(self.req_str(m, key, "server"), f"{key}.server", 53)
+        tsig_key = self.dns_name(self.req_str(m, key, "tsig_key"), f"{key}.tsig_key")
+        secret = m.get("tsig_secret")
+        secret_file = self.opt_path(m, key, "tsig_secret_file")
+        if (secret is None) == (secret_file is None):
+            self.fail(f"{key}.tsig_secret", "give 'tsig_secret' (base64) or 'tsig_secret_file',"
+                                            " not both" if secret is not None else
+                      "missing: rfc2136 needs 'tsig_secret_file' (or 'tsig_secret')")
+        if secret is not None:
+            # Never quote the value in a message: it is the secret.
+            if not isinstance(secret, str) or not _is_base64(secret.strip()):
+                self.fail(f"{key}.tsig_secret", "must be the key's secret in base64 (as "
+                                                "tsig-keygen prints it)")
+            secret = secret.strip()
+        algorithm = TSIG_ALGORITHMS[0] if m.get("tsig_algorithm") is None else self.choice(
+            m, key, "tsig_algorithm", TSIG_ALGORITHMS)
+        zone = None
+        if m.get("zone") is not None:
+            zone = self.dns_name(self.string(m["zone"], f"{key}.zone"), f"{key}.zone")
+        return Rfc2136Settings(server=server, tsig_key=tsig_key, tsig_secret=secret,
+                               tsig_secret_file=secret_file, tsig_algorithm=algorithm, zone=zone)
+
+    def choice(self, m: dict[Any, Any], parent: str, name: str, allowed: tuple[str, ...]) -> str:
+        value = m.get(name)
+        if not isinstance(value, str) or value not in allowed:
+            hint = _suggest(value, allowed) if isinstance(value, str) else ""
+            self.fail(_join(parent, name), f"unknown value {_short(value)}{hint}; expected one"
+                                           f" of: {', '.join(allowed)}")
+        return value
+
+    def address(self, text: str, key: str, default_port: int) -> tuple[str, int]:
+        """`IP`, `IP:PORT` or `[IPv6]:PORT` -> (normalized IP, port)."""
+        import ipaddress  # only dns-01 configs with a server or resolver pay for it
+
+        host, port = text.strip(), default_port
+        if host.startswith("["):
+            host, _, rest = host[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    self.fail(key, f"expected IP, IP:PORT or [IPv6]:PORT, got {_short(text)}")
+                port = self.port_text(rest[1:], key)
+        elif host.count(":") == 1:
+            host, _, rest = host.partition(":")
+            port = self.port_text(rest, key)
+        try:
+            return str(ipaddress.ip_address(host)), port
+        except ValueError:
+            self.fail(key, f"expected an IP address (IP, IP:PORT or [IPv6]:PORT), got"
+                           f" {_short(text)}")
+
+    def port_text(self, text: str, key: str) -> int:
+        if not text.isdigit() or not 1 <= int(text) <= 65535:
+            self.fail(key, f"the port must be between 1 and 65535, got {_short(text)}")
+        return int(text)
+
+    def dns_name(self, text: str, key: str) -> str:
+        """A DNS name (zone, key name), lowercase and absolute (with the trailing dot)."""
+        name = text.strip().lower().rstrip(".")
+        if not (name.isascii() and len(name) <= 253 and _DNS_NAME_RE.fullmatch(name)):
+            self.fail(key, f"not a DNS name: {_short(text)}")
+        return name + "."
 
     def certificates(self, raw: Any, d_key: str, d_challenge: ChallengeSettings | None,
                      d_deploy: HookCommandSpec | None, d_profile: str | None = None
