@@ -88,8 +88,37 @@ def make_solver(challenge: ChallengeSettings, name: str) -> Solver:
         return WebrootSolver(challenge.webroot, name)
     if challenge.type == DNS01 and challenge.script is not None:
         return DnsScriptSolver(challenge.script, name,
-                               per_certificate=challenge.calls == "per-certificate")
+                               per_certificate=challenge.calls == "per-certificate",
+                               challenge=challenge)
+    if challenge.type == DNS01 and challenge.provider is not None:
+        from .dns.solver import DnsProviderSolver  # dnspython: only when a provider is used
+
+        return DnsProviderSolver(challenge, name)
     raise ChallengeError(f"incomplete {challenge.type} challenge settings")
+
+
+def setup_problem(challenge: ChallengeSettings) -> str | None:
+    """What is wrong with a certificate's challenge setup that can be seen without the
+    network (None: nothing). Found at run time it fails that certificate alone; `check`
+    lists it."""
+    if challenge.webroot is not None:
+        return webroot_problem(challenge.webroot)
+    if challenge.script is not None:
+        return script_problem(challenge.script)
+    if challenge.provider is not None:
+        from .dns.solver import setup_problem as provider_problem
+
+        return provider_problem(challenge)
+    return None
+
+
+def script_problem(script: Path) -> str | None:
+    if not os.path.isfile(script):
+        what = "is not a regular file" if os.path.exists(script) else "does not exist"
+        return f"dns script {script} {what}"
+    if not os.access(script, os.X_OK):
+        return f"dns script {script} is not executable (chmod +x it)"
+    return None
 
 
 def _check_token(token: str) -> str:
@@ -303,10 +332,12 @@ class DnsScriptSolver:
     one, since it may have half worked.
     """
 
-    def __init__(self, script: Path, name: str, per_certificate: bool = False) -> None:
+    def __init__(self, script: Path, name: str, per_certificate: bool = False,
+                 challenge: ChallengeSettings | None = None) -> None:
         self.script = script
         self.name = name
         self.per_certificate = per_certificate
+        self.challenge = challenge  # for `propagation: check` (None: no check)
         self._added: list[tuple[str, str, str]] = []
 
     def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
@@ -326,6 +357,13 @@ class DnsScriptSolver:
                 self._run("add", [record], deadline, deadline_bound=True)
         log.info("%s: %d dns-01 TXT record(s) added by %s", self.name, len(self._added),
                  self.script)
+        if self.challenge is not None and self.challenge.propagation == "check":
+            from .dns.solver import Placement, check_propagation, lookup_for
+
+            # Where the script wrote is its business; the CA looks at the CNAME chain's end.
+            placed = Placement(self.challenge, lookup_for(self.challenge)).records(
+                responses, deadline)
+            check_propagation(self.challenge, placed, deadline, self.name)
 
     def cleanup(self) -> None:
         added, self._added = self._added, []

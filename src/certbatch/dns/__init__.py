@@ -1,0 +1,12 @@
+"""dns-01 through a DNS provider: records, CNAME following, the propagation check.
+
+One module per job:
+  provider.py     the interface every provider implements (add one TXT value, remove that value)
+  lookup.py       the DNS queries certbatch makes itself (CNAME chain, zone, authoritative servers)
+  propagation.py  wait until every authoritative server of a zone answers with the value
+  rfc2136.py      the rfc2136 provider: dynamic update signed with TSIG
+  solver.py       the dns-01 solver that ties them together for challenges.py
+
+A new provider (lexicon, acme-dns) is one more module like rfc2136.py plus one line in
+`solver.make_provider`. Only this package imports dnspython, and only when a provider is used.
+"""
