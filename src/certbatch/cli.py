@@ -221,7 +221,9 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> s
             file_handler.setFormatter(_FileFormatter(
                 "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
             handlers.append(file_handler)
-    secrets = [settings.acme.eab.hmac_key] if settings and settings.acme.eab else []
+    from .dns.secrets import inline_secrets
+
+    secrets = inline_secrets(settings) if settings else []  # EAB key, inline TSIG secrets
     for handler in handlers:
         setattr(handler, _OURS, True)
         handler.addFilter(_Redact(secrets))
@@ -687,6 +689,48 @@ def _check_folder(label: str, path: Path) -> tuple[str, str | None]:
     return "exists", None
 
 
+def _provider_text(ch: config_mod.ChallengeSettings) -> str:
+    """The provider's settings for `check`, never its secret."""
+    s = ch.rfc2136
+    if s is None:
+        return "-"
+    where = f"server {s.server[0]}:{s.server[1]}, zone {s.zone or '(SOA lookup)'}"
+    secret = f"secret in {s.tsig_secret_file}" if s.tsig_secret_file else "secret inline"
+    return f"{where}, key {s.tsig_key} {s.tsig_algorithm}, {secret}"
+
+
+def _propagation_text(ch: config_mod.ChallengeSettings) -> str:
+    if ch.propagation != "check":
+        return ""
+    resolver = f", resolver {ch.resolver[0]}:{ch.resolver[1]}" if ch.resolver else ""
+    return f", propagation check {ch.propagation_timeout:g}s{resolver}"
+
+
+def _probe_dns(settings: config_mod.Settings, say: Callable[[str], None]) -> list[str]:
+    """check --online: each certificate with a DNS provider adds, sees and removes a probe
+    TXT value; one line per certificate, the problems returned."""
+    import time
+
+    from .dns.solver import probe
+
+    problems = []
+    for cert in settings.certificates.values():
+        if cert.challenge.provider is None:
+            continue
+        deadline = time.monotonic() + min(settings.renewal.deadline,
+                                          cert.challenge.propagation_timeout + 30)
+        try:
+            result = probe(cert.challenge, cert.name, cert.domains, deadline)
+        except CertbatchError as exc:  # ChallengeError, DeadlineExceeded, Interrupted
+            if isinstance(exc, Interrupted):
+                raise
+            say(f"dns-01 {cert.name}: FAILED: {exc}")
+            problems.append(f"{cert.name}: dns-01 probe: {exc}")
+        else:
+            say(f"dns-01 {cert.name}: {result}")
+    return problems
+
+
 def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
     """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
     from .store import Store
@@ -704,16 +748,21 @@ def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
 
 @cli.command()
 @common_options
-@click.option("--online", is_flag=True, help="Also fetch the ACME directory.")
+@click.option("--online", is_flag=True, help="Also fetch the ACME directory, and try each "
+              "DNS provider once (add, see and remove a probe TXT value).")
 @click.pass_context
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
+    from .challenges import setup_problem
+    from .dns.secrets import exposure_warnings
     from .hooks import scan
     from .targets import resolve
 
     settings = load_settings(ctx)
     problems: list[str] = []
     say = _silent if _opt(ctx, "quiet") else out  # -q: the problems only (on stderr)
+    for warning in exposure_warnings(settings):
+        err(f"certbatch: warning: {warning}")
     say(f"config: {settings.path} (ok)")
     say(f"acme directory: {settings.acme.directory}")
     hooks_ok = state_ok = True
@@ -738,11 +787,16 @@ def check(ctx: click.Context, online: bool) -> int:
         how = ch.type + (
             f" webroot {ch.webroot}" if ch.webroot else
             f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
-            f" script {ch.script} ({ch.calls}{wait})")
+            f" script {ch.script} ({ch.calls}{wait}{_propagation_text(ch)})" if ch.script else
+            f" provider {ch.provider} ({_provider_text(ch)}{wait}{_propagation_text(ch)})")
         profile = f", profile {cert.profile}" if cert.profile else ""
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
+        setup = setup_problem(ch)  # fails this certificate alone when it renews
+        if setup:
+            say(f"    challenge: CANNOT work: {setup}")
+            problems.append(f"{cert.name}: {setup}")
         live_problem = _live_problem(settings, cert.name) if state_ok else None
         if live_problem:
             say(f"    live: {live_problem}")
@@ -811,6 +865,7 @@ def check(ctx: click.Context, online: bool) -> int:
             problems.append(f"acme directory: {exc}")
         except OSError as exc:  # e.g. acme.ca_bundle cannot be read
             problems.append(f"acme directory: {os_error_message(exc)}")
+        problems += _probe_dns(settings, say)
     for p in problems:
         err(f"certbatch: problem: {p}")
     return EXIT_FAILURE if problems else EXIT_OK
