@@ -14,6 +14,12 @@ when set, the directory it serves carries `meta.profiles` (name -> description).
 directory already names the proxy's URLs, as it builds them from the Host header the proxy keeps.
 The new-order payloads (`Proxied.payload`) show the `profile` each order asked for; Pebble itself
 ignores the field.
+
+`FaultProxy.ari` adds what Pebble 2.4 lacks for ACME Renewal Information (RFC 9773): when set
+(a dict, maybe empty), the directory carries `renewalInfo` (RENEWAL_INFO on the proxy) and
+GET RENEWAL_INFO/<certificate id> answers the `AriAnswer` the test set for that id (or for "*"),
+404 for any other. Pebble 2.4 ignores the `replaces` field of a new order (the payloads show it);
+a `Fault` on NEW_ORDER matching `replaces` plays a CA that refuses it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ DIRECTORY = "/dir"
 NEW_ACCOUNT = "/sign-me-up"
 NEW_ORDER = "/order-plz"
 NEW_NONCE = "/nonce-plz"
+RENEWAL_INFO = "/renewal-info"  # the proxy's own (MOCK: Pebble 2.4 has no ARI)
 
 RATE_LIMITED = "urn:ietf:params:acme:error:rateLimited"
 BAD_NONCE = "urn:ietf:params:acme:error:badNonce"
@@ -65,6 +72,23 @@ class Proxied:
             return []
         return [str(i.get("value")) for i in self.payload.get("identifiers") or []
                 if isinstance(i, dict)]
+
+
+@dataclass
+class AriAnswer:
+    """A renewalInfo answer (RFC 9773 section 4.2): the suggested window, and headers."""
+
+    start: str  # RFC 3339
+    end: str
+    explanation: str | None = None
+    retry_after: str | None = None  # the Retry-After header (None: none)
+    status: int = 200
+
+    def body(self) -> bytes:
+        data: dict[str, Any] = {"suggestedWindow": {"start": self.start, "end": self.end}}
+        if self.explanation:
+            data["explanationURL"] = self.explanation
+        return json.dumps(data).encode()
 
 
 @dataclass
@@ -119,6 +143,7 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.requests: list[Proxied] = []
         self.profiles: dict[str, str] | None = None  # set: the directory's meta.profiles
+        self.ari: dict[str, AriAnswer] | None = None  # set: renewalInfo, see the top
         self.lock = threading.Lock()
         upstream = ssl.create_default_context(cafile=str(inst.ca_bundle))
         proxy = self
@@ -152,13 +177,36 @@ class FaultProxy:
                         headers["Replay-Nonce"] = nonce["Replay-Nonce"]
                     self.answer(record, fault.status, headers, fault.body)
                     return
+                if self.command == "GET" and self.path.startswith(RENEWAL_INFO + "/") \
+                        and proxy.ari is not None:
+                    self.renewal_info(record)
+                    return
                 status, headers, data = self.upstream(self.command, self.path, body)
                 if self.command == "GET" and self.path == DIRECTORY and status == 200 \
-                        and proxy.profiles is not None:
+                        and (proxy.profiles is not None or proxy.ari is not None):
                     directory = json.loads(data)
-                    directory.setdefault("meta", {})["profiles"] = dict(proxy.profiles)
+                    if proxy.profiles is not None:
+                        directory.setdefault("meta", {})["profiles"] = dict(proxy.profiles)
+                    if proxy.ari is not None:
+                        directory["renewalInfo"] = \
+                            f"https://{self.headers['Host']}{RENEWAL_INFO}"
                     data = json.dumps(directory).encode()
                 self.answer(record, status, headers, data)
+
+            def renewal_info(self, record: Proxied) -> None:
+                assert proxy.ari is not None
+                cert_id = self.path[len(RENEWAL_INFO) + 1:]
+                found = proxy.ari.get(cert_id) or proxy.ari.get("*")
+                if found is None:
+                    problem = {"type": "urn:ietf:params:acme:error:malformed",
+                               "detail": "unknown certificate", "status": 404}
+                    self.answer(record, 404, {"Content-Type": "application/problem+json"},
+                                json.dumps(problem).encode())
+                    return
+                headers = {"Content-Type": "application/json"}
+                if found.retry_after is not None:
+                    headers["Retry-After"] = found.retry_after
+                self.answer(record, found.status, headers, found.body())
 
             def upstream(self, method: str, path: str, body: bytes
                          ) -> tuple[int, dict[str, str], bytes]:

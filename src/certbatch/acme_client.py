@@ -29,8 +29,8 @@ and tests/test_acme_internals.py fails loudly if an upgrade changes those intern
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
-import email.utils
 import logging
 import math
 import threading
@@ -53,6 +53,7 @@ from . import interrupt
 from .challenges import DNS01, ChallengeResponse, make_solver
 from .config import AcmeSettings, ChallengeSettings
 from .errors import AcmeError, CertbatchError, DeadlineExceeded, RateLimited
+from .retry_after import parse_retry_after as _parse_retry_after
 
 log = logging.getLogger("certbatch.acme")
 
@@ -77,6 +78,7 @@ class IssuedChain:
     cert_pem: bytes  # leaf only
     chain_pem: bytes  # intermediates (may be empty bytes)
     fullchain_pem: bytes  # leaf + intermediates
+    account: str = ""  # the URL of the account that ordered it
 
 
 class AccountStore(Protocol):
@@ -132,12 +134,16 @@ class AcmeClient:
 
     def issue(self, name: str, domains: Sequence[str], key_pem: bytes,
               challenge: ChallengeSettings, deadline: float,
-              profile: str | None = None) -> IssuedChain:
+              profile: str | None = None, replaces: str | None = None,
+              replaces_account: str | None = None) -> IssuedChain:
         """Order, validate and download a certificate for `domains` with the key `key_pem`.
 
         `deadline` is a time.monotonic() value. `profile`: the ACME profile to order with
         (None: the CA's default); one the directory does not offer fails before any order.
-        Challenge responses are always cleaned up.
+        `replaces`: the ARI identifier of the certificate this one replaces, ordered by the
+        account `replaces_account` (None: not recorded); sent only when the CA offers ARI
+        and the account is the one in use (RFC 9773 section 5). Challenge responses are always
+        cleaned up.
         """
         domains = list(dict.fromkeys(domains))
         with _acme_errors(name):
@@ -150,7 +156,8 @@ class AcmeClient:
                 # New order for all names at once.
                 log.info("%s: ordering a certificate for %s%s", name, ", ".join(domains),
                          f" with profile {profile}" if profile else "")
-                order_url, order = _new_order(conn, domains, profile)
+                replaces = self._replaces(name, replaces, replaces_account)
+                order_url, order = _new_order_replacing(conn, domains, profile, replaces)
 
                 # Authorizations: choose our challenge type; valid (reused) ones need nothing.
                 todo = _pending_challenges(conn, order, challenge.type)
@@ -179,7 +186,21 @@ class AcmeClient:
                 # Download the certificate chain.
                 chain = _download(conn, cert_url)
                 log.info("%s: certificate issued", name)
-                return chain
+                return dataclasses.replace(chain, account=conn.account.uri)
+
+    def _replaces(self, name: str, cert_id: str | None, account: str | None) -> str | None:
+        """`cert_id` if the order may name it in `replaces`, else None (see issue())."""
+        if cert_id is None:
+            return None
+        try:
+            self._current_directory["renewalInfo"]
+        except KeyError:
+            return None  # a CA without ARI may refuse the unknown field
+        if account is not None and account != self._current_account.uri:
+            log.info("%s: not sending replaces: the certificate was ordered by account %s, "
+                     "not %s", name, account, self._current_account.uri)
+            return None
+        return cert_id
 
     # -- directory and account -------------------------------------------------------------------
 
@@ -333,12 +354,44 @@ def _check_profile(directory: messages.Directory, profile: str) -> None:
                               f"{', '.join(sorted(offered)) or 'none'})")
 
 
-def _new_order(conn: _Conn, domains: Sequence[str], profile: str | None = None
-               ) -> tuple[str, messages.Order]:
+class _NewOrder(messages.NewOrder):
+    """acme's NewOrder plus RFC 9773's `replaces` (acme 5.x has no such field); omitted when
+    None, like `profile`, so CAs without ARI see plain RFC 8555 orders."""
+
+    replaces: str | None = jose.field("replaces", omitempty=True)
+
+
+# Problems that mean "not with this `replaces`" (RFC 9773 section 5: already replaced, another
+# account's certificate, an identifier the CA cannot parse or does not know).
+REPLACES_REFUSED = ("alreadyReplaced", "conflict", "malformed", "unauthorized")
+
+
+def _new_order_replacing(conn: _Conn, domains: Sequence[str], profile: str | None,
+                         replaces: str | None) -> tuple[str, messages.Order]:
+    """A new order naming `replaces`; if the CA refuses it for that, once more without."""
+    if replaces is None:
+        return _new_order(conn, domains, profile)
+    try:
+        return _new_order(conn, domains, profile, replaces)
+    except RateLimited:
+        raise
+    except AcmeError as exc:
+        code = (exc.type or "")[len(ERROR_PREFIX):] if (exc.type or "").startswith(
+            ERROR_PREFIX) else ""
+        if code not in REPLACES_REFUSED and "replace" not in str(exc).lower():
+            raise
+        log.warning("%s: the CA refused the order replacing %s (%s); ordering again without "
+                    "replaces", conn.name, replaces, exc)
+    return _new_order(conn, domains, profile)
+
+
+def _new_order(conn: _Conn, domains: Sequence[str], profile: str | None = None,
+               replaces: str | None = None) -> tuple[str, messages.Order]:
     identifiers = [messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=d) for d in domains]
     # acme's NewOrder carries `profile` (omitted when None, as RFC 8555 CAs expect).
     response = conn.request("POST", conn.directory["newOrder"],
-                            messages.NewOrder(identifiers=identifiers, profile=profile))
+                            _NewOrder(identifiers=identifiers, profile=profile,
+                                      replaces=replaces))
     order = messages.Order.from_json(response.json())
     order_url = response.headers.get("Location")
     if not order_url:
@@ -781,24 +834,6 @@ def _to_acme_error(error: messages.Error, about: str = "") -> AcmeError:
     if error.typ == ERROR_PREFIX + "rateLimited":
         return RateLimited(detail, None)
     return AcmeError(detail, type=error.typ)
-
-
-def _parse_retry_after(value: str | None, now: dt.datetime | None = None
-                       ) -> dt.datetime | None:
-    """Retry-After (delta-seconds or HTTP-date) as an aware UTC datetime; None if unusable."""
-    if not value:
-        return None
-    now = now or dt.datetime.now(dt.timezone.utc)
-    value = value.strip()
-    if value.isdigit():
-        return now + dt.timedelta(seconds=int(value))
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:  # "-0000" in the date means UTC without saying so
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone(dt.timezone.utc)
 
 
 def _retry_after_seconds(value: str | None) -> float | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
+from . import ari
 from .config import CertificateSettings
 from .store import CertStatus, StoredCert
 
@@ -65,6 +66,7 @@ class Decision:
     action: str
     reason: str
     due_at: dt.datetime | None = None  # when the stored certificate becomes due
+    basis: str | None = None  # what set due_at: BASIS_ARI, BASIS_BEFORE_EXPIRY, BASIS_LIFETIME
 
     @property
     def needs_order(self) -> bool:
@@ -74,6 +76,23 @@ class Decision:
     @property
     def does_work(self) -> bool:
         return self.needs_order or self.action == RESTAGE
+
+
+BASIS_ARI = "ARI"  # the CA's renewal window (RFC 9773)
+BASIS_BEFORE_EXPIRY = "before_expiry"  # renewal.before_expiry
+BASIS_LIFETIME = "lifetime"  # a third of the lifetime left (half for short-lived ones)
+
+
+def next_renewal(stored: StoredCert, status: CertStatus, before_expiry: dt.timedelta | None,
+                 use_ari: bool = True) -> tuple[dt.datetime, str]:
+    """When the stored certificate is to be renewed, and by which rule: the time chosen in the
+    CA's ARI window when there is one for this certificate (it decides over the others), else
+    the expiry rule (`due_time`)."""
+    state = ari.usable(status.ari, stored.serial) if use_ari else None
+    if state is not None and state.renew_at is not None:
+        return state.renew_at, BASIS_ARI
+    basis = BASIS_BEFORE_EXPIRY if before_expiry is not None else BASIS_LIFETIME
+    return due_time(stored.not_before, stored.not_after, before_expiry), basis
 
 
 def due_time(not_before: dt.datetime, not_after: dt.datetime,
@@ -93,8 +112,9 @@ def due_time(not_before: dt.datetime, not_after: dt.datetime,
 
 def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertStatus,
            now: dt.datetime, before_expiry: dt.timedelta | None,
-           force: bool = False) -> Decision:
-    """What `renew` does with one certificate now."""
+           force: bool = False, use_ari: bool = True) -> Decision:
+    """What `renew` does with one certificate now. `use_ari`: follow the CA's renewal window
+    stored in `status` (renewal.ari)."""
     limited = status.rate_limited_until is not None and status.rate_limited_until > now
     rate_limited = Decision(RATE_LIMITED, f"rate-limited by the CA until "
                             f"{status.rate_limited_until:%Y-%m-%d %H:%M}Z") if limited else None
@@ -102,44 +122,52 @@ def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertSta
     held = rate_limited or (None if force else _backoff(status, now))
     if stored is None:
         return held or Decision(ISSUE, "no certificate yet")
-    order = _order_reason(cert, stored, now, before_expiry, force)
+    due_at, basis = next_renewal(stored, status, before_expiry, use_ari)
+    order = _order_reason(cert, stored, status, now, due_at, basis, force)
     if order is not None and held is None:
         return order
     if status.staged_version != stored.version:
         # Needs no CA, so a rate limit does not hold it back.
         return Decision(RESTAGE, "stored but not staged yet (deploy hook failed or run "
-                                 "interrupted)", order.due_at if order else None)
+                                 "interrupted)", due_at, basis)
     if order is not None and held is not None:
         # A rate limit is honoured even with --force: asking again only extends the penalty.
         return held
-    return rate_limited or Decision(
-        SKIP, f"due {due_time(stored.not_before, stored.not_after, before_expiry):%Y-%m-%d}",
-        due_time(stored.not_before, stored.not_after, before_expiry))
+    if basis == BASIS_ARI:
+        assert status.ari is not None
+        reason = ari.describe(status.ari, now)
+    else:
+        reason = f"due {due_at:%Y-%m-%d}"
+    return rate_limited or Decision(SKIP, reason, due_at, basis)
 
 
-def _order_reason(cert: CertificateSettings, stored: StoredCert, now: dt.datetime,
-                  before_expiry: dt.timedelta | None, force: bool) -> Decision | None:
+def _order_reason(cert: CertificateSettings, stored: StoredCert, status: CertStatus,
+                  now: dt.datetime, due_at: dt.datetime, basis: str, force: bool
+                  ) -> Decision | None:
     """The decision if the stored certificate needs a new order, else None."""
-    due_at = due_time(stored.not_before, stored.not_after, before_expiry)
     if stored.damaged:
-        return Decision(REISSUE, f"live files damaged ({stored.damaged})", due_at)
+        return Decision(REISSUE, f"live files damaged ({stored.damaged})", due_at, basis)
     if set(stored.domains) != set(cert.domains):
         added = sorted(set(cert.domains) - set(stored.domains))
         removed = sorted(set(stored.domains) - set(cert.domains))
         parts = ([f"added {', '.join(added)}"] if added else []) + (
             [f"removed {', '.join(removed)}"] if removed else [])
-        return Decision(REISSUE, f"domains changed ({'; '.join(parts)})", due_at)
+        return Decision(REISSUE, f"domains changed ({'; '.join(parts)})", due_at, basis)
     if stored.key_type != cert.key:
-        return Decision(REISSUE, f"key type changed ({stored.key_type} -> {cert.key})", due_at)
+        return Decision(REISSUE, f"key type changed ({stored.key_type} -> {cert.key})", due_at,
+                        basis)
     # No profile configured: whatever the CA chose is fine. A version stored without one (or
     # before certbatch recorded profiles) has the CA's default, which a configured one replaces.
     if cert.profile is not None and stored.profile != cert.profile:
         return Decision(REISSUE, f"profile changed ({stored.profile or 'CA default'} -> "
-                                 f"{cert.profile})", due_at)
+                                 f"{cert.profile})", due_at, basis)
     if force:
-        return Decision(FORCE, "forced", due_at)
-    if now >= stored.not_after:
-        return Decision(RENEW, f"expired {stored.not_after:%Y-%m-%d %H:%M}Z", due_at)
+        return Decision(FORCE, "forced", due_at, basis)
+    if now >= stored.not_after:  # whatever ARI said
+        return Decision(RENEW, f"expired {stored.not_after:%Y-%m-%d %H:%M}Z", due_at, basis)
     if now >= due_at:
-        return Decision(RENEW, f"expires {stored.not_after:%Y-%m-%d %H:%M}Z", due_at)
+        if basis == BASIS_ARI:
+            assert status.ari is not None
+            return Decision(RENEW, ari.describe(status.ari, now), due_at, basis)
+        return Decision(RENEW, f"expires {stored.not_after:%Y-%m-%d %H:%M}Z", due_at, basis)
     return None

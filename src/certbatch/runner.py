@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import interrupt, renewal, safefs
+from . import ari, interrupt, renewal, safefs
 from .config import CertificateSettings, Settings
 from .errors import (
     EXIT_FAILURE,
@@ -29,6 +29,7 @@ from .errors import (
     LockBusy,
     RateLimited,
     UsageError,
+    os_error_message,
 )
 from .fsutil import FileLock, ensure_root, probe_space
 from .hooks import HookCommand, from_config
@@ -184,7 +185,8 @@ class Runner:
         stored = self.store.current(cert.name, verify)
         status = self.store.status(cert.name)
         decision = renewal.decide(cert, stored, status, now,
-                                  self.settings.renewal.before_expiry, force)
+                                  self.settings.renewal.before_expiry, force,
+                                  self.settings.renewal.ari)
         return decision, stored, status
 
     # -- the run -------------------------------------------------------------------------------
@@ -207,9 +209,11 @@ class Runner:
         if not dry_run:
             self.preflight()
         work: list[WorkItem] = []
+        loaded: list[tuple[CertificateSettings, StoredCert | None, CertStatus]] = []
         for cert in self.select(only):
             try:
-                decision, stored, status = self.decide(cert, now, force)
+                stored = self.store.current(cert.name)
+                loaded.append((cert, stored, self.store.status(cert.name)))
             except CertbatchError as exc:
                 # Damaged state of one certificate: that one fails, the others go on.
                 result = CertResult(cert.name, cert.domains,
@@ -217,7 +221,17 @@ class Runner:
                                     error=str(exc), profile=cert.profile)
                 report.certificates.append(result)
                 log.error("%s: %s", cert.name, exc)
-                continue
+        jittered = False
+        ari_changed: set[str] = set()
+        if not dry_run and not force and self.settings.renewal.ari:
+            queries = self._ari_queries(loaded, now)
+            if queries:
+                jittered = self._jitter(jitter, sleep)
+                ari_changed = self._refresh_ari(queries, loaded, now)
+        for cert, stored, status in loaded:
+            decision = renewal.decide(cert, stored, status, now,
+                                      self.settings.renewal.before_expiry, force,
+                                      self.settings.renewal.ari)
             result = CertResult(cert.name, cert.domains, decision, profile=cert.profile)
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
@@ -232,6 +246,11 @@ class Runner:
             log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
             if decision.does_work:
                 work.append((cert, result, stored, status))
+            elif cert.name in ari_changed:  # work items save their status when done
+                try:
+                    self.store.save_status(cert.name, status)
+                except OSError as exc:
+                    log.error("%s: could not save status: %s", cert.name, exc)
         self._tell(self.progress.planned, report.certificates)
         if dry_run:
             report.duration = time.monotonic() - t0
@@ -242,11 +261,8 @@ class Runner:
             # stored (the OSError names the folder: exit 1).
             probe_space(self.settings.paths.state)
             probe_space(self.settings.paths.spool)
-            delay = self.settings.renewal.jitter if jitter is None else jitter
-            if delay > 0:
-                pause = random.uniform(0, delay)
-                log.info("jitter: sleeping %.1f s before the first ACME request", pause)
-                sleep(pause)
+            if not jittered:
+                self._jitter(jitter, sleep)
             if not interrupt.requested():
                 work = self._connect_or_fail(work)
         n_workers = max(1, workers or self.settings.renewal.workers)
@@ -279,6 +295,55 @@ class Runner:
         report.interrupted = interrupt.signal_number()
         report.duration = time.monotonic() - t0
         return report
+
+    def _jitter(self, jitter: float | None, sleep: Callable[[float], object]) -> bool:
+        """Sleep the random jitter before the first request to the CA; True once done."""
+        delay = self.settings.renewal.jitter if jitter is None else jitter
+        if delay > 0:
+            pause = random.uniform(0, delay)
+            log.info("jitter: sleeping %.1f s before the first ACME request", pause)
+            sleep(pause)
+        return True
+
+    def _ari_queries(self, loaded: Sequence[tuple[CertificateSettings, StoredCert | None,
+                                                  CertStatus]],
+                     now: dt.datetime) -> list[ari.Query]:
+        """The certificates whose renewal info is to be asked for now: live, usable, not
+        expired (renewed anyway), and their next check has come."""
+        queries = []
+        for cert, stored, status in loaded:
+            if stored is None or stored.damaged or now >= stored.not_after \
+                    or not ari.needs_check(status.ari, stored.serial, now):
+                continue
+            try:
+                cert_id = ari.cert_id(safefs.read_bytes(stored.path("cert.pem")))
+            except (ValueError, OSError) as exc:
+                # Cannot be asked about: the expiry rule decides, asked again in 6 hours.
+                why = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
+                status.ari = ari.failed(status.ari, stored.serial, f"no ARI identifier: {why}",
+                                        now)
+                continue
+            queries.append(ari.Query(cert.name, stored.serial, cert_id, status.ari))
+        return queries
+
+    def _refresh_ari(self, queries: Sequence[ari.Query],
+                     loaded: Sequence[tuple[CertificateSettings, StoredCert | None,
+                                            CertStatus]],
+                     now: dt.datetime) -> set[str]:
+        """Ask the CA's renewal info for `queries` in parallel (at most renewal.workers at
+        once, none past renewal.deadline); store the answers in the statuses. Returns the
+        names whose status changed."""
+        acme = self.settings.acme
+        fetcher = ari.Fetcher(acme.directory, str(acme.ca_bundle) if acme.ca_bundle else True,
+                              acme.timeout, self.settings.renewal.workers,
+                              time.monotonic() + self.settings.renewal.deadline,
+                              interrupt.requested)
+        states = fetcher.fetch_all(queries, now)
+        log.info("ARI: asked about %d certificate%s", len(queries), "s" * (len(queries) != 1))
+        for cert, _, status in loaded:
+            if cert.name in states:
+                status.ari = states[cert.name]
+        return set(states)
 
     def _connect_or_fail(self, work: list[WorkItem]) -> list[WorkItem]:
         """Fetch the directory and the account once, before the pool. If the CA cannot be
@@ -335,7 +400,7 @@ class Runner:
         try:
             if result.decision.needs_order:
                 ordering = True
-                stored = self._issue(cert)
+                stored = self._issue(cert, stored)
                 ordering = False
                 result.outcome = ISSUED if result.decision.action == renewal.ISSUE else RENEWED
                 status.rate_limited_until = None
@@ -428,22 +493,28 @@ class Runner:
         """The certificate's `deploy` command (the spool adds deploy.d/ before it)."""
         return from_config(cert.deploy, "config:deploy")
 
-    def _issue(self, cert: CertificateSettings) -> StoredCert:
+    def _issue(self, cert: CertificateSettings, old: StoredCert | None) -> StoredCert:
         """Order a new certificate with a new key, check it, store it (the old set stays on any
-        failure)."""
+        failure). `old`: the live certificate it replaces (ARI's `replaces`), if any."""
         from . import crypto
 
         key_pem = crypto.generate_key(cert.key)
         deadline = time.monotonic() + self.settings.renewal.deadline
+        replaces = None
+        if old is not None and self.settings.renewal.ari:
+            try:
+                replaces = ari.cert_id(safefs.read_bytes(old.path("cert.pem")))
+            except (ValueError, OSError) as exc:  # e.g. damaged live files: order without
+                log.info("%s: ordering without replaces: %s", cert.name, exc)
         issued = self._acme().issue(cert.name, cert.domains, key_pem, cert.challenge, deadline,
-                                    cert.profile)
+                                    cert.profile, replaces, old.account if old else None)
         info = crypto.check_issued(issued.fullchain_pem, key_pem, cert.domains)
         return self.store.save_certificate(
             cert.name, key_type=cert.key, domains=cert.domains, privkey_pem=key_pem,
             cert_pem=issued.cert_pem, chain_pem=issued.chain_pem,
             fullchain_pem=issued.fullchain_pem, serial=info.serial,
             not_before=info.not_before, not_after=info.not_after, issued_at=utcnow(),
-            profile=cert.profile)
+            profile=cert.profile, account=issued.account or None)
 
     def _stage(self, cert: CertificateSettings, stored: StoredCert, result: CertResult) -> None:
         """Stage the stored set; any failure here leaves it stored but "not-staged", so the next

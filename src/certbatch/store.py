@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import safefs
+from .ari import AriState
 from .errors import StoreError, os_error_message
 from .faults import point
 from .fsutil import (
@@ -119,6 +120,8 @@ class CertStatus:
     # before certbatch had a backoff lack them: 0 and None.
     failed_orders: int = 0
     next_attempt: dt.datetime | None = None
+    # What the CA's renewal info (ARI) last said about the live certificate (see ari.py).
+    ari: AriState | None = None
 
     _TIMES = ("last_attempt", "last_success", "rate_limited_until", "next_attempt")
 
@@ -126,6 +129,7 @@ class CertStatus:
         data = asdict(self)
         for key in self._TIMES:
             data[key] = _ts(data[key])
+        data["ari"] = self.ari.to_dict() if self.ari else None
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
@@ -139,6 +143,11 @@ class CertStatus:
         if not isinstance(count, int) or isinstance(count, bool) or count < 0:
             raise ValueError("failed_orders is not a count")
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        # Only advice: unreadable renewal info is asked for again, the rest of the status kept.
+        try:
+            known["ari"] = AriState.from_dict(data["ari"]) if data.get("ari") else None
+        except (ValueError, TypeError):
+            known["ari"] = None
         return cls(**known)
 
 

@@ -1,0 +1,24 @@
+"""HTTP Retry-After (RFC 9110 section 10.2.3), as the CA sends it on 429s, 503s and ARI."""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+
+
+def parse_retry_after(value: str | None, now: dt.datetime | None = None
+                      ) -> dt.datetime | None:
+    """Retry-After (delta-seconds or HTTP-date) as an aware UTC datetime; None if unusable."""
+    if not value:
+        return None
+    now = now or dt.datetime.now(dt.timezone.utc)
+    value = value.strip()
+    if value.isdigit():
+        return now + dt.timedelta(seconds=int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000" in the date means UTC without saying so
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.astimezone(dt.timezone.utc)
