@@ -871,6 +871,59 @@ def check(ctx: click.Context, online: bool) -> int:
     return EXIT_FAILURE if problems else EXIT_OK
 
 
+@cli.group("import")
+def import_() -> None:
+    """Take over another ACME client's accounts, certificates and settings."""
+
+
+@import_.command("certbot", epilog="""\b
+Exit codes:
+  0   every selected lineage came over (or was there already)
+  1   a lineage was not imported (each one says why)
+  2   usage error: not a certbot folder, an unknown --only name, a config
+      that cannot be read or added to""")
+@common_options
+@click.option("--from", "source", type=click.Path(file_okay=False), default="/etc/letsencrypt",
+              show_default=True, help="certbot's config folder; it is only read.")
+@click.option("--dry-run", is_flag=True,
+              help="Print each action and the config it would write; write nothing.")
+@click.option("--replace", is_flag=True,
+              help="Overwrite certificates of the same name in the config and the state, and "
+                   "certbatch's account for the CA.")
+@click.option("--only", "only", multiple=True, metavar="NAME",
+              help="Only this lineage (certbot's or certbatch's name; repeatable).")
+@click.pass_context
+def import_certbot(ctx: click.Context, source: str, dry_run: bool, replace: bool,
+                   only: tuple[str, ...]) -> int:
+    """Import certbot's lineages: account, certificates (no reissue) and settings.
+
+    The certificates become certbatch's live ones, recorded as staged: the next `renew` has
+    nothing to do for them until they are due. See docs/import-certbot.md.
+    """
+    from .migrate import apply, plan, report
+
+    setup_logging(ctx, None)
+    path = config_mod.find_config(_opt(ctx, "config"))
+    the_plan = plan.build(Path(source), path, only, replace)
+    say = _silent if _opt(ctx, "quiet") and not dry_run else out
+    for line in report.plan_lines(the_plan, dry_run):
+        say(line)
+    if dry_run:
+        if the_plan.config_text is None:
+            out(f"{path} would not change")
+        else:
+            out(f"--- {path} would be:")
+            out(the_plan.config_text.rstrip("\n"))
+    else:
+        for line in report.done_lines(the_plan, apply.apply(the_plan)):
+            say(line)
+    skipped = report.skipped_line(the_plan)
+    if skipped:
+        err(f"certbatch: {skipped}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
 # -- entry point: the one place that turns exceptions into exit codes ----------------------------
 
 def main(argv: list[str] | None = None) -> None:

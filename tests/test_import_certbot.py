@@ -1,0 +1,428 @@
+"""`certbatch import certbot` against a certbot folder made by the real certbot (from PyPI, in the
+test environment) issuing from the tests' Pebble.
+
+The certbot folder is built once for the module (each certbot run takes ~3 s): a webroot lineage
+with an upper-case name (mapped), a webroot lineage whose webroot_map has two webroots (not
+mappable), an ECDSA P-384 standalone lineage, a manual dns-01 lineage with auth and cleanup
+hooks (apex + wildcard), a lineage with `autorenew = False`, and one whose live/ link is broken
+after certbot made it. The folder's bytes are hashed before anything reads it and compared at
+the end of the module. Every child process has a timeout.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cli_helpers import run
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from pebble_server import PebbleInstance, find_binaries, start_pebble
+
+from certbatch.migrate import mapping, plan, yamltext
+from certbatch.migrate.certbot import jwk_to_pem, parse_conf
+
+CERTBOT = Path(sys.executable).parent / "certbot"
+CERTBOT_TIMEOUT = 90
+Result = subprocess.CompletedProcess[str]
+
+
+# -- the certbot folder ----------------------------------------------------------------------------
+
+class _Roots(http.server.SimpleHTTPRequestHandler):
+    """Serves a file from the first of several webroots that has it (two webroots, one port)."""
+
+    roots: tuple[Path, ...] = ()
+
+    def translate_path(self, path: str) -> str:
+        rel = path.split("?", 1)[0].lstrip("/")
+        for root in self.roots:
+            if (root / rel).is_file():
+                return str(root / rel)
+        return str(self.roots[0] / rel)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def _tree_hash(root: Path) -> str:
+    """Names, modes, link targets and contents of everything under `root`."""
+    h = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(root)):
+        dirs.sort()
+        for name in sorted(dirs + files):
+            path = Path(folder, name)
+            st = path.lstat()
+            h.update(f"{path.relative_to(root)}\0{st.st_mode:o}\0".encode())
+            if path.is_symlink():
+                h.update(os.readlink(path).encode())
+            elif path.is_file():
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class Certbot:
+    def __init__(self, pebble: Any, base: Path) -> None:
+        self.pebble = pebble
+        self.base = base
+        self.le = base / "le"
+        self.hook_log = base / "hooks.log"
+
+    def run(self, *args: str) -> None:
+        env = dict(os.environ, REQUESTS_CA_BUNDLE=str(self.pebble.ca_bundle))
+        cmd = [str(CERTBOT), "--config-dir", str(self.le), "--work-dir", str(self.base / "work"),
+               "--logs-dir", str(self.base / "logs"), "--server", self.pebble.directory_url,
+               "--agree-tos", "-m", "ops@example.org", "--no-eff-email", "--non-interactive",
+               "certonly", *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                           timeout=CERTBOT_TIMEOUT, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"certbot {' '.join(args)}: {r.stdout}\n{r.stderr}"
+
+    def standalone(self, *args: str) -> None:
+        self.run("--standalone", "--http-01-port", str(self.pebble.http_port),
+                 "--http-01-address", "127.0.0.1", *args)
+
+    def cert(self, lineage: str) -> x509.Certificate:
+        return x509.load_pem_x509_certificate((self.le / "live" / lineage / "cert.pem")
+                                              .read_bytes())
+
+    def regr_uri(self) -> str:
+        (regr,) = (self.le / "accounts").glob("*/*/*/regr.json")
+        uri: str = json.loads(regr.read_text())["uri"]
+        return uri
+
+    def hook(self, name: str, endpoint: str) -> Path:
+        """A certbot manual hook: logs its CERTBOT_* variables, then sets or clears the TXT
+        record in challtestsrv."""
+        path = self.base / name
+        body = ('{"host":"_acme-challenge.\'"$CERTBOT_DOMAIN"\'.","value":"\'"'
+                '$CERTBOT_VALIDATION"\'"}')
+        path.write_text(f"""#!/bin/sh
+set -eu
+echo "{name} $CERTBOT_DOMAIN $CERTBOT_REMAINING_CHALLENGES $CERTBOT_ALL_DOMAINS" >> {self.hook_log}
+curl --silent --show-error --fail --max-time 10 --output /dev/null \\
+    --data '{body}' {self.pebble.challtestsrv_url}/{endpoint}
+""")
+        path.chmod(0o755)
+        return path
+
+
+@pytest.fixture(scope="module")
+def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
+    """A Pebble of this module's own that never rejects a nonce (certbot does not always retry
+    a badNonce, and Pebble rejects 5 % of them by default) and never reuses an authorization
+    (the forced renewal must answer challenges, through certbot's hooks)."""
+    if find_binaries() is None:
+        pytest.skip("pebble not installed: apt-get install pebble")
+    inst = start_pebble(tmp_path_factory.mktemp("pebble"),
+                        {"PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"})
+    try:
+        yield inst
+    finally:
+        inst.stop()
+
+
+@pytest.fixture(scope="module")
+def certbot(pebble: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Certbot]:
+    if not CERTBOT.exists():
+        pytest.skip("certbot is not installed in the test environment (pip install certbot)")
+    cb = Certbot(pebble, tmp_path_factory.mktemp("certbot"))
+    roots = (cb.base / "www1", cb.base / "www2")
+    for root in roots:
+        root.mkdir()
+    # Standalone lineages first: certbot binds Pebble's http port itself.
+    cb.standalone("--cert-name", "sa", "-d", "sa.example", "--key-type", "ecdsa",
+                  "--elliptic-curve", "secp384r1")
+    cb.standalone("--cert-name", "noauto", "-d", "noauto.example", "--no-autorenew")
+    cb.standalone("--cert-name", "broken", "-d", "broken.example")
+    cb.run("--manual", "--preferred-challenges", "dns", "--cert-name", "manual",
+           "--manual-auth-hook", str(cb.hook("auth.sh", "set-txt")),
+           "--manual-cleanup-hook", str(cb.hook("cleanup.sh", "clear-txt")),
+           "-d", "manual.example", "-d", "*.manual.example")
+    handler = functools.partial(type("H", (_Roots,), {"roots": roots}))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", pebble.http_port), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        cb.run("--webroot", "-w", str(roots[0]), "--cert-name", "Web_Site", "-d", "web.example",
+               "-d", "www.web.example", "--key-type", "rsa", "--rsa-key-size", "2048")
+        cb.run("--webroot", "--cert-name", "split", "-w", str(roots[0]), "-d", "a.split.example",
+               "-w", str(roots[1]), "-d", "b.split.example")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    link = cb.le / "live" / "broken" / "privkey.pem"
+    link.unlink()
+    link.symlink_to("../../archive/broken/privkey9.pem")  # a version that is not there
+    cb.hook_log.write_text("")
+    yield cb
+
+
+@pytest.fixture(scope="module")
+def before(certbot: Certbot) -> str:
+    """The certbot folder's hash before the first import (checked by the last test)."""
+    return _tree_hash(certbot.le)
+
+
+def _config(folder: Path, pebble: Any, certificates: str = "") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "certbatch.yaml"
+    path.write_text(f"""# my certbatch config
+acme:
+  directory: {pebble.directory_url}
+  ca_bundle: {pebble.ca_bundle}   # Pebble's TLS
+paths: {{state: ./state, spool: ./spool, hooks: ./hooks}}
+certificates:{certificates}
+""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(certbot: Certbot, before: str, pebble: Any,
+             tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
+    """One import into a config that exists (with a comment) and has no certificates yet."""
+    config = _config(tmp_path_factory.mktemp("imported"), pebble)
+    result = run(["import", "certbot", "--from", str(certbot.le)], config, timeout=60)
+    return config, result
+
+
+# -- end to end ----------------------------------------------------------------------------------
+
+def test_import_takes_over_what_maps_and_says_why_for_the_rest(
+        imported: tuple[Path, Result], certbot: Certbot) -> None:
+    config, r = imported
+    assert r.returncode == 1, r.stdout + r.stderr  # three lineages skipped
+    assert r.stderr.strip() == ("certbatch: 3 of 6 lineages not imported: broken noauto split")
+    out = r.stdout
+    assert "SKIP    broken: " in out and "broken link" in out
+    assert "SKIP    noauto: autorenew = False" in out
+    assert "SKIP    split: configure the challenge of split by hand: its webroot_map has 2 " \
+           "webroots" in out
+    assert "web_site (lineage Web_Site)" in out
+    assert "they count as staged" in out
+    text = config.read_text()
+    assert text.startswith("# my certbatch config\n")  # the operator's text is kept
+    assert "ca_bundle: " in text and "# Pebble's TLS" in text
+    data = yaml.safe_load(text)
+    assert sorted(data["certificates"]) == ["manual", "sa", "web_site"]
+    certs = data["certificates"]
+    assert certs["web_site"]["challenge"] == {"type": "http-01",
+                                              "webroot": str(certbot.base / "www1")}
+    assert certs["web_site"]["key"] == "rsa-2048"
+    assert sorted(certs["web_site"]["domains"]) == ["web.example", "www.web.example"]
+    assert certs["sa"] == {"domains": ["sa.example"], "key": "ec-p384", "challenge": {
+        "type": "http-01", "standalone": {"port": certbot.pebble.http_port,
+                                          "address": "127.0.0.1"}}}
+    script = Path(certs["manual"]["challenge"]["script"])
+    assert certs["manual"]["challenge"]["calls"] == "per-certificate"
+    assert script.parent == config.parent / "certbot-import"
+    assert oct(script.stat().st_mode & 0o777) == "0o700"
+    assert oct(script.parent.stat().st_mode & 0o777) == "0o700"
+
+
+def test_status_shows_certbots_serials_and_expiry_and_renew_has_nothing_due(
+        imported: tuple[Path, Result], certbot: Certbot,
+        pebble: Any) -> None:
+    config, _ = imported
+    r = run(["status", "--json"], config, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)["certificates"]}
+    for name, lineage in (("sa", "sa"), ("manual", "manual"), ("web_site", "Web_Site")):
+        cert = certbot.cert(lineage)
+        assert int(rows[name]["serial"], 16) == cert.serial_number
+        assert rows[name]["not_after"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        assert rows[name]["due"] is False
+        meta = json.loads((config.parent / "state" / "certs" / name / "live" / "meta.json")
+                          .read_text())
+        assert meta["account"] == certbot.regr_uri()
+        key = config.parent / "state" / "certs" / name / "live" / "privkey.pem"
+        assert key.read_bytes() == (certbot.le / "live" / lineage / "privkey.pem").read_bytes()
+        assert oct(key.stat().st_mode & 0o777) == "0o600"
+    r = run(["renew", "--json"], config, pebble, timeout=60)
+    assert r.returncode == 0, r.stderr
+    outcomes = {c["name"]: c["outcome"] for c in json.loads(r.stdout)["certificates"]}
+    assert outcomes == {"sa": "not-due", "manual": "not-due", "web_site": "not-due"}
+
+
+def test_the_account_is_certbots_and_a_forced_renewal_uses_it(
+        imported: tuple[Path, Result], certbot: Certbot,
+        pebble: Any) -> None:
+    from acme import messages
+    from josepy import JWK
+
+    config, _ = imported
+    (account_file,) = (config.parent / "state" / "accounts").glob("*/account.json")
+    assert oct(account_file.stat().st_mode & 0o777) == "0o600"
+    account = json.loads(account_file.read_text())
+    assert account["directory"] == pebble.directory_url
+    regr = messages.RegistrationResource.json_loads(account["regr"])
+    assert regr.uri == certbot.regr_uri()
+    (jwk_file,) = (certbot.le / "accounts").glob("*/*/*/private_key.json")
+    jwk = JWK.json_loads(jwk_file.read_text())
+    ours = serialization.load_pem_private_key(account["key"].encode(), None)
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert ours.public_key().public_bytes(*spki) == jwk.key.public_key().public_bytes(*spki)
+
+    old = certbot.cert("manual").serial_number
+    r = run(["renew", "--force", "--only", "manual", "--json"], config, pebble, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = json.loads((config.parent / "state" / "certs" / "manual" / "live" / "meta.json")
+                      .read_text())
+    assert int(meta["serial"], 16) != old
+    assert meta["account"] == certbot.regr_uri()  # ordered under certbot's account
+    assert len(list((config.parent / "state" / "accounts").iterdir())) == 1
+    # certbatch ran certbot's manual hooks through the script the import wrote, as certbot did
+    calls = certbot.hook_log.read_text().splitlines()
+    assert sorted(c for c in calls if c.startswith("auth.sh")) == [
+        "auth.sh manual.example 0 manual.example,manual.example",
+        "auth.sh manual.example 1 manual.example,manual.example"]
+    assert len([c for c in calls if c.startswith("cleanup.sh")]) == 2
+
+
+def test_importing_again_changes_nothing_and_existing_names_need_replace(
+        imported: tuple[Path, Result], certbot: Certbot,
+        pebble: Any, tmp_path: Path) -> None:
+    config, _ = imported
+    text = config.read_text()
+    r = run(["import", "certbot", "--from", str(certbot.le), "--only", "sa", "--only",
+             "Web_Site"], config, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "  done    sa:" in r.stdout and "nothing to import" in r.stdout
+    assert config.read_text() == text
+
+    # A config of its own with an entry `sa` for other names: refused, then --replace.
+    other = _config(tmp_path, pebble, "\n  sa:   # hand-made\n    domains: [other.example]\n"
+                                      "    challenge: {type: dns-01, script: /bin/true}\n"
+                                      "  keep: {domains: [keep.example], challenge: "
+                                      "{type: dns-01, script: /bin/true}}\n")
+    before = other.read_text()
+    r = run(["import", "certbot", "--from", str(certbot.le), "--only", "sa"], other, timeout=60)
+    assert r.returncode == 1
+    assert f"certificates.sa exists in {other} with other domains: --replace" in r.stdout
+    assert other.read_text() == before
+    assert not (tmp_path / "state" / "certs" / "sa").exists()
+    r = run(["import", "certbot", "--from", str(certbot.le), "--only", "sa", "--replace"],
+            other, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = yaml.safe_load(other.read_text())
+    assert data["certificates"]["sa"]["domains"] == ["sa.example"]
+    assert data["certificates"]["keep"]["domains"] == ["keep.example"]
+    assert "# my certbatch config" in other.read_text()
+    assert (tmp_path / "state" / "certs" / "sa" / "live" / "cert.pem").exists()
+
+
+def test_dry_run_prints_the_yaml_and_writes_nothing(certbot: Certbot, tmp_path: Path) -> None:
+    config = tmp_path / "etc" / "certbatch.yaml"  # neither it nor its folder exists
+    r = run(["import", "certbot", "--from", str(certbot.le), "--dry-run"], config, timeout=60)
+    assert r.returncode == 1, r.stderr  # the same three lineages would be skipped
+    assert f"--- {config} would be:" in r.stdout
+    yaml_text = r.stdout.split(f"--- {config} would be:\n", 1)[1]
+    data = yaml.safe_load(yaml_text)
+    assert data["acme"] == {"directory": certbot.pebble.directory_url}
+    assert sorted(data["certificates"]) == ["manual", "sa", "web_site"]
+    assert "would write" in r.stdout and "would become certbatch's account" in r.stdout
+    assert not (tmp_path / "etc").exists()
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_rfc2136_lineages_map_to_the_rfc2136_provider(certbot: Certbot, tmp_path: Path) -> None:
+    """certbot's dns-rfc2136 plugin and credentials ini -> issue 12's rfc2136 keys (checked in
+    the plan: the provider is not in every certbatch yet). A copy of the folder: the real one
+    is only read."""
+    le = tmp_path / "le"
+    shutil.copytree(certbot.le, le, symlinks=True)
+    shutil.copytree(le / "archive" / "sa", le / "archive" / "zone")
+    (le / "live" / "zone").mkdir()
+    for f in ("cert", "chain", "fullchain", "privkey"):
+        (le / "live" / "zone" / f"{f}.pem").symlink_to(f"../../archive/zone/{f}1.pem")
+    ini = tmp_path / "rfc2136.ini"
+    ini.write_text("# certbot's rfc2136 credentials\ndns_rfc2136_server = 192.0.2.53\n"
+                   "dns_rfc2136_port = 5353\ndns_rfc2136_name = certbot.\n"
+                   "dns_rfc2136_secret = c2VjcmV0\ndns_rfc2136_algorithm = HMAC-SHA512\n")
+    sa_conf = (le / "renewal" / "sa.conf").read_text()
+    params = sa_conf.split("[renewalparams]")[1].replace("authenticator = standalone",
+                                                         "authenticator = dns-rfc2136")
+    (le / "renewal" / "zone.conf").write_text(
+        f"version = 5.8.0\n[renewalparams]{params}dns_rfc2136_credentials = {ini}\n"
+        "dns_rfc2136_propagation_seconds = 30\n")
+    p = plan.build(le, tmp_path / "cfg" / "certbatch.yaml", only=("zone",))
+    (lp,) = p.lineages
+    secret = tmp_path / "cfg" / "certbot-import" / "zone.tsig"
+    assert lp.mapped.entry["challenge"] == {
+        "type": "dns-01", "provider": "rfc2136", "server": "192.0.2.53:5353",
+        "tsig_key": "certbot.", "tsig_secret_file": str(secret),
+        "tsig_algorithm": "hmac-sha512"}
+    assert [(f.path, f.content, f.mode) for f in lp.mapped.files] == [
+        (secret, "c2VjcmV0\n", 0o600)]
+    assert any("propagation_seconds" in n for n in lp.mapped.notes)
+    text = yamltext.new_file([], {"acme": {"directory": "https://ca.example/dir"}},
+                             [(lp.name, lp.entry(), [])])
+    assert yaml.safe_load(text)["certificates"]["zone"]["challenge"]["provider"] == "rfc2136"
+    assert "c2VjcmV0" not in text  # the secret stays in its 0600 file
+
+
+def test_the_certbot_folder_is_unchanged(certbot: Certbot, before: str,
+                                         imported: Any) -> None:
+    assert _tree_hash(certbot.le) == before
+
+
+# -- units ---------------------------------------------------------------------------------------
+
+def test_renewal_conf_syntax() -> None:
+    conf = parse_conf("""# renew_before_expiry = 30 days
+version = 5.8.0
+renew_before_expiry = 20 days
+[renewalparams]
+account = abc
+webroot_path = /var/www/a,
+pref_challs = dns-01, http-01
+manual_auth_hook = "/usr/local/bin/hook --a,b"
+autorenew = False
+[[webroot_map]]
+Example.COM = /var/www/a
+'www.example.com' = '/var/www/b'
+""", "x.conf")
+    assert conf.top["renew_before_expiry"] == "20 days"
+    assert conf.get("webroot_path") == "/var/www/a"
+    assert conf.items("pref_challs") == ["dns-01", "http-01"]
+    assert conf.get("manual_auth_hook") == "/usr/local/bin/hook --a,b"
+    assert conf.flag("autorenew", True) is False
+    assert conf.webroot_map == {"example.com": "/var/www/a", "www.example.com": "/var/www/b"}
+
+
+@pytest.mark.parametrize("lineage, name", [
+    ("example.com", "example.com"), ("Example.COM-0001", "example.com-0001"),
+    ("my site", "my-site"), ("_odd", "odd"), ("x" * 80, "x" * 64), ("---", "certificate")])
+def test_lineage_names_map_to_valid_certbatch_names(lineage: str, name: str) -> None:
+    assert mapping.certbatch_name(lineage) == name
+
+
+def test_an_ec_account_key_converts() -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from josepy import JWKEC
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = jwk_to_pem(json.loads(JWKEC(key=key).json_dumps()))
+    loaded = serialization.load_pem_private_key(pem, None)
+    assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+    assert loaded.private_numbers() == key.private_numbers()
+
+
+def test_a_flow_style_certificates_section_is_refused_not_rewritten() -> None:
+    with pytest.raises(yamltext.TextEditError, match="flow style"):
+        yamltext.add_entries("acme: {directory: x}\ncertificates: {a: {domains: [a]}}\n",
+                             [("b", {"domains": ["b"]}, [])], set())
