@@ -145,6 +145,11 @@ def test_ari_windows_replaces_and_cached_checks(tmp_path: Path, pebble: PebbleIn
     assert rows["later"]["next_renewal_basis"] == "ARI"
     assert rows["later"]["ari_explanation"] == "https://ca.example/why"
     assert rows["opened"]["next_renewal_basis"] == "lifetime"
+    text = run(["status"], cfg, pebble).stdout.splitlines()
+    assert text[0].split()[6:8] == ["NEXT", "RENEWAL"]
+    later_row = next(line for line in text if line.startswith("later "))
+    assert f"{stored['renew_at'][:10]} {stored['renew_at'][11:16]}Z (ARI)" in later_row
+    assert "later: the CA explains its renewal window: https://ca.example/why" in text
 
     # the CA moves the window into the past (a mass revocation coming): followed at the next
     # check; the dry run (offline) already says so once the data is there
@@ -394,3 +399,59 @@ def test_status_files_round_trip_and_old_ones_load() -> None:
     old["ari"] = {"serial": 5}  # damaged: only the renewal info is forgotten
     loaded = CertStatus.from_json(json.dumps(old))
     assert loaded.ari is None and loaded.last_result == "renewed"
+
+
+# -- short-lived certificates: how often cron must run -------------------------------------------
+
+def test_check_warns_when_cron_must_run_more_than_daily(tmp_path: Path) -> None:
+    """A 12-hour certificate in the store (made here: Pebble issues 5-year ones) makes `check`
+    say how often cron must run; a 6-day one (Let's Encrypt's shortlived) does not."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from certbatch.store import Store
+
+    store = Store(tmp_path / "state")
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    for name, lifetime in (("tiny", dt.timedelta(hours=12)), ("six", dt.timedelta(days=6))):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, f"{name}.test")])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                .public_key(key.public_key()).serial_number(7)
+                .not_valid_before(now).not_valid_after(now + lifetime)
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(f"{name}.test")]),
+                               critical=False)
+                .sign(key, hashes.SHA256()))
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        store.save_certificate(
+            name, key_type="ec-p256", domains=(f"{name}.test",),
+            privkey_pem=key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()),
+            cert_pem=pem, chain_pem=b"", fullchain_pem=pem, serial="07", not_before=now,
+            not_after=now + lifetime, issued_at=now)
+    cfg = tmp_path / "certbatch.yaml"
+    cfg.write_text("acme: {directory: https://ca.example/dir}\n"
+                   "paths: {state: ./state, spool: ./spool, hooks: ./hooks}\n"
+                   "defaults: {challenge: {type: http-01, standalone: {}}}\n"
+                   "certificates:\n  tiny: {domains: [tiny.test]}\n"
+                   "  six: {domains: [six.test]}\n")
+    result = run(["check"], cfg)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "certbatch: warning: tiny: renews every 6 hours (lifetime 12 hours): run "
+        "`certbatch renew` from cron at least every 90 minutes"]
+
+
+def test_cron_advice() -> None:
+    assert renewal.cron_advice(NOW, NOW + dt.timedelta(days=6), None) is None
+    assert renewal.cron_advice(NOW, NOW + dt.timedelta(days=90), None) is None
+    assert renewal.cron_advice(NOW, NOW + dt.timedelta(hours=24), None) == (
+        "renews every 12 hours (lifetime 24 hours): run `certbatch renew` from cron at least "
+        "every 3 hours")
+    # before_expiry moves the due time (never before half the lifetime), and the interval
+    assert renewal.cron_advice(NOW, NOW + dt.timedelta(hours=36), dt.timedelta(hours=30)) == (
+        "renews every 18 hours (lifetime 36 hours): run `certbatch renew` from cron at least "
+        "every 4 hours")
+    assert renewal.cron_advice(NOW, NOW + dt.timedelta(days=2), dt.timedelta(hours=12)) is None

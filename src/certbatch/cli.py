@@ -7,6 +7,7 @@ or the notify phase failed; 2 usage or configuration error; 75 another run holds
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import logging
@@ -440,6 +441,11 @@ def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
             "failed_orders": status.failed_orders,
             "next_attempt": render.ts(status.next_attempt),
             "profile": cert.profile,
+            # when the live certificate is to be renewed, and by which rule (renewal.py)
+            "next_renewal": render.ts(decision.due_at),
+            "next_renewal_basis": decision.basis,
+            "ari_explanation": status.ari.explanation if status.ari and stored
+            and status.ari.serial == stored.serial else None,
         })
     return rows
 
@@ -746,6 +752,19 @@ def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
     return None
 
 
+def _cron_advice(settings: config_mod.Settings, name: str) -> str | None:
+    """How often cron must run for a short-lived live certificate (None: daily is plenty)."""
+    from .renewal import cron_advice
+    from .store import Store
+
+    with contextlib.suppress(CertbatchError, OSError):  # _live_problem has said why
+        stored = Store(settings.paths.state).current(name)
+        if stored is not None:
+            return cron_advice(stored.not_before, stored.not_after,
+                               settings.renewal.before_expiry)
+    return None
+
+
 @cli.command()
 @common_options
 @click.option("--online", is_flag=True, help="Also fetch the ACME directory, and try each "
@@ -801,6 +820,9 @@ def check(ctx: click.Context, online: bool) -> int:
         if live_problem:
             say(f"    live: {live_problem}")
             problems.append(f"{cert.name}: {live_problem}")
+        advice = _cron_advice(settings, cert.name) if state_ok and not live_problem else None
+        if advice:
+            err(f"certbatch: warning: {cert.name}: {advice}")
     notify_ok = hooks_ok
     for phase in ("deploy.d", "notify.d"):
         folder = settings.paths.hooks / phase

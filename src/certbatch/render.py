@@ -185,19 +185,32 @@ def _due_cell(row: dict[str, Any]) -> str:
     return str(row["decision"]) if row["due"] else "no"
 
 
+def _next_renewal_cell(row: dict[str, Any]) -> str:
+    """`2026-12-03 14:00Z (ARI)`: when the live certificate renews, by which rule."""
+    at = row.get("next_renewal")
+    if not at:
+        return "-"
+    return f"{at[:10]} {at[11:16]}Z ({row.get('next_renewal_basis') or '?'})"
+
+
 def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
-    headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "PROFILE", "LAST RESULT"]
+    headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "PROFILE", "NEXT RENEWAL",
+               "LAST RESULT"]
     table = [headers] + [[
         r["name"], ",".join(r["domains"]),
         r["not_after"][:10] if r["not_after"] else "-",
         "-" if r["days_left"] is None else str(r["days_left"]),
         _due_cell(r),
         r["profile"] or "-",
+        _next_renewal_cell(r),
         (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else ""),
     ] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
-            + "  " + row[-1] for row in table]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+             + "  " + row[-1] for row in table]
+    # The CA explains a renewal window it moved (a revocation coming, say): worth reading.
+    return lines + [f"{r['name']}: the CA explains its renewal window: {r['ari_explanation']}"
+                    for r in rows if r.get("ari_explanation")]
 
 
 def target_rows(states: Sequence[dict[str, Any]], pending: Sequence[str]) -> list[str]:

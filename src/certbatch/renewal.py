@@ -110,6 +110,32 @@ def due_time(not_before: dt.datetime, not_after: dt.datetime,
     return not_after - lifetime / fraction
 
 
+CRON_ATTEMPTS = 4  # cron runs wanted between a certificate's due time and its expiry
+
+
+def cron_advice(not_before: dt.datetime, not_after: dt.datetime,
+                before_expiry: dt.timedelta | None) -> str | None:
+    """A warning when a certificate renews more often than once a day, saying how often cron
+    must run so that CRON_ATTEMPTS runs fall between its due time and its expiry (room for a
+    failed attempt or two); None for the usual lifetimes."""
+    due = due_time(not_before, not_after, before_expiry)
+    interval, slack = due - not_before, not_after - due
+    if interval >= dt.timedelta(days=1):
+        return None
+    every = max(slack / CRON_ATTEMPTS, dt.timedelta(minutes=1))
+    return (f"renews every {_span(interval)} (lifetime {_span(not_after - not_before)}): "
+            f"run `certbatch renew` from cron at least every {_span(every)}")
+
+
+def _span(t: dt.timedelta) -> str:
+    minutes = int(t.total_seconds() // 60)
+    if minutes >= 48 * 60:
+        return f"{minutes // 1440} days"
+    if minutes >= 120:
+        return f"{minutes // 60} hours"
+    return f"{minutes} minutes"
+
+
 def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertStatus,
            now: dt.datetime, before_expiry: dt.timedelta | None,
            force: bool = False, use_ari: bool = True) -> Decision:
