@@ -283,8 +283,12 @@ def _fqdn(host: str) -> str:
 
 
 def start_pebble(workdir: Path, extra_env: Mapping[str, str] | None = None,
-                 config: Mapping[str, Any] | None = None) -> PebbleInstance:
+                 config: Mapping[str, Any] | None = None,
+                 dns_server: str | None = None) -> PebbleInstance:
     """Start challtestsrv, then Pebble using it as DNS server; return once both listen.
+
+    `dns_server` ("IP:PORT") makes Pebble resolve through another DNS server instead (a real
+    authoritative server started by tests/dns_servers.py).
 
     `extra_env` is added to Pebble's environment (e.g. ``PEBBLE_WFE_NONCEREJECT="50"``); the
     default is ``PEBBLE_VA_NOSLEEP=1``. `config` keys override the "pebble" section of the
@@ -347,7 +351,7 @@ def start_pebble(workdir: Path, extra_env: Mapping[str, str] | None = None,
         wait_for_port(chall_mgmt_port, deadline, inst._procs)
         wait_for_port(dns_port, deadline, inst._procs)
         inst._pebble_cmd = ([pebble_bin, "-config", str(config_path),
-                             "-dnsserver", f"127.0.0.1:{dns_port}"], env)
+                             "-dnsserver", dns_server or f"127.0.0.1:{dns_port}"], env)
         inst._procs.append(_spawn(inst, "pebble", *inst._pebble_cmd))
         wait_for_port(acme_port, deadline, inst._procs)
         wait_for_port(mgmt_port, deadline, inst._procs)

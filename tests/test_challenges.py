@@ -275,12 +275,16 @@ def test_dns_script_failure_names_script_status_and_last_stderr_line(
 
 
 def test_dns_script_missing_or_not_executable(tmp_path: Path) -> None:
-    with pytest.raises(ChallengeError, match="dns script .*cannot run .*No such file"):
+    with pytest.raises(ChallengeError) as err:
         DnsScriptSolver(tmp_path / "missing.sh", "c").prepare([dns01("a.example", "v")], soon())
+    assert str(err.value) == f"dns script {tmp_path / 'missing.sh'} does not exist"
     plain = tmp_path / "plain.sh"
     plain.write_text("#!/bin/sh\n")
-    with pytest.raises(ChallengeError, match="Permission denied"):
+    with pytest.raises(ChallengeError) as err:
         DnsScriptSolver(plain, "c").prepare([dns01("a.example", "v")], soon())
+    assert str(err.value) == f"dns script {plain} is not executable (chmod +x it)"
+    with pytest.raises(ChallengeError, match="is not a regular file"):
+        DnsScriptSolver(tmp_path, "c").prepare([dns01("a.example", "v")], soon())
 
 
 def test_dns_script_hanging_past_the_deadline_is_killed(tmp_path: Path) -> None:

@@ -348,6 +348,9 @@ class DnsScriptSolver:
                 records.append(record)
         if not records:
             return
+        problem = script_problem(self.script)
+        if problem:  # one clear line rather than the shell's "cannot run" (and no remove)
+            raise ChallengeError(problem)
         if self.per_certificate:
             self._added.extend(records)
             self._run("add", records, deadline, deadline_bound=True)

@@ -36,11 +36,13 @@ def wait_until_visible(lookup: Lookup, records: Sequence[TxtRecord], timeout: fl
                for record in records for ns, address in servers[record.zone]}
     log.info("%s: propagation check: %d TXT value(s) on %d authoritative server address(es)",
              label, len(records), sum(len(s) for s in servers.values()))
-    while True:
+    while time.monotonic() < limit:
         for key in list(pending):
             ns, address, record = key
             try:
-                values = lookup.txt_at(address, record.name, deadline)
+                values = lookup.txt_at(address, record.name, limit)
+            except DeadlineExceeded:
+                break  # the time is up: the message below says who is missing what
             except ChallengeError as exc:
                 pending[key] = str(exc)
                 continue
@@ -54,9 +56,7 @@ def wait_until_visible(lookup: Lookup, records: Sequence[TxtRecord], timeout: fl
                      time.monotonic() - start)
             return
         left = limit - time.monotonic()
-        if left <= 0:
-            break
-        if interrupt.wait(min(POLL_INTERVAL, left)):
+        if left > 0 and interrupt.wait(min(POLL_INTERVAL, left)):
             raise interrupt.error("propagation check stopped")
     (ns, address, record), why = next(iter(pending.items()))
     more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""

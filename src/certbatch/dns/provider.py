@@ -11,6 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import ChallengeError
+
+
+class NotApplied(ChallengeError):
+    """The provider knows the change was not made (refused, bad key): nothing to undo.
+    Any other error leaves the value to be removed, since the change may have happened."""
+
 
 @dataclass(frozen=True)
 class TxtRecord:
@@ -23,7 +30,8 @@ class TxtRecord:
 
 
 class Provider(Protocol):
-    """Raise ChallengeError (one line, never a secret) or DeadlineExceeded on failure."""
+    """Raise ChallengeError (one line, never a secret; NotApplied when sure nothing changed)
+    or DeadlineExceeded on failure."""
 
     def add(self, record: TxtRecord, deadline: float) -> None:
         """Add `record.value` to the TXT set at `record.name`, keeping the values already there."""

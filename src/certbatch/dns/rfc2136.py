@@ -26,7 +26,7 @@ import dns.tsig
 import dns.update
 
 from ..errors import ChallengeError, DeadlineExceeded, os_error_message
-from .provider import TxtRecord
+from .provider import NotApplied, TxtRecord
 
 log = logging.getLogger("certbatch.dns")
 
@@ -93,13 +93,13 @@ class Rfc2136Provider:
             response = dns.query.tcp(update, address, port=port,
                                      timeout=min(UPDATE_TIMEOUT, remaining))
         except dns.tsig.PeerBadKey as exc:
-            raise ChallengeError(f"{where}: the server does not know TSIG key "
+            raise NotApplied(f"{where}: the server does not know TSIG key "
                                  f"{self.key_name} (tsig_key, tsig_algorithm)") from exc
         except (dns.tsig.PeerBadSignature, dns.tsig.BadSignature) as exc:
-            raise ChallengeError(f"{where}: the TSIG signature was rejected: wrong tsig_secret "
+            raise NotApplied(f"{where}: the TSIG signature was rejected: wrong tsig_secret "
                                  f"for key {self.key_name}") from exc
         except (dns.tsig.PeerBadTime, dns.tsig.BadTime) as exc:
-            raise ChallengeError(f"{where}: the TSIG time was rejected: this host's clock "
+            raise NotApplied(f"{where}: the TSIG time was rejected: this host's clock "
                                  f"and the server's differ") from exc
         except dns.exception.Timeout as exc:
             if remaining < UPDATE_TIMEOUT:
@@ -112,7 +112,8 @@ class Rfc2136Provider:
         if rcode == dns.rcode.NOERROR:
             log.debug("%s: done", where)
             return
-        raise ChallengeError(f"{where}: {_rcode_problem(rcode, record, self.key_name)}")
+        # An update is all or nothing (RFC 2136 3.5): an error rcode changed nothing.
+        raise NotApplied(f"{where}: {_rcode_problem(rcode, record, self.key_name)}")
 
 
 def _rcode_problem(rcode: dns.rcode.Rcode, record: TxtRecord, key: str) -> str:

@@ -17,7 +17,7 @@ from ..config import ChallengeSettings
 from ..errors import ChallengeError, DeadlineExceeded, Interrupted
 from .lookup import Lookup, in_zone
 from .propagation import wait_until_visible
-from .provider import Provider, TxtRecord
+from .provider import NotApplied, Provider, TxtRecord
 
 if TYPE_CHECKING:
     from ..challenges import ChallengeResponse
@@ -118,8 +118,12 @@ class DnsProviderSolver:
             self._provider = make_provider(self.challenge)
         for record in records:
             self._added.append(record)  # before: a timed-out update may still have applied
+            try:
+                self._provider.add(record, deadline)
+            except NotApplied:
+                self._added.pop()
+                raise
             self.written.append(record)
-            self._provider.add(record, deadline)
             log.debug("%s: TXT %s added in zone %s", self.name, record.name, record.zone)
         log.info("%s: %d dns-01 TXT value(s) added by %s: %s", self.name, len(records),
                  self.challenge.provider, ", ".join(dict.fromkeys(r.name for r in records)))
