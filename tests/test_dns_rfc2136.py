@@ -14,6 +14,7 @@ The end-to-end cases run the real `certbatch` command; nothing is mocked.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from dns_servers import (
 )
 from pebble_server import PebbleInstance, find_binaries, start_pebble
 
-from certbatch.challenges import ChallengeResponse
+from certbatch.challenges import ChallengeResponse, DnsScriptSolver
 from certbatch.config import ChallengeSettings, Rfc2136Settings
 from certbatch.dns.lookup import Lookup
 from certbatch.dns.propagation import wait_until_visible
@@ -321,3 +322,59 @@ def test_check_warns_about_secrets_others_can_read(tmp_path: Path, dns_setup: Dn
     shared.chmod(0o600)
     quiet = run(["check"], cfg, timeout=60)
     assert quiet.returncode == 0 and "warning" not in quiet.stderr
+
+
+def test_propagation_check_serves_a_dns_script_too(tmp_path: Path, dns_setup: DnsSetup) -> None:
+    """A dns script (dnspython's dynamic update; nsupdate is not installed here) with
+    `propagation: check`: prepare() returns only once the late second server has the value."""
+    setup = dns_setup
+    script = tmp_path / "update.py"
+    script.write_text(f"""#!{sys.executable}
+import sys
+import dns.query, dns.tsig, dns.update
+action, _domain, name, value = sys.argv[1:5]
+update = dns.update.UpdateMessage("slow.test.")
+(update.add if action == "add" else update.delete)(name, *([1] if action == "add" else []),
+                                                   "TXT", f'"{{value}}"')
+update.use_tsig(dns.tsig.Key({setup.key.name!r}, {setup.key.secret!r}, dns.tsig.HMAC_SHA256))
+sys.exit(dns.query.tcp(update, {setup.main.address!r}, port={setup.port}, timeout=5).rcode())
+""")
+    script.chmod(0o700)
+    ch = ChallengeSettings(type="dns-01", script=script, propagation="check",
+                           propagation_timeout=20, resolver=("127.0.0.1", setup.port),
+                           nameserver_port=setup.port)
+    solver = DnsScriptSolver(script, "s", challenge=ch)
+    with ZoneMirror(setup.main, setup.second, "slow.test.", MIRROR_DELAY) as mirror:
+        start = time.monotonic()
+        try:
+            solver.prepare([response("script.slow.test", "sv")], start + 60)
+            took = time.monotonic() - start
+            assert setup.second.txt("_acme-challenge.script.slow.test.") == {"sv"}
+        finally:
+            solver.cleanup()
+    assert not mirror.errors, mirror.errors
+    assert took >= MIRROR_DELAY
+    assert setup.main.txt("_acme-challenge.script.slow.test.") == set()
+
+
+def test_inline_secrets_are_redacted_from_log_lines(tmp_path: Path) -> None:
+    """certbatch never logs a secret itself; the filter also catches one a library would log."""
+    import logging
+
+    from certbatch import config
+    from certbatch.cli import _Redact
+    from certbatch.dns.secrets import inline_secrets
+
+    path = tmp_path / "certbatch.yaml"
+    path.write_text(f"""
+acme: {{directory: "https://ca.example/dir"}}
+certificates:
+  a: {{domains: [a.example.com], challenge: {{type: dns-01, provider: rfc2136,
+      server: 192.0.2.1, tsig_key: k, tsig_secret: "{WRONG_SECRET}"}}}}
+""")
+    secrets = inline_secrets(config.load(path))
+    assert secrets == [WRONG_SECRET]
+    record = logging.LogRecord("acme", logging.DEBUG, __file__, 1, "sent %s", (WRONG_SECRET,),
+                               None)
+    _Redact(secrets).filter(record)
+    assert record.getMessage() == "sent [redacted]"
