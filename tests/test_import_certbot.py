@@ -303,6 +303,12 @@ def test_importing_again_changes_nothing_and_existing_names_need_replace(
     assert r.returncode == 0, r.stderr
     assert "  done    sa:" in r.stdout and "nothing to import" in r.stdout
     assert config.read_text() == text
+    # certbatch renewed `manual` (the test before): certbot's older one never replaces it
+    r = run(["import", "certbot", "--from", str(certbot.le), "--only", "manual", "--replace"],
+            config, timeout=60)
+    assert r.returncode == 1
+    assert "SKIP    manual: certbatch's certificate manual is newer" in r.stdout
+    assert config.read_text() == text
 
     # A config of its own with an entry `sa` for other names: refused, then --replace.
     other = _config(tmp_path, pebble, "\n  sa:   # hand-made\n    domains: [other.example]\n"
@@ -373,6 +379,88 @@ def test_rfc2136_lineages_map_to_the_rfc2136_provider(certbot: Certbot, tmp_path
                              [(lp.name, lp.entry(), [])])
     assert yaml.safe_load(text)["certificates"]["zone"]["challenge"]["provider"] == "rfc2136"
     assert "c2VjcmV0" not in text  # the secret stays in its 0600 file
+
+
+def _copy(certbot: Certbot, tmp_path: Path) -> Path:
+    le = tmp_path / "le"
+    shutil.copytree(certbot.le, le, symlinks=True)
+    return le
+
+
+def _edit(conf: Path, old: str, new: str) -> None:
+    text = conf.read_text()
+    assert old in text
+    conf.write_text(text.replace(old, new))
+
+
+def test_two_cas_or_two_accounts_are_reported_not_guessed(certbot: Certbot,
+                                                          tmp_path: Path) -> None:
+    le = _copy(certbot, tmp_path)
+    staging = "https://acme-staging-v02.api.letsencrypt.org/directory"
+    _edit(le / "renewal" / "sa.conf", f"server = {certbot.pebble.directory_url}",
+          f"server = {staging}")
+    p = plan.build(le, tmp_path / "new" / "certbatch.yaml")
+    actions = {lp.name: (lp.action, lp.why) for lp in p.lineages}
+    assert p.config_text is None
+    for name in ("manual", "sa", "web_site"):
+        assert actions[name][0] == plan.SKIP
+        assert actions[name][1].startswith("needs a choice: the lineages use 2 CAs (")
+    assert f"{staging}: sa" in actions["sa"][1]
+    # One CA chosen with --only: its lineages come over.
+    p = plan.build(le, tmp_path / "new" / "certbatch.yaml", only=("manual", "Web_Site"))
+    assert [lp.action for lp in p.lineages] == [plan.IMPORT, plan.IMPORT]
+    assert p.directory == certbot.pebble.directory_url
+
+    # A second account on the Pebble CA, used by `manual`.
+    (account,) = (le / "accounts").glob("*/*/*/regr.json")
+    second = account.parent.parent / "f00"
+    shutil.copytree(account.parent, second)
+    _edit(second / "regr.json", certbot.regr_uri(), certbot.regr_uri() + "0")
+    _edit(le / "renewal" / "manual.conf", f"account = {account.parent.name}", "account = f00")
+    p = plan.build(le, tmp_path / "new" / "certbatch.yaml", only=("manual", "Web_Site"))
+    assert p.account is None
+    for lp in p.lineages:
+        assert lp.action == plan.SKIP
+        assert lp.why.startswith("needs a choice: 2 certbot accounts on this CA")
+        assert "f00 (" in lp.why and ": manual" in lp.why
+    p = plan.build(le, tmp_path / "new" / "certbatch.yaml", only=("manual",))
+    assert p.account is not None and p.account.account.id == "f00"
+    assert p.lineages[0].ordered_by == certbot.regr_uri() + "0"
+
+
+def test_an_entry_written_by_hand_is_kept_and_gets_its_certificate(
+        certbot: Certbot, pebble: Any, tmp_path: Path) -> None:
+    """The way for a lineage whose challenge the import cannot map: write the entry first."""
+    from certbatch.migrate import apply
+
+    webroot = tmp_path / "www"
+    webroot.mkdir()
+    config = _config(tmp_path, pebble, f"\n  split:   # by hand\n    domains: "
+                                       f"[b.split.example, a.split.example]\n    challenge: "
+                                       f"{{type: http-01, webroot: {webroot}}}\n")
+    text = config.read_text()
+    p = plan.build(certbot.le, config, only=("split",))
+    (lp,) = p.lineages
+    assert (lp.action, lp.why) == (plan.ADOPT, "certificates.split in the config is kept")
+    assert p.config_text is None
+    done = apply.apply(p)
+    assert done.certificates == ["split"] and not done.config_written
+    assert config.read_text() == text
+    meta = json.loads((tmp_path / "state" / "certs" / "split" / "live" / "meta.json")
+                      .read_text())
+    assert int(meta["serial"], 16) == certbot.cert("split").serial_number
+    r = run(["renew", "--dry-run"], config, timeout=60)
+    assert r.returncode == 0 and r.stdout.split()[:2] == ["split", "skip"], r.stdout
+
+
+def test_a_valid_lineage_name_is_kept_when_another_maps_to_it(certbot: Certbot,
+                                                              tmp_path: Path) -> None:
+    le = _copy(certbot, tmp_path)
+    shutil.copy(le / "renewal" / "Web_Site.conf", le / "renewal" / "web_site.conf")
+    os.symlink("Web_Site", le / "live" / "web_site")  # certbot never does this; a test shortcut
+    p = plan.build(le, tmp_path / "certbatch.yaml", only=("Web_Site", "web_site"))
+    assert {lp.lineage: lp.name for lp in p.lineages} == {"Web_Site": "web_site-2",
+                                                          "web_site": "web_site"}
 
 
 def test_the_certbot_folder_is_unchanged(certbot: Certbot, before: str,

@@ -37,16 +37,15 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
 
     now = now or dt.datetime.now(dt.timezone.utc)
     done = Applied()
-    if plan.config_text is not None:
-        _config_folder(plan.config_path)
-        for f in plan.new_files:
-            folder = f.path.parent
-            _own_folder(folder)
-            atomic_write(f.path, f.content, f.mode)
-            done.files.append(f.path)
     with run_lock(plan.state):
         store = Store(plan.state)
         store.check()
+        if plan.config_text is not None:  # what the new entries name, before the state
+            _config_folder(plan.config_path)
+            for f in plan.new_files:
+                _own_folder(f.path.parent)
+                atomic_write(f.path, f.content, f.mode)
+                done.files.append(f.path)
         if plan.account is not None and plan.account.action == "import":
             a = plan.account.account
             store.save_account(str(plan.directory), a.key_pem, a.regr_json)
@@ -67,12 +66,12 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
             store.save_status(lp.name, CertStatus(last_result="imported", last_success=now,
                                                   staged_version=stored.version))
             done.certificates.append(lp.name)
-    if plan.config_text is not None:
-        mode = NEW_CONFIG_MODE
-        if plan.config_exists:
-            mode = stat.S_IMODE(os.stat(plan.config_path).st_mode)
-        atomic_write(plan.config_path, plan.config_text, mode)
-        done.config_written = True
+        if plan.config_text is not None:
+            mode = NEW_CONFIG_MODE
+            if plan.config_exists:
+                mode = stat.S_IMODE(os.stat(plan.config_path).st_mode)
+            atomic_write(plan.config_path, plan.config_text, mode)
+            done.config_written = True
     return done
 
 

@@ -146,7 +146,8 @@ def _select(certbot: CertbotDir, only: tuple[str, ...]) -> list[LineagePlan]:
     except OSError as exc:
         raise UsageError(os_error_message(exc)) from None
     plans, taken = [], set()
-    for lineage in names:
+    # Names certbatch accepts as they are first: a lineage keeps its own name when it can.
+    for lineage in sorted(names, key=lambda n: mapping.certbatch_name(n) != n):
         name = base = mapping.certbatch_name(lineage)
         n = 2
         while name in taken:  # two lineages that map to one name: number the second
@@ -154,6 +155,7 @@ def _select(certbot: CertbotDir, only: tuple[str, ...]) -> list[LineagePlan]:
             name, n = base[:mapping.NAME_MAX - len(suffix)] + suffix, n + 1
         taken.add(name)
         plans.append(LineagePlan(lineage, name))
+    plans.sort(key=lambda lp: lp.lineage)
     if only:
         unknown = [o for o in only if not any(o in (lp.lineage, lp.name) for lp in plans)]
         if unknown:
@@ -306,6 +308,11 @@ def _check_names(plan: Plan, config: _ExistingConfig, replace: bool) -> None:
                 continue
         entry = config.certificates.get(lp.name)
         same_cert = stored is not None and stored.serial == lp.serial
+        if stored is not None and not same_cert and lp.not_after is not None \
+                and stored.not_after > lp.not_after:
+            lp.skip(f"certbatch's certificate {lp.name} is newer (serial {stored.serial}, "
+                    f"expires {stored.not_after:%Y-%m-%d}): not replaced by certbot's")
+            continue
         if entry is not None:
             same_names = isinstance(entry, dict) and isinstance(entry.get("domains"), list) \
                 and {str(d).lower() for d in entry["domains"]} == set(lp.domains)
