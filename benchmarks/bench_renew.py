@@ -227,7 +227,9 @@ def median_child(runs: Sequence[Child]) -> Child:
 
 
 def write_idle_store(state: Path, names: dict[str, list[str]]) -> None:
-    """A state folder where every certificate was issued 10 days ago for 90 days (not due).
+    """A state folder where every certificate was issued 10 days ago for 90 days (not due),
+    with fresh ARI data (the CA's window in 40 days, next check in a day), as a run that asked
+    the CA's renewal info leaves it: the steady state of a CA with ARI.
 
     Written with certbatch's own Store, so the layout is the real one; the certificates are
     self-signed (a renew with nothing due reads only meta.json and status.json anyway).
@@ -237,6 +239,7 @@ def write_idle_store(state: Path, names: dict[str, list[str]]) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
+    from certbatch import ari
     from certbatch.store import CertStatus, Store
 
     store = Store(state)
@@ -258,8 +261,11 @@ def write_idle_store(state: Path, names: dict[str, list[str]]) -> None:
                                privkey_pem=key_pem, cert_pem=pem, chain_pem=b"",
                                fullchain_pem=pem, serial=format(cert.serial_number, "x"),
                                not_before=not_before, not_after=not_after, issued_at=not_before)
+        serial = format(cert.serial_number, "x")
+        window = ari.answered(None, serial, now + dt.timedelta(days=40),
+                              now + dt.timedelta(days=42), None, "86400", now)
         store.save_status(name, CertStatus(last_attempt=not_before, last_result="renewed",
-                                           last_success=not_before))
+                                           last_success=not_before, ari=window))
 
 
 # Runs certbatch.cli.main in-process, then records which of the heavy modules it had imported.
@@ -429,15 +435,17 @@ class Benchmark:
         say(f"pebble: {pebble.directory_url} ({settings})")
         try:
             env = certbatch_env(pebble.env())
-            cfg = self.scenario("certbatch on pebble", self.certbatch_pebble, pebble, env)
+            cfg = None if args.idle_only else self.scenario(
+                "certbatch on pebble", self.certbatch_pebble, pebble, env)
             if cfg is not None:
                 self.scenario("forced renewal against the bare loop", self.rounds, pebble, env,
                               cfg)
                 if args.steps:
                     self.scenario("issuance steps", self.steps, env, cfg)
-            if args.sweep:
+            if args.sweep and not args.idle_only:
                 self.scenario("workers sweep", self.sweep, env)
-            self.scenario("certbot", self.certbot, pebble, env)
+            if not args.idle_only:
+                self.scenario("certbot", self.certbot, pebble, env)
         finally:
             pebble.stop()
         self.scenario("nothing due", self.idle, pebble)
@@ -607,8 +615,17 @@ class Benchmark:
         say(f"store of {m} issued certificates written in {time.perf_counter() - t0:.1f} s")
         env = certbatch_env()
         run_certbatch(cfg, ["renew"], env)  # untimed: warms the page cache and .pyc files
+        statuses = sorted((folder / "state" / "certs").glob("*/status.json"))
+        before = [p.stat().st_mtime_ns for p in statuses]
         runs = sorted((run_certbatch(cfg, ["renew"], env) for _ in range(IDLE_REPEATS)),
                       key=lambda r: r.wall)
+        # A run that asked the CA (ARI) would have stored its answer: none may have.
+        quiet = [p.stat().st_mtime_ns for p in statuses] == before
+        say(f"status files written by the timed runs: {'none' if quiet else 'SOME'} (fresh "
+            f"ARI data: no renewal info asked for)")
+        self.rows.append(Row("  idle run asks renewal info (ARI)?", m, None,
+                             ratio="no" if quiet else "yes", target="no", ok=quiet,
+                             per_cert=False))
         median = runs[len(runs) // 2]
         say(f"{IDLE_REPEATS} runs: " + ", ".join(f"{r.wall:.3f}" for r in runs) + " s")
         self.record(f"certbatch renew, nothing due (median of {IDLE_REPEATS})", m, median,
@@ -658,6 +675,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         default="per-certificate",
                         help="the dns-01 challenge's `calls` setting: one script run per "
                              "certificate and action (default), or per record and action")
+    parser.add_argument("--idle-only", action="store_true",
+                        help="only the nothing-due run over --idle-count certificates")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args(argv)
     if args.count < 1 or args.idle_count < 1 or args.rounds < 1 or not 1 <= args.workers <= 64:

@@ -85,14 +85,13 @@ class AriState:
 
     @classmethod
     def from_dict(cls, data: Any) -> AriState:
-        from .store import parse_iso
-
+        """Raises ValueError or TypeError for anything but what to_dict wrote."""
         if not isinstance(data, dict) or not isinstance(data.get("serial"), str):
             raise ValueError("ari is not an object with a serial")
         values: dict[str, Any] = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        for key in cls._TIMES:
+        for key in cls._TIMES:  # every status.json of every run: no import, no strptime
             if values.get(key) is not None:
-                values[key] = parse_iso(values[key])
+                values[key] = dt.datetime.fromisoformat(values[key].replace("Z", "+00:00"))
         if values.get("next_check") is None:
             raise ValueError("ari has no next_check")
         return cls(**values)
