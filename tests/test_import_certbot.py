@@ -252,6 +252,8 @@ def test_status_shows_certbots_serials_and_expiry_and_renew_has_nothing_due(
         key = config.parent / "state" / "certs" / name / "live" / "privkey.pem"
         assert key.read_bytes() == (certbot.le / "live" / lineage / "privkey.pem").read_bytes()
         assert oct(key.stat().st_mode & 0o777) == "0o600"
+    r = run(["check"], config, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
     r = run(["renew", "--json"], config, pebble, timeout=60)
     assert r.returncode == 0, r.stderr
     outcomes = {c["name"]: c["outcome"] for c in json.loads(r.stdout)["certificates"]}

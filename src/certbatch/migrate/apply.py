@@ -10,6 +10,7 @@ The certbot folder is only read.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import stat
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from ..fsutil import atomic_write, fsync_dir
 from ..store import CertStatus, Store
 from .plan import Plan
+
+log = logging.getLogger("certbatch.import")
 
 NEW_CONFIG_MODE = 0o600  # it may come to hold secrets (a TSIG key, an EAB key)
 
@@ -49,6 +52,7 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
         if plan.account is not None and plan.account.action == "import":
             a = plan.account.account
             store.save_account(str(plan.directory), a.key_pem, a.regr_json)
+            log.info("imported certbot account %s (%s) for %s", a.id, a.uri, plan.directory)
             done.account = a.uri
         for lp in plan.lineages:
             if not lp.writes_state:
@@ -66,12 +70,16 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
             store.save_status(lp.name, CertStatus(last_result="imported", last_success=now,
                                                   staged_version=stored.version))
             done.certificates.append(lp.name)
+            log.info("%s: imported certbot lineage %s (serial %s) as version %s", lp.name,
+                     lp.lineage, lp.serial, stored.version)
         if plan.config_text is not None:
             mode = NEW_CONFIG_MODE
             if plan.config_exists:
                 mode = stat.S_IMODE(os.stat(plan.config_path).st_mode)
             atomic_write(plan.config_path, plan.config_text, mode)
             done.config_written = True
+            log.info("wrote %s (%d certificate entries from certbot)", plan.config_path,
+                     sum(lp.writes_entry for lp in plan.lineages))
     return done
 
 

@@ -90,7 +90,6 @@ class Plan:
     account: AccountPlan | None = None
     config_text: str | None = None  # the new config text; None: the config is not written
     hooks: list[str] = field(default_factory=list)  # renewal-hooks/ suggestions
-    problem: str | None = None  # why nothing can be imported (the config does not load...)
 
     @property
     def skipped(self) -> list[LineagePlan]:
@@ -121,7 +120,7 @@ def build(source: Path, config_path: Path, only: tuple[str, ...] = (), replace: 
     _choose_account(plan, certbot, replace)
     _check_names(plan, config, replace)
     for lp in lineages:
-        if lp.action == IMPORT and lp.mapped.challenge_problem:
+        if lp.writes_entry and lp.mapped.challenge_problem:
             lp.skip(lp.mapped.challenge_problem)
     _compose(plan, config)
     try:
@@ -320,6 +319,7 @@ def _check_names(plan: Plan, config: _ExistingConfig, replace: bool) -> None:
                 lp.action, lp.why = DONE, "already imported"
             elif same_names and stored is None:
                 lp.action, lp.why = ADOPT, f"certificates.{lp.name} in the config is kept"
+                _differences(lp, entry, config)
             elif replace:
                 lp.replaces = True
             else:
@@ -336,6 +336,19 @@ def _check_names(plan: Plan, config: _ExistingConfig, replace: bool) -> None:
                         f"{stored.serial}): --replace to overwrite it")
 
 
+def _differences(lp: LineagePlan, entry: dict[str, Any], config: _ExistingConfig) -> None:
+    """Notes for a kept entry that asks for another key type or profile than the certificate
+    has: the first renew reissues it."""
+    key = entry.get("key") or config.defaults.get("key") or config_mod.DEFAULT_KEY_TYPE
+    if key != lp.key_type:
+        lp.mapped.notes.append(f"the entry asks for key {key}, the certificate has "
+                               f"{lp.key_type}: the first renew reissues it")
+    profile = entry.get("profile") or config.profile
+    if profile and profile != lp.mapped.entry.get("profile"):
+        lp.mapped.notes.append(f"the entry asks for profile {profile}: the first renew "
+                               f"reissues it")
+
+
 # -- the config ----------------------------------------------------------------------------------
 
 class _ExistingConfig:
@@ -349,6 +362,8 @@ class _ExistingConfig:
         self.directory: str | None = None
         self.state = config_mod.DEFAULT_STATE
         self.certificates: dict[str, Any] = {}
+        self.defaults: dict[str, Any] = {}
+        self.profile: str | None = None
         if not self.exists:
             return
         if os.path.islink(path):
@@ -368,6 +383,9 @@ class _ExistingConfig:
             raise UsageError(f"{path}: acme.directory is missing; it names the CA to import "
                              f"for")
         self.directory = acme["directory"]
+        self.profile = acme.get("profile") if isinstance(acme.get("profile"), str) else None
+        defaults = data.get("defaults")
+        self.defaults = defaults if isinstance(defaults, dict) else {}
         paths = data.get("paths") or {}
         state = paths.get("state") if isinstance(paths, dict) else None
         if isinstance(state, str) and state.strip():
