@@ -11,6 +11,7 @@ the end of the module. Every child process has a timeout.
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import http.server
@@ -31,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from pebble_server import PebbleInstance, find_binaries, start_pebble
 
-from certbatch.migrate import mapping, plan, yamltext
+from certbatch.migrate import mapping, plan, report, yamltext
 from certbatch.migrate.certbot import jwk_to_pem, parse_conf
 
 CERTBOT = Path(sys.executable).parent / "certbot"
@@ -463,6 +464,53 @@ def test_a_valid_lineage_name_is_kept_when_another_maps_to_it(certbot: Certbot,
     p = plan.build(le, tmp_path / "certbatch.yaml", only=("Web_Site", "web_site"))
     assert {lp.lineage: lp.name for lp in p.lineages} == {"Web_Site": "web_site-2",
                                                           "web_site": "web_site"}
+
+
+def test_expired_lineages_are_skipped(certbot: Certbot, tmp_path: Path) -> None:
+    later = certbot.cert("sa").not_valid_after_utc + dt.timedelta(seconds=1)
+    p = plan.build(certbot.le, tmp_path / "certbatch.yaml", only=("sa",), now=later)
+    (lp,) = p.lineages
+    assert lp.action == plan.SKIP
+    assert lp.why == f"expired {lp.not_after:%Y-%m-%d %H:%M}Z: issue it anew with certbatch"
+    assert p.config_text is None
+
+
+def test_certbot_hooks_are_listed_with_where_they_belong(certbot: Certbot,
+                                                         tmp_path: Path) -> None:
+    le = _copy(certbot, tmp_path)
+    (le / "renewal-hooks" / "deploy" / "reload-nginx").write_text("#!/bin/sh\n")
+    (le / "renewal-hooks" / "post" / "mail").write_text("#!/bin/sh\n")
+    _edit(le / "renewal" / "sa.conf", "[renewalparams]\n",
+          "[renewalparams]\ndeploy_hook = systemctl reload nginx\npreferred_chain = ISRG\n")
+    p = plan.build(le, tmp_path / "certbatch.yaml", only=("sa",))
+    assert p.hooks == ["renewal-hooks/deploy/reload-nginx: deploy.d/ (per certificate, "
+                       "CERTBATCH_* variables)",
+                       "renewal-hooks/post/mail: notify.d/ or hooks.targets (once per batch)"]
+    (lp,) = p.lineages
+    assert lp.mapped.hooks == ["deploy_hook 'systemctl reload nginx': deploy.d/ or "
+                               "certificates.sa.deploy (CERTBATCH_* variables instead of "
+                               "RENEWED_*)"]
+    assert any(n.startswith("preferred_chain 'ISRG' not kept") for n in lp.mapped.notes)
+    assert "certbatch never copies or runs them" in "\n".join(report.plan_lines(p, True))
+
+
+def test_usage_errors_are_one_line_and_exit_2(certbot: Certbot, tmp_path: Path) -> None:
+    config = tmp_path / "certbatch.yaml"
+    for args, message in (
+            (["--from", str(tmp_path)], f"{tmp_path}: not a certbot folder (it has no renewal/"
+                                        f" folder)"),
+            (["--from", str(certbot.le), "--only", "nope"], "no certbot lineage named nope in "),
+    ):
+        r = run(["import", "certbot", *args], config, timeout=60)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.startswith(f"certbatch: error: {message}") and \
+            r.stderr.count("\n") == 1, r.stderr
+    real = tmp_path / "real.yaml"
+    real.write_text("acme: {directory: https://ca.example/dir}\n")
+    config.symlink_to(real)
+    r = run(["import", "certbot", "--from", str(certbot.le)], config, timeout=60)
+    assert r.returncode == 2 and "is a symlink; give --config the file" in r.stderr
+    assert not (tmp_path / "state").exists()
 
 
 def test_the_certbot_folder_is_unchanged(certbot: Certbot, before: str,

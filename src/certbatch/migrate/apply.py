@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import safefs
 from ..fsutil import atomic_write, fsync_dir
 from ..store import CertStatus, Store
 from .plan import Plan
@@ -91,15 +92,12 @@ def _config_folder(config_path: Path) -> None:
 
 def _own_folder(folder: Path) -> None:
     """The folder for the scripts and secrets the import writes: created 0700; an existing one
-    must be a real folder, not a link."""
+    must be certbatch's own (safefs.check_dir: a real folder, not a link, not writable by
+    others)."""
     try:
         os.mkdir(folder, 0o700)
     except FileExistsError:
-        st = os.lstat(folder)
-        if not stat.S_ISDIR(st.st_mode):
-            from ..errors import UnsafePath
-            raise UnsafePath(folder, "is not a folder (certbatch does not follow a link it "
-                                     "did not make)") from None
+        safefs.check_dir(folder)  # ours, a real folder, not writable by others
         return
     os.chmod(folder, 0o700)
     fsync_dir(folder.parent)
