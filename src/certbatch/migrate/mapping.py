@@ -11,6 +11,7 @@ Anything else is a note, a hook suggestion, or a `challenge_problem` (configure 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shlex
 import shutil
@@ -218,8 +219,6 @@ def _manual(m: Mapped, name: str, conf: RenewalConf, domains: tuple[str, ...],
     m.entry["challenge"] = {"type": "dns-01", "script": str(script), "calls": "per-certificate"}
     if not cleanup_hook:
         m.notes.append("no manual_cleanup_hook: the TXT records stay after each renewal")
-    if any(d.startswith("*.") for d in domains):
-        m.notes.append("CERTBOT_DOMAIN is given without '*.' for the wildcard, as certbot did")
 
 
 def _hook_problem(hook: str) -> str | None:
@@ -232,7 +231,7 @@ def _hook_problem(hook: str) -> str | None:
         return "is empty"
     program = words[0]
     if "/" in program:
-        return None if Path(program).is_file() else f"runs {program}, which does not exist"
+        return None if os.path.isfile(program) else f"runs {program}, which does not exist"
     return None if shutil.which(program) else f"runs {program}, which is not on PATH"
 
 

@@ -154,7 +154,7 @@ def _select(certbot: CertbotDir, only: tuple[str, ...]) -> list[LineagePlan]:
             name, n = base[:mapping.NAME_MAX - len(suffix)] + suffix, n + 1
         taken.add(name)
         plans.append(LineagePlan(lineage, name))
-    plans.sort(key=lambda lp: lp.lineage)
+    plans.sort(key=lambda lp: (lp.lineage.lower(), lp.lineage))
     if only:
         unknown = [o for o in only if not any(o in (lp.lineage, lp.name) for lp in plans)]
         if unknown:

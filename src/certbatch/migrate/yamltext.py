@@ -18,9 +18,18 @@ class TextEditError(Exception):
     """The entries cannot be added to this file as text (say why; the caller refuses)."""
 
 
+class _Dumper(yaml.SafeDumper):
+    """Mappings as blocks, lists on one line (`domains: [a.example, b.example]`)."""
+
+
+_Dumper.add_representer(list, lambda dumper, data: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", data, flow_style=True))
+
+
 def entry_text(name: str, entry: dict[str, Any], comments: list[str], indent: int) -> str:
     """`name:` and its mapping, indented by `indent`, with comment lines above it."""
-    body = yaml.safe_dump({name: entry}, sort_keys=False, default_flow_style=None, width=100)
+    body = yaml.dump({name: entry}, Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     width=4096)
     pad = " " * indent
     lines = [f"{pad}# {c}" for c in comments] + [pad + line for line in body.splitlines()]
     return "\n".join(lines) + "\n"
