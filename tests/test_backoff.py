@@ -121,8 +121,14 @@ def test_503_with_retry_after_is_honoured_like_a_429(tmp_path: Path, pebble: Peb
     proxy.faults.extend(faults)
     cfg = proxied_config(tmp_path, pebble, proxy, {"unavail": {"domains": [unavailable]},
                                                    "broken": {"domains": [broken]}})
+    # A bare 503 is an ordinary failure (the backoff counts it).
+    alone = run(["renew", "--only", "broken"], cfg, pebble)
+    assert alone.returncode == 1, alone.stderr
+    assert status_json(tmp_path, "broken")["failed_orders"] == 1
+    assert [f.hits for f in faults] == [0, 1]
+
     before = dt.datetime.now(UTC)
-    first = run(["renew"], cfg, pebble)
+    first = run(["renew", "--force", "--workers", "1"], cfg, pebble)
     assert first.returncode == 1, first.stderr
     line = error_line(first.stderr, "unavail")
     assert "HTTP 503" in line and "down for maintenance" in line and "not retried before" in line
@@ -131,12 +137,15 @@ def test_503_with_retry_after_is_honoured_like_a_429(tmp_path: Path, pebble: Peb
     hour = dt.timedelta(hours=1)
     assert before + hour - dt.timedelta(seconds=1) <= until <= dt.datetime.now(UTC) + hour
     assert st["failed_orders"] == 0  # the CA's wait, not the backoff
-    assert status_json(tmp_path, "broken")["failed_orders"] == 1  # no Retry-After: a failure
-    assert [f.hits for f in faults] == [1, 1]  # neither new-order POST was retried
+    # The CA said it is unavailable for an hour: nothing more is sent to it in this run, so
+    # `broken` (ordered after it, one worker) fails at once with the CA's wait, not asked.
+    assert [f.hits for f in faults] == [1, 1]
+    assert "not asked again in this run" in error_line(first.stderr, "broken")
+    assert parse_ts(str(status_json(tmp_path, "broken")["rate_limited_until"])) == until
 
     second = run(["renew", "--force", "--json"], cfg, pebble)
-    assert outcomes(report_of(second)) == {"unavail": "rate-limited", "broken": "failed"}
-    assert [f.hits for f in faults] == [1, 2]  # --force: `broken` again, never `unavailable`
+    assert outcomes(report_of(second)) == {"unavail": "rate-limited", "broken": "rate-limited"}
+    assert [f.hits for f in faults] == [1, 1]  # neither is asked before the CA's time
 
 
 def test_503_on_a_poll_with_a_long_retry_after_is_not_waited_out(

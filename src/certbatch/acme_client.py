@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from . import interrupt
+from . import interrupt, pacer
 from .challenges import DNS01, ChallengeResponse, make_solver
 from .config import AcmeSettings, ChallengeSettings
 from .errors import AcmeError, CertbatchError, DeadlineExceeded, RateLimited
@@ -121,6 +121,9 @@ class AcmeClient:
         self._directory: messages.Directory | None = None
         self._account: _Account | None = None
         self._local = threading.local()
+        # One pace for every thread's requests to this CA (see pacer.py).
+        self.pacer = pacer.Pacer()
+        self._kinds: dict[str, str] = {}  # endpoint URL -> pacer class, from the directory
 
     def _thread_state(self) -> Any:
         """This thread's HTTP session and nonce pool (requests.Session is not thread-safe)."""
@@ -265,7 +268,14 @@ class AcmeClient:
                 raise AcmeError(f"{self.settings.directory} is not an ACME directory: "
                                 f"{exc}") from exc
         self._directory = directory
+        self._kinds = {directory["newNonce"]: pacer.NEW_NONCE,
+                       directory["newAccount"]: pacer.NEW_ACCOUNT,
+                       directory["newOrder"]: pacer.NEW_ORDER}
         return directory
+
+    def endpoint_kind(self, url: str) -> str:
+        """The pacer's class of a request to `url`."""
+        return self._kinds.get(url, pacer.OTHER)
 
     def _register(self, name: str, deadline: float, key_pem: bytes | None = None
                   ) -> _Account:
@@ -572,16 +582,22 @@ class _Network(ClientNetwork):
 
     deadline = math.inf  # set by _Conn: no request may outlive it
     request_timeout = 30.0  # set by _Conn: AcmeSettings.timeout
+    client: AcmeClient | None = None  # set by _Conn: its pacer and endpoint classes
 
     def __del__(self) -> None:
         pass  # ClientNetwork closes its session here; ours is the thread's, shared (see _Conn)
 
     def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any
                       ) -> requests.Response:
-        # Also bounds the requests acme makes on its own (the HEAD for a fresh nonce).
+        # Paces, and bounds, the requests acme makes on its own too (the HEAD for a nonce).
+        kind = self.client.endpoint_kind(url) if self.client else pacer.OTHER
+        if self.client is not None:
+            self._pace(self.client.pacer, kind, url)
         remaining = max(self.deadline - time.monotonic(), 0.01)
         kwargs["timeout"] = min(kwargs.get("timeout") or self.request_timeout, remaining)
         response = super()._send_request(method, url, *args, **kwargs)
+        if self.client is not None and response.status_code in (429, 503):
+            self._note_pause(self.client.pacer, kind, url, response)
         if response.status_code >= 400:
             # Error replies carry a fresh nonce: keep it, a badNonce retry then needs no HEAD.
             with contextlib.suppress(acme_errors.Error):
@@ -589,6 +605,45 @@ class _Network(ClientNetwork):
                     self._add_nonce(response)
             raise _Problem(response)
         return response
+
+    def _pace(self, pace: pacer.Pacer, kind: str, url: str) -> None:
+        """Wait for the pacer's slot; wait out a pause the CA asked for if it is short enough
+        (RETRY_AFTER_WAIT_MAX, and within the deadline), else raise RateLimited at once."""
+        while True:
+            try:
+                delay = pace.reserve(kind)
+            except pacer.Paused as paused:
+                left = (paused.until - dt.datetime.now(dt.timezone.utc)).total_seconds()
+                if left > RETRY_AFTER_WAIT_MAX or time.monotonic() + left >= self.deadline:
+                    raise RateLimited(f"{paused.reason} (not asked again in this run; {url})",
+                                      paused.until) from None
+                self._wait(left, url)
+                continue
+            self._wait(delay, url)
+            return
+
+    def _wait(self, seconds: float, url: str) -> None:
+        """Sleep `seconds`, not past the deadline (DeadlineExceeded); a signal ends it
+        (Interrupted)."""
+        if seconds <= 0:
+            return
+        if time.monotonic() + seconds >= self.deadline:
+            raise DeadlineExceeded(f"deadline exceeded waiting to request {url}")
+        if interrupt.wait(seconds):
+            raise interrupt.error(f"waiting to request {url}")
+
+    @staticmethod
+    def _note_pause(pace: pacer.Pacer, kind: str, url: str,
+                    response: requests.Response) -> None:
+        """A 503 with Retry-After pauses every request to the CA for the rest of the run; a
+        429 with one pauses its endpoint class, except new-order (see pacer.py)."""
+        until = _parse_retry_after(response.headers.get("Retry-After"))
+        if until is None:
+            return
+        if response.status_code == 503:
+            pace.pause(None, until, f"the CA is unavailable (HTTP 503 from {url})")
+        elif kind != pacer.NEW_ORDER:
+            pace.pause(kind, until, f"rate-limited by the CA (HTTP 429 from {url})")
 
 
 class _Conn:
@@ -611,6 +666,7 @@ class _Conn:
                             verify_ssl=verify, user_agent=USER_AGENT,
                             timeout=math.ceil(settings.timeout))
         self.net.deadline, self.net.request_timeout = deadline, settings.timeout
+        self.net.client = client
         # Each worker thread keeps one HTTP session (kept-alive TLS connection) and its pool of
         # nonces across the certificates it issues: no new handshake and nonce request each time.
         state = client._thread_state()
