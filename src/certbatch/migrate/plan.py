@@ -24,13 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .. import config as config_mod
 from ..errors import ConfigError, StoreError, UsageError, os_error_message
 from ..store import Store, StoredCert
-from . import mapping, yamltext
+from . import configfile, mapping, yamltext
 from .certbot import Account, CertbotDir, Unreadable
+from .configfile import ExistingConfig
 
 IMPORT = "import"  # certificate into the state, entry into the config
 ADOPT = "adopt"  # certificate into the state, the config's own entry kept
@@ -109,7 +108,7 @@ def build(source: Path, config_path: Path, only: tuple[str, ...] = (), replace: 
     problem = certbot.check()
     if problem:
         raise UsageError(problem)
-    config = _ExistingConfig(config_path)
+    config = ExistingConfig(config_path)
     lineages = _select(certbot, only)
     plan = Plan(source=source, config_path=config_path, config_exists=config.exists,
                 directory=config.directory, state=config.state, lineages=lineages)
@@ -292,7 +291,7 @@ def _certbatch_account(state: Path, directory: str) -> str | None:
 
 # -- names ---------------------------------------------------------------------------------------
 
-def _check_names(plan: Plan, config: _ExistingConfig, replace: bool) -> None:
+def _check_names(plan: Plan, config: ExistingConfig, replace: bool) -> None:
     store = Store(plan.state)
     for lp in plan.lineages:
         if lp.action != IMPORT:
@@ -336,7 +335,7 @@ def _check_names(plan: Plan, config: _ExistingConfig, replace: bool) -> None:
                         f"{stored.serial}): --replace to overwrite it")
 
 
-def _differences(lp: LineagePlan, entry: dict[str, Any], config: _ExistingConfig) -> None:
+def _differences(lp: LineagePlan, entry: dict[str, Any], config: ExistingConfig) -> None:
     """Notes for a kept entry that asks for another key type or profile than the certificate
     has: the first renew reissues it."""
     key = entry.get("key") or config.defaults.get("key") or config_mod.DEFAULT_KEY_TYPE
@@ -351,51 +350,7 @@ def _differences(lp: LineagePlan, entry: dict[str, Any], config: _ExistingConfig
 
 # -- the config ----------------------------------------------------------------------------------
 
-class _ExistingConfig:
-    """What the import needs of the config file before it changes it: whether it exists, its
-    text, its CA, its state folder and its certificate entries (raw YAML)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.exists = os.path.lexists(path)
-        self.text = ""
-        self.directory: str | None = None
-        self.state = config_mod.DEFAULT_STATE
-        self.certificates: dict[str, Any] = {}
-        self.defaults: dict[str, Any] = {}
-        self.profile: str | None = None
-        if not self.exists:
-            return
-        if os.path.islink(path):
-            raise UsageError(f"{path}: is a symlink; give --config the file it points to "
-                             f"(certbatch does not replace a link it did not make)")
-        try:
-            self.text = path.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError) as exc:
-            why = os_error_message(exc, path) if isinstance(exc, OSError) else f"{path}: {exc}"
-            raise UsageError(why) from None
-        try:
-            data = yaml.safe_load(self.text) or {}
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: invalid YAML: {' '.join(str(exc).split())}") from None
-        acme = data.get("acme") if isinstance(data, dict) else None
-        if not isinstance(acme, dict) or not isinstance(acme.get("directory"), str):
-            raise UsageError(f"{path}: acme.directory is missing; it names the CA to import "
-                             f"for")
-        self.directory = acme["directory"]
-        self.profile = acme.get("profile") if isinstance(acme.get("profile"), str) else None
-        defaults = data.get("defaults")
-        self.defaults = defaults if isinstance(defaults, dict) else {}
-        paths = data.get("paths") or {}
-        state = paths.get("state") if isinstance(paths, dict) else None
-        if isinstance(state, str) and state.strip():
-            p = Path(state)
-            self.state = p if p.is_absolute() else Path(os.path.abspath(path)).parent / p
-        certs = data.get("certificates")
-        self.certificates = certs if isinstance(certs, dict) else {}
-
-
-def _compose(plan: Plan, config: _ExistingConfig) -> None:
+def _compose(plan: Plan, config: ExistingConfig) -> None:
     """The new config text, each new entry checked by loading it: an entry the loader refuses
     (a webroot that does not exist, a provider this certbatch lacks) is not imported."""
     while True:
@@ -418,7 +373,7 @@ def _compose(plan: Plan, config: _ExistingConfig) -> None:
             raise UsageError(f"{plan.config_path}: cannot add the certificates: {exc}; add "
                              f"them by hand (see --dry-run)") from None
         try:
-            load_text(text, plan.config_path, plan.new_files)
+            configfile.load_text(text, plan.config_path, plan.new_files)
         except ConfigError as exc:
             culprit = _entry_of(exc.key, [lp for lp in plan.lineages if lp.writes_entry])
             if culprit is None:
@@ -440,30 +395,3 @@ def _entry_of(key: str, lineages: list[LineagePlan]) -> LineagePlan | None:
 def _comments(plan: Plan, lp: LineagePlan) -> list[str]:
     return [f"certbot lineage {lp.lineage} ({plan.source}/renewal/{lp.lineage}.conf)"] + \
         [f"  {n}" for n in lp.mapped.notes]
-
-
-def load_text(text: str, path: Path, new_files: list[mapping.NewFile]) -> config_mod.Settings:
-    """config.load for a text not on disk yet (paths relative to `path`'s folder). Scripts the
-    import will write are not there yet: while loading, they count as existing executables.
-    TODO(config.py): a public config.loads(text, path) would replace the private calls."""
-    import tempfile
-
-    abs_path = Path(os.path.abspath(path))
-    with tempfile.TemporaryDirectory(prefix="certbatch-import-") as tmp:
-        swapped = text
-        for f in new_files:  # stand-ins with the same mode, in a private folder
-            stand_in = Path(tmp) / f.path.name
-            stand_in.write_text(f.content)
-            stand_in.chmod(f.mode)
-            swapped = swapped.replace(str(f.path), str(stand_in))
-        loader = config_mod._Loader(swapped)
-        try:
-            node = loader.get_single_node()
-            if node is not None:
-                config_mod._check_duplicate_keys(node, str(path))
-            data = loader.construct_document(node) if node is not None else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, "", f"invalid YAML: {exc}") from None
-        finally:
-            loader.dispose()
-        return config_mod._Checker(str(path), abs_path.parent).settings(data, abs_path)
