@@ -9,6 +9,7 @@ certificate's deadline. Answering the challenge earlier would only waste the aut
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Sequence
@@ -36,14 +37,28 @@ def wait_until_visible(lookup: Lookup, records: Sequence[TxtRecord], timeout: fl
                for record in records for ns, address in servers[record.zone]}
     log.info("%s: propagation check: %d TXT value(s) on %d authoritative server address(es)",
              label, len(records), sum(len(s) for s in servers.values()))
+    unreachable: set[tuple[str, str]] = set()
     while time.monotonic() < limit:
         for key in list(pending):
+            if key not in pending:  # dropped with its unreachable address meanwhile
+                continue
             ns, address, record = key
             try:
                 values = lookup.txt_at(address, record.name, limit)
             except DeadlineExceeded:
                 break  # the time is up: the message below says who is missing what
             except ChallengeError as exc:
+                others = [a for n, a in servers[record.zone] if n == ns and a != address
+                          and (n, a) not in unreachable]
+                if _unreachable(exc) and others:
+                    # No route from here to this address family (an IPv6 address on an IPv4-only
+                    # host): the CA may reach it, certbatch cannot; the server's other addresses
+                    # still have to answer.
+                    log.debug("%s: %s (%s) unreachable from here, skipped", label, ns, address)
+                    unreachable.add((ns, address))
+                    for other in [k for k in pending if k[:2] == (ns, address)]:
+                        del pending[other]
+                    continue
                 pending[key] = str(exc)
                 continue
             if record.value in values:
@@ -65,3 +80,11 @@ def wait_until_visible(lookup: Lookup, records: Sequence[TxtRecord], timeout: fl
     if limit >= deadline:
         raise DeadlineExceeded(f"deadline exceeded during the propagation check: {what}")
     raise ChallengeError(f"propagation check gave up after {timeout:g} s: {what}")
+
+
+_UNREACHABLE = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL}
+
+
+def _unreachable(exc: ChallengeError) -> bool:
+    cause = exc.__cause__
+    return isinstance(cause, OSError) and cause.errno in _UNREACHABLE
