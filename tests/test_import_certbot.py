@@ -348,6 +348,25 @@ def test_dry_run_prints_the_yaml_and_writes_nothing(certbot: Certbot, tmp_path: 
     assert sorted(os.listdir(tmp_path)) == []
 
 
+def test_a_new_config_is_created_private_and_loads(certbot: Certbot, tmp_path: Path) -> None:
+    from certbatch import config as config_mod
+    from certbatch.migrate import apply
+
+    path = tmp_path / "etc" / "certbatch.yaml"
+    p = plan.build(certbot.le, path, only=("sa",))
+    assert p.state == config_mod.DEFAULT_STATE  # a new config has the default paths ...
+    p.state = tmp_path / "state"  # ... which a test must not write to
+    done = apply.apply(p)
+    assert done.config_written and done.certificates == ["sa"]
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert path.read_text().startswith("# certbatch configuration, made by `certbatch import "
+                                       "certbot` from ")
+    settings = config_mod.load(path)
+    assert settings.acme.directory == certbot.pebble.directory_url
+    assert list(settings.certificates) == ["sa"]
+    assert settings.certificates["sa"].key == "ec-p384"
+
+
 def test_rfc2136_lineages_map_to_the_rfc2136_provider(certbot: Certbot, tmp_path: Path) -> None:
     """certbot's dns-rfc2136 plugin and credentials ini -> issue 12's rfc2136 keys (checked in
     the plan: the provider is not in every certbatch yet). A copy of the folder: the real one
