@@ -13,6 +13,7 @@ The end-to-end cases run the real `certbatch` command; nothing is mocked.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -163,7 +164,7 @@ def test_one_broken_dns_setup_fails_only_its_certificate(tmp_path: Path,
         "noexec": {"domains": ["noexec.dns1.test"],
                    "challenge": {"type": "dns-01", "script": str(noexec)}},
     }, logging={"file": str(tmp_path / "certbatch.log")})
-    result = run(["-v", "renew"], cfg, timeout=120)
+    result = run(["-v", "renew", "--json"], cfg, timeout=120)
     assert result.returncode == 1, result.stderr
     assert live(tmp_path, "good")["domains"] == ["good.dns1.test"]
     for name in ("badkey", "nofile", "noexec"):
@@ -176,6 +177,8 @@ def test_one_broken_dns_setup_fails_only_its_certificate(tmp_path: Path,
     assert any("noexec" in ln and "not executable" in ln for ln in lines), result.stderr
     assert WRONG_SECRET not in everything(result, tmp_path)
     assert setup.key.secret not in everything(result, tmp_path)
+    report = {c["name"]: c for c in json.loads(result.stdout)["certificates"]}
+    assert "TSIG signature was rejected" in report["badkey"]["error"]
 
     check = run(["check"], cfg, timeout=60)
     assert check.returncode == 1
@@ -184,6 +187,11 @@ def test_one_broken_dns_setup_fails_only_its_certificate(tmp_path: Path,
     assert "    challenge: CANNOT work: dns script" in check.stdout
     status = run(["status"], cfg, timeout=60)
     assert status.returncode == 0 and "good" in status.stdout and "noexec" in status.stdout
+    as_json = run(["status", "--json"], cfg, timeout=60)
+    assert as_json.returncode == 0 and '"badkey"' in as_json.stdout
+    for output in (check, status, as_json):
+        assert setup.key.secret not in output.stdout + output.stderr
+        assert WRONG_SECRET not in output.stdout + output.stderr
 
 
 def test_cname_is_followed_into_the_other_zone(tmp_path: Path, dns_setup: DnsSetup) -> None:
@@ -378,3 +386,20 @@ certificates:
                                None)
     _Redact(secrets).filter(record)
     assert record.getMessage() == "sent [redacted]"
+
+
+def test_secret_files_plain_or_bind_clause_and_never_quoted(tmp_path: Path) -> None:
+    from certbatch.dns.rfc2136 import read_secret
+
+    plain = tmp_path / "plain"
+    plain.write_text(f"  {WRONG_SECRET}\n")
+    assert read_secret(plain) == WRONG_SECRET
+    assert read_secret(secret_file(tmp_path, WRONG_SECRET)) == WRONG_SECRET  # tsig-keygen's
+    bad = tmp_path / "bad"
+    bad.write_text("hunter2 is my password\n")
+    with pytest.raises(ChallengeError) as err:
+        read_secret(bad)
+    assert str(err.value) == (f"tsig_secret_file {bad} does not hold a base64 secret (nor a "
+                              f"BIND key clause with one)")
+    with pytest.raises(ChallengeError, match=r"tsig_secret_file .*: is a directory"):
+        read_secret(tmp_path)
