@@ -91,6 +91,8 @@ def dns_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsSetup]:
                                 "_acme-challenge.loop CNAME _acme-challenge.loop.dns1.test."),
         "dns2.test.": zone_file("dns2.test.", {"ns1": "127.0.0.1"}),
         "slow.test.": slow,
+        # Pebble's CAA lookups climb to "test.": answered here, never sent to the internet.
+        "test.": zone_file("test.", {"ns1": "127.0.0.1"}),
     }, key, recursion=True)
     second = relay = pebble = None
     try:
