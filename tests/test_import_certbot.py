@@ -307,11 +307,21 @@ def test_importing_again_changes_nothing_and_existing_names_need_replace(
     assert "  done    sa:" in r.stdout and "nothing to import" in r.stdout
     assert config.read_text() == text
     # certbatch renewed `manual` (the test before): certbot's older one never replaces it
+    renewed = (config.parent / "state" / "certs" / "manual" / "live").readlink()
     r = run(["import", "certbot", "--from", str(certbot.le), "--only", "manual", "--replace"],
             config, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(already imported (certbatch has renewed it since: serial " in r.stdout
+    assert config.read_text() == text
+    assert (config.parent / "state" / "certs" / "manual" / "live").readlink() == renewed
+    # ... not even under another entry's name: an entry with other names is no reason
+    other = config.parent / "other.yaml"  # the same state folder
+    other.write_text(text.replace("manual.example, '*.manual.example'", "x.example"))
+    r = run(["import", "certbot", "--from", str(certbot.le), "--only", "manual", "--replace"],
+            other, timeout=60)
     assert r.returncode == 1
     assert "SKIP    manual: certbatch's certificate manual is newer" in r.stdout
-    assert config.read_text() == text
+    assert (config.parent / "state" / "certs" / "manual" / "live").readlink() == renewed
 
     # A config of its own with an entry `sa` for other names: refused, then --replace.
     other = _config(tmp_path, pebble, "\n  sa:   # hand-made\n    domains: [other.example]\n"

@@ -306,17 +306,20 @@ def _check_names(plan: Plan, config: ExistingConfig, replace: bool) -> None:
                 continue
         entry = config.certificates.get(lp.name)
         same_cert = stored is not None and stored.serial == lp.serial
-        if stored is not None and not same_cert and lp.not_after is not None \
-                and stored.not_after > lp.not_after:
+        # certbatch renewed it since it was imported: certbot's older copy never replaces it
+        newer = stored is not None and not same_cert and lp.not_after is not None \
+            and stored.not_after > lp.not_after
+        same_names = isinstance(entry, dict) and isinstance(entry.get("domains"), list) \
+            and {str(d).lower() for d in entry["domains"]} == set(lp.domains)
+        if same_names and (same_cert or newer):
+            lp.action, lp.why = DONE, "already imported" + (
+                f" (certbatch has renewed it since: serial {stored.serial})"
+                if newer and stored else "")
+        elif newer and stored:
             lp.skip(f"certbatch's certificate {lp.name} is newer (serial {stored.serial}, "
                     f"expires {stored.not_after:%Y-%m-%d}): not replaced by certbot's")
-            continue
-        if entry is not None:
-            same_names = isinstance(entry, dict) and isinstance(entry.get("domains"), list) \
-                and {str(d).lower() for d in entry["domains"]} == set(lp.domains)
-            if same_names and same_cert:
-                lp.action, lp.why = DONE, "already imported"
-            elif same_names and stored is None:
+        elif entry is not None:
+            if same_names and stored is None:
                 lp.action, lp.why = ADOPT, f"certificates.{lp.name} in the config is kept"
                 _differences(lp, entry, config)
             elif replace:
