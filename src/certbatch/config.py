@@ -126,6 +126,9 @@ class HookSettings:
     deploy_timeout: float = 120.0
     notify_timeout: float = 300.0
     notify_workers: int = 4
+    # Deploy hooks (of different certificates) running at once; None: as many as renewal
+    # workers stage at once, since each hook works only in its own staging folder.
+    deploy_workers: int | None = None
     targets: dict[str, TargetSettings] = field(default_factory=dict)
 
 
@@ -167,7 +170,8 @@ _ACME_KEYS = ("directory", "email", "ca_bundle", "eab", "timeout", "profile")
 _EAB_KEYS = ("kid", "hmac_key")
 _PATHS_KEYS = ("state", "spool", "hooks")
 _RENEWAL_KEYS = ("before_expiry", "workers", "deadline", "jitter", "ari")
-_HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout", "notify_workers", "targets")
+_HOOKS_KEYS = ("notify", "deploy_timeout", "notify_timeout", "notify_workers", "deploy_workers",
+               "targets")
 _TARGET_KEYS = ("command", "timeout", "env")
 # Target names become folder names in the spool and appear in messages and metrics labels.
 TARGET_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -664,6 +668,8 @@ class _Checker:
             deploy_timeout=self.duration(m, "hooks", "deploy_timeout", 120.0, positive=True),
             notify_timeout=self.duration(m, "hooks", "notify_timeout", 300.0, positive=True),
             notify_workers=self.integer(m, "hooks", "notify_workers", 4, 1, 64),
+            deploy_workers=None if m.get("deploy_workers") is None else
+            self.integer(m, "hooks", "deploy_workers", 1, 1, 64),
             targets=targets)
 
     def targets(self, raw: Any) -> dict[str, TargetSettings]:
