@@ -47,11 +47,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, durable: bool = True
+                 ) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, chmod, rename, fsync folder.
 
     A reader sees the old content or the new, never a mix; on error the old file is untouched and
-    no temp file is left behind.
+    no temp file is left behind. `durable=False` skips both fsyncs: still atomic for readers,
+    but a power cut may leave the old content, or on some file systems an empty file; only for
+    files whose loss costs nothing but work done again (a certificate's status.json).
     """
     if isinstance(data, str):
         data = data.encode()
@@ -63,8 +66,9 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         point("atomic-write.synced")
         os.replace(tmp, path)
         point("atomic-write.renamed")
@@ -73,7 +77,8 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
             os.unlink(tmp)
         _name_it(exc, path)
         raise
-    fsync_dir(directory)
+    if durable:
+        fsync_dir(directory)
 
 
 def _name_it(exc: BaseException, path: Path) -> None:

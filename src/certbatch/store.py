@@ -357,8 +357,14 @@ class Store:
             return CertStatus()
 
     def save_status(self, name: str, status: CertStatus) -> None:
+        """Replace status.json atomically, without fsync (2 of a renewal's fsyncs): a power cut
+        may lose the last status, which costs only work done again: a restage (deploy hooks
+        and targets apply the same certificate once more), a backoff or rate limit forgotten
+        (the CA is asked again), renewal info fetched again. An unreadable status is ignored
+        (see status()). The certificate itself is stored durably."""
         self._dir("certs", name)
-        atomic_write(self.cert_dir(name) / "status.json", status.to_json(), 0o600)
+        atomic_write(self.cert_dir(name) / "status.json", status.to_json(), 0o600,
+                     durable=False)
 
     def names(self) -> list[str]:
         """Names that have a folder in the store (configured or not)."""
