@@ -66,6 +66,12 @@ VALID: dict[str, Any] = {
         "wild": {"domains": ["*.example.org"],
                  "challenge": {"type": "dns-01", "script": "dns.sh", "wait": "5s",
                                "calls": "per-certificate"}},
+        "ddns": {"domains": ["ddns.example.org", "*.ddns.example.org"],
+                 "challenge": {"type": "dns-01", "provider": "rfc2136", "server": "[::1]:5353",
+                               "tsig_key": "certbatch.", "tsig_secret": "c2VjcmV0",
+                               "zone": "example.org.", "follow_cnames": False,
+                               "propagation": "check", "propagation_timeout": "1m",
+                               "resolver": "127.0.0.1", "nameserver_port": 53}},
         "alone": {"domains": ["alone.example.net"],
                   "challenge": {"type": "http-01",
                                 "standalone": {"port": 8080, "address": "127.0.0.1"}},
@@ -123,12 +129,16 @@ INTERESTING = [
     "a\u2028b", "a\x85b", "a\nb", "a\x00b", "\x00", "\udcff", "a" * 300, "a" * 5000,
     "x" * 64 + ".example", "/" + "a/" * 2100, "a" * 255, "a" * 256 + "/b", "<<", "&a", "*a",
     "CERTBATCH_NAME", "notify", "127.0.0.1", "::", "999999", "0.0.0.0",
+    "rfc2136", "hmac-sha256", "c2VjcmV0", "127.0.0.1:53", "[::1]:0", "1.2.3.4:", "check", "none",
 ]
 
 KNOWN_KEYS = ["acme", "paths", "renewal", "hooks", "logging", "metrics", "defaults",
               "certificates", "type", "domains", "key", "file", "command", "timeout", "env",
               "webroot", "standalone", "port", "address", "script", "wait", "calls", "eab", "kid",
-              "hmac_key", "directory", "deploy", "targets", "notify", "workers"]
+              "hmac_key", "directory", "deploy", "targets", "notify", "workers", "provider",
+              "server", "tsig_key", "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone",
+              "follow_cnames", "propagation", "propagation_timeout", "resolver",
+              "nameserver_port"]
 _raw = st.sampled_from(range(len(RAW))).map(Raw)
 _keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=12), st.sampled_from(INTERESTING),
                   st.integers(), st.booleans(), st.none(), st.floats(), _raw)
@@ -306,7 +316,7 @@ def test_the_unmutated_config_is_valid(site: Path) -> None:
     path = site / "certbatch.yaml"
     path.write_text(_dump(VALID, None, True))
     settings_ = load(path)
-    assert list(settings_.certificates) == ["web", "wild", "alone"]
+    assert list(settings_.certificates) == ["web", "wild", "ddns", "alone"]
     assert settings_.hooks.targets["web"].env == (("ROLE", "web"), ("COUNT", "3"))
 
 
