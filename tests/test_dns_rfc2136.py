@@ -405,3 +405,22 @@ def test_secret_files_plain_or_bind_clause_and_never_quoted(tmp_path: Path) -> N
                               f"BIND key clause with one)")
     with pytest.raises(ChallengeError, match=r"tsig_secret_file .*: is a directory"):
         read_secret(tmp_path)
+
+
+def test_a_missing_webroot_is_a_check_problem_not_a_config_error(tmp_path: Path) -> None:
+    """Before, a missing webroot made the whole config invalid (exit 2, no status)."""
+    from types import SimpleNamespace
+
+    (tmp_path / "ca.pem").write_text("")
+    ca = SimpleNamespace(directory_url="https://127.0.0.1:9/dir", ca_bundle=tmp_path / "ca.pem")
+    cfg = write_config(tmp_path, ca, {
+        "web": {"domains": ["web.example.com"],
+                "challenge": {"type": "http-01", "webroot": str(tmp_path / "www")}},
+        "other": {"domains": ["other.example.com"],
+                  "challenge": {"type": "http-01", "standalone": {}}}})
+    check = run(["check"], cfg, timeout=60)
+    assert check.returncode == 1
+    assert check.stderr.splitlines() == [
+        f"certbatch: problem: web: webroot {tmp_path / 'www'} does not exist"]
+    status = run(["status"], cfg, timeout=60)
+    assert status.returncode == 0, status.stderr
