@@ -14,6 +14,7 @@ O_NOFOLLOW, checking on the descriptor that it is a regular file of a sane size.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import stat
@@ -234,7 +235,7 @@ class CertbotDir:
 
     def read_conf(self, lineage: str) -> RenewalConf:
         path = self.conf_path(lineage)
-        return parse_conf(self._read(path, follow=False).decode("utf-8", "replace"), str(path))
+        return parse_conf(_read(path, follow=False).decode("utf-8", "replace"), str(path))
 
     def read_files(self, lineage: str) -> LineageFiles:
         """The current version through the live/ links, each of which must lead into
@@ -253,7 +254,7 @@ class CertbotDir:
                 raise Unreadable(f"{link}: broken link (its target {target} does not exist)")
             if not target.startswith(archive):
                 raise Unreadable(f"{link}: leads to {target}, outside {archive}")
-            pems[name] = self._read(Path(target), follow=False)
+            pems[name] = _read(Path(target), follow=False)
             real[name] = target
         return LineageFiles(pems, real)
 
@@ -268,12 +269,12 @@ class CertbotDir:
         if not os.path.isdir(real):
             raise Unreadable(f"{folder}: no such account folder")
         try:
-            jwk = json.loads(self._read(Path(real, "private_key.json"), follow=False))
+            jwk = json.loads(_read(Path(real, "private_key.json"), follow=False))
             key_pem = jwk_to_pem(jwk)
         except (ValueError, TypeError) as exc:
             raise Unreadable(f"{folder}/private_key.json: not a private key: {exc}") from None
         try:
-            regr = json.loads(self._read(Path(real, "regr.json"), follow=False))
+            regr = json.loads(_read(Path(real, "regr.json"), follow=False))
         except ValueError as exc:
             raise Unreadable(f"{folder}/regr.json: not JSON: {exc}") from None
         uri = regr.get("uri") if isinstance(regr, dict) else None
@@ -297,29 +298,33 @@ class CertbotDir:
                 raise Unreadable(os_error_message(exc, folder)) from None
         return out
 
-    def _read(self, path: Path, follow: bool) -> bytes:
-        flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-        try:
-            fd = os.open(path, flags)
-        except OSError as exc:
-            if exc.errno == 40:  # ELOOP: O_NOFOLLOW met a link
-                raise Unreadable(f"{path}: is a symlink") from None
-            raise Unreadable(os_error_message(exc, path)) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise Unreadable(f"{path}: not a regular file")
-            if st.st_size > MAX_FILE:
-                raise Unreadable(f"{path}: too large ({st.st_size} bytes)")
-            with os.fdopen(fd, "rb", closefd=False) as fh:
-                return fh.read(MAX_FILE + 1)
-        except OSError as exc:
-            raise Unreadable(os_error_message(exc, path)) from None
-        finally:
-            os.close(fd)
-
 
 def read_outside(path: Path) -> bytes:
     """A file the renewal conf names outside the certbot folder (a DNS credentials ini):
     read as certbot would, through links, but only a regular file of a sane size."""
-    return CertbotDir(path.parent)._read(path, follow=True)
+    return _read(path, follow=True)
+
+
+def _read(path: Path, follow: bool) -> bytes:
+    """A regular file of at most MAX_FILE bytes, opened with O_NOFOLLOW unless `follow`,
+    checked on the descriptor. Raises Unreadable naming it."""
+    # O_NONBLOCK: a FIFO put in the place of a file must not hang the import in open()
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a link
+            raise Unreadable(f"{path}: is a symlink") from None
+        raise Unreadable(os_error_message(exc, path)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable(f"{path}: not a regular file")
+        if st.st_size > MAX_FILE:
+            raise Unreadable(f"{path}: too large ({st.st_size} bytes)")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(MAX_FILE + 1)
+    except OSError as exc:
+        raise Unreadable(os_error_message(exc, path)) from None
+    finally:
+        os.close(fd)
