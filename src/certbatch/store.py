@@ -98,6 +98,9 @@ class StoredCert:
     # The URL of the ACME account that ordered it (None: not recorded, versions stored before
     # certbatch recorded it). ARI's `replaces` is sent only for the account in use.
     account: str | None = None
+    # Its ARI certificate identifier (ari.cert_id), recorded when stored so that asking the
+    # CA's renewal info never needs to parse it (None: stored before, parsed when needed).
+    ari_id: str | None = None
 
     def path(self, filename: str) -> Path:
         return self.folder / filename
@@ -245,6 +248,7 @@ class Store:
                 sizes=tuple((str(k), int(v)) for k, v in meta.get("sizes", {}).items()),
                 profile=_opt_text(meta.get("profile"), "profile"),
                 account=_opt_text(meta.get("account"), "account"),
+                ari_id=_opt_text(meta.get("ari_id"), "ari_id"),
             )
         except StoreError:
             raise
@@ -290,9 +294,10 @@ class Store:
                          privkey_pem: bytes, cert_pem: bytes, chain_pem: bytes,
                          fullchain_pem: bytes, serial: str, not_before: dt.datetime,
                          not_after: dt.datetime, issued_at: dt.datetime,
-                         profile: str | None = None, account: str | None = None) -> StoredCert:
+                         profile: str | None = None, account: str | None = None,
+                         ari_id: str | None = None) -> StoredCert:
         """Write a complete new version and switch `live` to it in one rename. `account`: the
-        URL of the ACME account that ordered it."""
+        URL of the ACME account that ordered it; `ari_id`: its ARI identifier."""
         base = self._dir("certs", name)
         versions = self._dir("certs", name, "versions")
         version = f"{issued_at.strftime('%Y%m%dT%H%M%SZ')}-{serial[-12:]}"
@@ -313,6 +318,7 @@ class Store:
                     "not_after": _ts(not_after), "issued_at": _ts(issued_at),
                     "profile": profile,  # as ordered (None: the CA's default)
                     "account": account,
+                    "ari_id": ari_id,
                     # for the cheap check of every run: a file replaced later differs in size
                     "sizes": {"privkey.pem": len(privkey_pem), "cert.pem": len(cert_pem),
                               "chain.pem": len(chain_pem), "fullchain.pem": len(fullchain_pem)}}
