@@ -62,6 +62,14 @@ DEFAULT_RATE_LIMIT_WAIT = dt.timedelta(hours=1)
 WorkItem = tuple[CertificateSettings, "CertResult", "StoredCert | None", CertStatus]
 
 
+def _ari_id(cert_pem: bytes) -> str | None:
+    """The ARI identifier of a certificate just issued (None: it has no usable AKI)."""
+    try:
+        return ari.cert_id(cert_pem)
+    except ValueError:
+        return None
+
+
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
@@ -316,7 +324,7 @@ class Runner:
                     or not ari.needs_check(status.ari, stored.serial, now):
                 continue
             try:
-                cert_id = ari.cert_id(safefs.read_bytes(stored.path("cert.pem")))
+                cert_id = stored.ari_id or ari.cert_id(safefs.read_bytes(stored.path("cert.pem")))
             except (ValueError, OSError) as exc:
                 # Cannot be asked about: the expiry rule decides, asked again in 6 hours.
                 why = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
@@ -503,7 +511,7 @@ class Runner:
         replaces = None
         if old is not None and self.settings.renewal.ari:
             try:
-                replaces = ari.cert_id(safefs.read_bytes(old.path("cert.pem")))
+                replaces = old.ari_id or ari.cert_id(safefs.read_bytes(old.path("cert.pem")))
             except (ValueError, OSError) as exc:  # e.g. damaged live files: order without
                 log.info("%s: ordering without replaces: %s", cert.name, exc)
         issued = self._acme().issue(cert.name, cert.domains, key_pem, cert.challenge, deadline,
@@ -514,7 +522,7 @@ class Runner:
             cert_pem=issued.cert_pem, chain_pem=issued.chain_pem,
             fullchain_pem=issued.fullchain_pem, serial=info.serial,
             not_before=info.not_before, not_after=info.not_after, issued_at=utcnow(),
-            profile=cert.profile, account=issued.account or None)
+            profile=cert.profile, account=issued.account or None, ari_id=_ari_id(issued.cert_pem))
 
     def _stage(self, cert: CertificateSettings, stored: StoredCert, result: CertResult) -> None:
         """Stage the stored set; any failure here leaves it stored but "not-staged", so the next
