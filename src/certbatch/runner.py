@@ -229,12 +229,12 @@ class Runner:
                                     error=str(exc), profile=cert.profile)
                 report.certificates.append(result)
                 log.error("%s: %s", cert.name, exc)
-        jittered = False
         ari_changed: set[str] = set()
         if not dry_run and not force and self.settings.renewal.ari:
             queries = self._ari_queries(loaded, now)
+            # No jitter before these: light GETs (CDN-cached at Let's Encrypt), and a run
+            # with nothing due must not sleep.
             if queries:
-                jittered = self._jitter(jitter, sleep)
                 ari_changed = self._refresh_ari(queries, loaded, now)
         for cert, stored, status in loaded:
             decision = renewal.decide(cert, stored, status, now,
@@ -269,8 +269,7 @@ class Runner:
             # stored (the OSError names the folder: exit 1).
             probe_space(self.settings.paths.state)
             probe_space(self.settings.paths.spool)
-            if not jittered:
-                self._jitter(jitter, sleep)
+            self._jitter(jitter, sleep)
             if not interrupt.requested():
                 work = self._connect_or_fail(work)
         n_workers = max(1, workers or self.settings.renewal.workers)
@@ -304,14 +303,13 @@ class Runner:
         report.duration = time.monotonic() - t0
         return report
 
-    def _jitter(self, jitter: float | None, sleep: Callable[[float], object]) -> bool:
-        """Sleep the random jitter before the first request to the CA; True once done."""
+    def _jitter(self, jitter: float | None, sleep: Callable[[float], object]) -> None:
+        """Sleep the random jitter before the first order."""
         delay = self.settings.renewal.jitter if jitter is None else jitter
         if delay > 0:
             pause = random.uniform(0, delay)
             log.info("jitter: sleeping %.1f s before the first ACME request", pause)
             sleep(pause)
-        return True
 
     def _ari_queries(self, loaded: Sequence[tuple[CertificateSettings, StoredCert | None,
                                                   CertStatus]],
