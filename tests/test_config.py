@@ -188,7 +188,7 @@ def test_minimal_config_gets_builtin_defaults(site: Path) -> None:
     settings = load(write(site, base()))
     assert settings.acme == AcmeSettings(directory=LE_DIRECTORY)
     assert settings.paths == PathSettings(DEFAULT_STATE, DEFAULT_SPOOL, DEFAULT_HOOKS)
-    assert settings.renewal == RenewalSettings(before_expiry=None, workers=4, deadline=600.0,
+    assert settings.renewal == RenewalSettings(before_expiry=None, workers=16, deadline=600.0,
                                                jitter=0.0)
     assert settings.hooks == HookSettings(notify=None, deploy_timeout=120.0, notify_timeout=300.0)
     assert settings.log_file is None and settings.metrics_file is None
