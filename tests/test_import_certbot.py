@@ -357,6 +357,15 @@ def test_dry_run_prints_the_yaml_and_writes_nothing(certbot: Certbot, tmp_path: 
     assert "would write" in r.stdout and "would become certbatch's account" in r.stdout
     assert not (tmp_path / "etc").exists()
     assert sorted(os.listdir(tmp_path)) == []
+    # An existing config: the same, and the file stays as it is.
+    config = _config(tmp_path / "cfg", certbot.pebble)
+    text = config.read_text()
+    r = run(["import", "certbot", "--from", str(certbot.le), "--dry-run"], config, timeout=60)
+    assert r.returncode == 1 and "would become certbatch's account" in r.stdout
+    assert yaml.safe_load(r.stdout.split(" would be:\n", 1)[1])["acme"]["ca_bundle"] == \
+        str(certbot.pebble.ca_bundle)
+    assert config.read_text() == text
+    assert os.listdir(tmp_path / "cfg") == ["certbatch.yaml"]
 
 
 def test_a_new_config_is_created_private_and_loads(certbot: Certbot, tmp_path: Path) -> None:

@@ -41,6 +41,10 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
 
     now = now or dt.datetime.now(dt.timezone.utc)
     done = Applied()
+    account = plan.account is not None and plan.account.action == "import"
+    if not (account or plan.config_text is not None
+            or any(lp.writes_state for lp in plan.lineages)):
+        return done  # nothing to write: not even the lock file
     with run_lock(plan.state):
         store = Store(plan.state)
         store.check()
@@ -50,7 +54,7 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
                 _own_folder(f.path.parent)
                 atomic_write(f.path, f.content, f.mode)
                 done.files.append(f.path)
-        if plan.account is not None and plan.account.action == "import":
+        if account and plan.account is not None:
             a = plan.account.account
             store.save_account(str(plan.directory), a.key_pem, a.regr_json)
             log.info("imported certbot account %s (%s) for %s", a.id, a.uri, plan.directory)
