@@ -592,6 +592,49 @@ Example.COM = /var/www/a
     assert conf.webroot_map == {"example.com": "/var/www/a", "www.example.com": "/var/www/b"}
 
 
+@pytest.mark.parametrize("params, challenge, problem", [
+    ("authenticator = webroot\nwebroot_path = /srv/a,\n[[webroot_map]]\nb.example = /srv/a\n",
+     {"type": "http-01", "webroot": "/srv/a"}, None),
+    ("authenticator = standalone\n", {"type": "http-01", "standalone": {}}, None),
+    ("authenticator = standalone\nhttp01_port = 8080\nhttp01_address = ::\n",
+     {"type": "http-01", "standalone": {"port": 8080, "address": "::"}}, None),
+    ("authenticator = manual\npref_challs = http-01,\nmanual_auth_hook = /bin/true\n", None,
+     "its manual hooks answer http-01; certbatch answers http-01 from a webroot or standalone"),
+    ("authenticator = manual\npref_challs = dns-01,\n", None,
+     "manual without manual_auth_hook is interactive"),
+    ("authenticator = manual\npref_challs = dns-01,\nmanual_auth_hook = /nonexistent/hook\n",
+     None, "manual_auth_hook runs /nonexistent/hook, which does not exist"),
+    ("authenticator = nginx\n", None, "certbot's nginx plugin answered http-01 through nginx"),
+    ("authenticator = dns-cloudflare\n", None, "certbot's dns-cloudflare plugin: use a dns-01 "
+                                                 "provider"),
+])
+def test_challenges_map_or_say_why_not(params: str, challenge: Any, problem: str | None,
+                                       tmp_path: Path) -> None:
+    conf = parse_conf(f"[renewalparams]\n{params}", "x.conf")
+    m = mapping.map_lineage("x", "x", conf, ("a.example", "b.example"), "ec-p256", tmp_path)
+    assert m.entry.get("challenge") == challenge
+    if problem is None:
+        assert m.challenge_problem is None
+    else:
+        assert m.challenge_problem is not None
+        assert m.challenge_problem.startswith(f"configure the challenge of x by hand: {problem}")
+
+
+def test_the_manual_hooks_script_runs_certbots_hooks_per_record(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    hook = f'echo "$0 $CERTBOT_DOMAIN $CERTBOT_VALIDATION $CERTBOT_REMAINING_CHALLENGES ' \
+           f'$CERTBOT_ALL_DOMAINS" >> {log}'
+    script = tmp_path / "s.sh"
+    script.write_text(mapping.manual_script("x", hook, None))
+    script.chmod(0o700)
+    subprocess.run([str(script), "add", "a.example", "_acme-challenge.a.example.", "v1",
+                    "a.example", "_acme-challenge.a.example.", "v2"], check=True, timeout=10)
+    subprocess.run([str(script), "remove", "a.example", "_acme-challenge.a.example.", "v1"],
+                   check=True, timeout=10)  # no cleanup hook: nothing runs
+    assert log.read_text().splitlines() == ["/bin/sh a.example v1 1 a.example,a.example",
+                                            "/bin/sh a.example v2 0 a.example,a.example"]
+
+
 @pytest.mark.parametrize("lineage, name", [
     ("example.com", "example.com"), ("Example.COM-0001", "example.com-0001"),
     ("my site", "my-site"), ("_odd", "odd"), ("x" * 80, "x" * 64), ("---", "certificate")])
