@@ -903,7 +903,8 @@ Exit codes:
   0   every selected lineage came over (or was there already)
   1   a lineage was not imported (each one says why)
   2   usage error: not a certbot folder, an unknown --only name, a config
-      that cannot be read or added to""")
+      that cannot be read or added to
+  75  a renew or run-hook holds the run lock (try later)""")
 @common_options
 @click.option("--from", "source", type=click.Path(file_okay=False), default="/etc/letsencrypt",
               show_default=True, help="certbot's config folder; it is only read.")
