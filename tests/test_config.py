@@ -40,6 +40,10 @@ DELETE = object()  # patch value: remove the key
 SECRET = "c2VjcmV0IHNlY3JldCBzZWNyZXQ="
 RFC2136 = {"type": "dns-01", "provider": "rfc2136", "server": "192.0.2.53",
            "tsig_key": "certbatch", "tsig_secret": SECRET}
+LEXICON = {"type": "dns-01", "provider": "lexicon", "lexicon_provider": "cloudflare",
+           "credentials": {"auth_token": SECRET}}
+ACMEDNS = {"type": "dns-01", "provider": "acme-dns", "api": "https://auth.example.org",
+           "accounts_file": "acme-dns.json"}
 
 
 @pytest.fixture
@@ -602,7 +606,7 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
     ({"type": "http-01", "standalone": {"address": "300.1.1.1"}},
      "defaults.challenge.standalone.address", "must be an IP address"),
     ({"type": "dns-01"}, "defaults.challenge.script",
-     "required key is missing: dns-01 needs 'script' or 'provider' (rfc2136)"),
+     "required key is missing: dns-01 needs 'script' or 'provider' (rfc2136, lexicon, acme-dns)"),
     ({"type": "dns-01", "script": "dns.sh", "provider": "rfc2136"}, "defaults.challenge",
      "dns-01 takes 'script' or 'provider', not both"),
     ({"type": "dns-01", "provider": "lexicn"}, "defaults.challenge.provider",
@@ -628,6 +632,32 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
     ({**RFC2136, "tsig_algorithm": "hmac-sha265"}, "defaults.challenge.tsig_algorithm",
      "(did you mean 'hmac-sha256'?)"),
     ({**RFC2136, "zone": "exa mple.com"}, "defaults.challenge.zone", "not a DNS name"),
+    ({**RFC2136, "api": "https://auth.example.org"}, "defaults.challenge.api",
+     "only valid with provider: acme-dns"),
+    ({"type": "dns-01", "script": "dns.sh", "zone": "example.com"}, "defaults.challenge.zone",
+     "only valid with provider: rfc2136 or lexicon"),
+    ({**LEXICON, "lexicon_provider": None}, "defaults.challenge.lexicon_provider",
+     "required key is missing"),
+    ({**LEXICON, "lexicon_provider": "cloud flare"}, "defaults.challenge.lexicon_provider",
+     "not a lexicon provider name: 'cloud flare'"),
+    ({**LEXICON, "credentials": None}, "defaults.challenge.credentials",
+     "missing: lexicon needs 'credentials_file' (or 'credentials': the provider's options)"),
+    ({**LEXICON, "credentials_file": "cf.yaml"}, "defaults.challenge.credentials",
+     "give 'credentials' or 'credentials_file', not both"),
+    ({**LEXICON, "credentials": "token"}, "defaults.challenge.credentials",
+     "expected a mapping of the provider's options (auth_token: ...), got a string"),
+    ({**LEXICON, "credentials": {"auth_token": ["x"]}}, "defaults.challenge.credentials.auth_token",
+     "expected a string (quote it)"),
+    ({**LEXICON, "tsig_key": "k"}, "defaults.challenge.tsig_key",
+     "only valid with provider: rfc2136"),
+    ({**ACMEDNS, "api": "http://auth.example.org"}, "defaults.challenge.api",
+     "must be https:// (http:// only to a loopback address)"),
+    ({**ACMEDNS, "api": "auth.example.org"}, "defaults.challenge.api",
+     "must be an https:// URL, got 'auth.example.org'"),
+    ({**ACMEDNS, "accounts_file": None}, "defaults.challenge.accounts_file",
+     "required key is missing"),
+    ({**ACMEDNS, "zone": "example.com"}, "defaults.challenge.zone",
+     "only valid with provider: rfc2136 or lexicon"),
     ({**RFC2136, "propagation": "off"}, "defaults.challenge.propagation",
      "expected one of: check, none"),
     ({**RFC2136, "propagation_timeout": "0s"}, "defaults.challenge.propagation_timeout",
@@ -685,6 +715,26 @@ def test_rfc2136_settings_and_defaults(site: Path) -> None:
     assert SECRET not in repr(ch)  # a settings dump never shows the secret
     # A script keeps its old behaviour: no propagation check unless asked for.
     assert certs["script"].challenge.propagation == "none"
+
+
+def test_lexicon_and_acme_dns_settings(site: Path) -> None:
+    data = patched({"defaults/challenge": {**LEXICON, "zone": "Example.COM", "credentials": {
+                        "auth-token": SECRET, "account_id": 12345}},
+                    "certificates/file": {"domains": ["f.example.com"], "challenge": {
+                        **LEXICON, "credentials": None, "credentials_file": "cf.yaml"}},
+                    "certificates/adns": {"domains": ["a.example.com"], "challenge": {
+                        **ACMEDNS, "api": "http://127.0.0.1:8053/"}}})
+    certs = load(write(site, data)).certificates
+    ch = certs["example"].challenge
+    assert ch.provider == "lexicon" and ch.lexicon is not None and ch.propagation == "check"
+    assert ch.lexicon.provider == "cloudflare" and ch.lexicon.zone == "example.com."
+    # Option names as lexicon's command line spells them also work; numbers become strings.
+    assert ch.lexicon.credentials == (("auth_token", SECRET), ("account_id", "12345"))
+    assert SECRET not in repr(ch)
+    assert certs["file"].challenge.lexicon.credentials_file == site / "cf.yaml"  # type: ignore[union-attr]
+    adns = certs["adns"].challenge.acme_dns
+    assert adns is not None and adns.api == "http://127.0.0.1:8053"
+    assert adns.accounts_file == site / "acme-dns.json"
 
 
 def test_no_challenge_anywhere(site: Path) -> None:

@@ -130,6 +130,7 @@ INTERESTING = [
     "x" * 64 + ".example", "/" + "a/" * 2100, "a" * 255, "a" * 256 + "/b", "<<", "&a", "*a",
     "CERTBATCH_NAME", "notify", "127.0.0.1", "::", "999999", "0.0.0.0",
     "rfc2136", "hmac-sha256", "c2VjcmV0", "127.0.0.1:53", "[::1]:0", "1.2.3.4:", "check", "none",
+    "lexicon", "acme-dns", "http://127.0.0.1:1", "http://[::1", "http://a@b",
 ]
 
 KNOWN_KEYS = ["acme", "paths", "renewal", "hooks", "logging", "metrics", "defaults",
@@ -138,7 +139,8 @@ KNOWN_KEYS = ["acme", "paths", "renewal", "hooks", "logging", "metrics", "defaul
               "hmac_key", "directory", "deploy", "targets", "notify", "workers", "provider",
               "server", "tsig_key", "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone",
               "follow_cnames", "propagation", "propagation_timeout", "resolver",
-              "nameserver_port"]
+              "nameserver_port", "lexicon_provider", "credentials", "credentials_file", "api",
+              "accounts_file"]
 _raw = st.sampled_from(range(len(RAW))).map(Raw)
 _keys = st.one_of(st.sampled_from(KNOWN_KEYS), st.text(max_size=12), st.sampled_from(INTERESTING),
                   st.integers(), st.booleans(), st.none(), st.floats(), _raw)

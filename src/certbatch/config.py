@@ -66,6 +66,25 @@ class Rfc2136Settings:
 
 
 @dataclass(frozen=True)
+class LexiconSettings:
+    """dns-01 `provider: lexicon`: a DNS provider's API through dns-lexicon (optional extra)."""
+
+    provider: str  # lexicon's provider name (cloudflare, powerdns, ...), checked when used
+    # The provider's options (auth_token, ...): inline, or a YAML/JSON file read when needed.
+    credentials: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
+    credentials_file: Path | None = None
+    zone: str | None = None  # absolute; None: found by SOA lookup
+
+
+@dataclass(frozen=True)
+class AcmeDnsSettings:
+    """dns-01 `provider: acme-dns`: an acme-dns server and the accounts registered with it."""
+
+    api: str  # base URL (https://, or http:// to a loopback address)
+    accounts_file: Path  # JSON: domain -> username, password, subdomain, fulldomain
+
+
+@dataclass(frozen=True)
 class ChallengeSettings:
     type: str  # "http-01" | "dns-01"
     webroot: Path | None = None  # http-01 webroot
@@ -76,6 +95,8 @@ class ChallengeSettings:
     calls: str = "per-record"  # dns-01: one script run per record, or per certificate
     provider: str | None = None  # dns-01: one of DNS_PROVIDERS
     rfc2136: Rfc2136Settings | None = None
+    lexicon: LexiconSettings | None = None
+    acme_dns: AcmeDnsSettings | None = None
     follow_cnames: bool = True  # dns-01: write at the end of _acme-challenge's CNAME chain
     propagation: str = "none"  # dns-01: "check" the authoritative servers, or "none"
     propagation_timeout: float = 120.0
@@ -183,16 +204,20 @@ _CHALLENGE_KEYS = {
     "http-01": ("type", "webroot", "standalone"),
     "dns-01": ("type", "script", "provider", "wait", "calls", "follow_cnames", "propagation",
                "propagation_timeout", "resolver", "nameserver_port", "server", "tsig_key",
-               "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone"),
+               "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone", "lexicon_provider",
+               "credentials", "credentials_file", "api", "accounts_file"),
 }
 _ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", *_CHALLENGE_KEYS["dns-01"][1:])
 DNS_CALLS = ("per-record", "per-certificate")
-DNS_PROVIDERS = ("rfc2136",)  # lexicon and acme-dns: see docs/dns.md
+DNS_PROVIDERS = ("rfc2136", "lexicon", "acme-dns")  # see docs/dns.md
 DNS_PROPAGATION = ("check", "none")
 TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha512", "hmac-sha384", "hmac-sha224", "hmac-sha1",
                    "hmac-md5")
 _RFC2136_KEYS = ("server", "tsig_key", "tsig_secret", "tsig_secret_file", "tsig_algorithm",
                  "zone")
+_LEXICON_KEYS = ("lexicon_provider", "credentials", "credentials_file", "zone")
+_ACMEDNS_KEYS = ("api", "accounts_file")
+_PROVIDER_KEYS = {"rfc2136": _RFC2136_KEYS, "lexicon": _LEXICON_KEYS, "acme-dns": _ACMEDNS_KEYS}
 _SCRIPT_KEYS = ("calls",)
 _STANDALONE_KEYS = ("port", "address")
 
@@ -441,6 +466,19 @@ def _domain_problem(name: str) -> str:
     if labels[-1].isdigit():
         return f"{_short(name)} ends in an all-digit label, which no host name does"
     return f"{_short(name)} is not a valid domain name"
+
+
+def _loopback_url(url: str) -> bool:
+    import ipaddress  # only acme-dns configs with an http:// URL pay for it
+
+    host = url.split("//", 1)[1].split("/", 1)[0].rpartition("@")[2]
+    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_base64(text: str) -> bool:
@@ -790,10 +828,14 @@ class _Checker:
                       "required key is missing: dns-01 needs 'script' or 'provider'"
                       f" ({', '.join(DNS_PROVIDERS)})")
         provider = None if has_script else self.choice(m, key, "provider", DNS_PROVIDERS)
-        for k in (_RFC2136_KEYS if has_script else _SCRIPT_KEYS):
-            if m.get(k) is not None:
-                self.fail(_join(key, k), "only valid with provider: rfc2136" if has_script
-                          else "only valid with a script")
+        for k in m:
+            owners = [p for p, keys in _PROVIDER_KEYS.items() if k in keys]
+            if m[k] is None or provider in owners:
+                continue
+            if owners:
+                self.fail(_join(key, k), f"only valid with provider: {' or '.join(owners)}")
+            if k in _SCRIPT_KEYS and not has_script:
+                self.fail(_join(key, k), "only valid with a script")
         wait = self.duration(m, key, "wait", 0.0, positive=False)
         calls = DNS_CALLS[0] if m.get("calls") is None else m["calls"]
         if not isinstance(calls, str) or calls not in DNS_CALLS:
@@ -814,6 +856,8 @@ class _Checker:
             script=self.resolve(self.string(m["script"], f"{key}.script")) if has_script
             else None,
             rfc2136=self.rfc2136(m, key) if provider == "rfc2136" else None,
+            lexicon=self.lexicon(m, key) if provider == "lexicon" else None,
+            acme_dns=self.acme_dns(m, key) if provider == "acme-dns" else None,
             follow_cnames=self.boolean(m, key, "follow_cnames", True),
             propagation=propagation,
             propagation_timeout=self.duration(m, key, "propagation_timeout", 120.0,
@@ -843,6 +887,52 @@ class _Checker:
             zone = self.dns_name(self.string(m["zone"], f"{key}.zone"), f"{key}.zone")
         return Rfc2136Settings(server=server, tsig_key=tsig_key, tsig_secret=secret,
                                tsig_secret_file=secret_file, tsig_algorithm=algorithm, zone=zone)
+
+    def lexicon(self, m: dict[Any, Any], key: str) -> LexiconSettings:
+        # The provider name is checked when it is used (and by `check`): knowing lexicon's
+        # providers means importing lexicon, which is optional and heavy.
+        name = self.req_str(m, key, "lexicon_provider").strip().lower()
+        if not _SIMPLE_KEY_RE.fullmatch(name):
+            self.fail(f"{key}.lexicon_provider", f"not a lexicon provider name: {_short(name)}")
+        raw, cred_file = m.get("credentials"), self.opt_path(m, key, "credentials_file")
+        if (raw is None) == (cred_file is None):
+            self.fail(f"{key}.credentials", "give 'credentials' or 'credentials_file', not both"
+                      if raw is not None else "missing: lexicon needs 'credentials_file' (or "
+                                              "'credentials': the provider's options)")
+        credentials = None if raw is None else self.credentials(raw, f"{key}.credentials")
+        zone = None
+        if m.get("zone") is not None:
+            zone = self.dns_name(self.string(m["zone"], f"{key}.zone"), f"{key}.zone")
+        return LexiconSettings(provider=name, credentials=credentials,
+                               credentials_file=cred_file, zone=zone)
+
+    def credentials(self, raw: Any, key: str) -> tuple[tuple[str, str], ...]:
+        """A lexicon provider's options: option name -> string (or number). Values are never
+        quoted in a message: most of them are secrets."""
+        if not isinstance(raw, dict) or not raw:
+            self.fail(key, f"expected a mapping of the provider's options (auth_token: ...),"
+                           f" got {_describe(raw)}")
+        out = []
+        for name, value in raw.items():
+            if not isinstance(name, str) or not _SIMPLE_KEY_RE.fullmatch(name):
+                self.fail(key, f"not an option name: {_short(name)}")
+            if isinstance(value, bool) or not isinstance(value, (str, int)) or "\0" in str(value):
+                self.fail(_join(key, name), "expected a string (quote it)")
+            out.append((name.replace("-", "_"), str(value)))
+        return tuple(out)
+
+    def acme_dns(self, m: dict[Any, Any], key: str) -> AcmeDnsSettings:
+        api = self.req_str(m, key, "api").strip().rstrip("/")
+        if not _URL_RE.fullmatch(api):
+            self.fail(f"{key}.api", f"must be an https:// URL, got {_short(api)}")
+        if api.lower().startswith("http:") and not _loopback_url(api):
+            # The account's password goes with every update.
+            self.fail(f"{key}.api", "must be https:// (http:// only to a loopback address)")
+        accounts = self.opt_path(m, key, "accounts_file")
+        if accounts is None:
+            self.fail(f"{key}.accounts_file", "required key is missing: the JSON file `certbatch"
+                                              " acme-dns register` writes")
+        return AcmeDnsSettings(api=api, accounts_file=accounts)
 
     def choice(self, m: dict[Any, Any], parent: str, name: str, allowed: tuple[str, ...]) -> str:
         value = m.get(name)
