@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 import yaml
 from cli_helpers import run
@@ -132,10 +133,12 @@ def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]
         pytest.skip("pebble not installed: apt-get install pebble")
     inst = start_pebble(tmp_path_factory.mktemp("pebble"),
                         {"PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"})
+    conftest._live.append(inst)  # its logs go into the report of a failed test
     try:
         yield inst
     finally:
         inst.stop()
+        conftest._live.remove(inst)
 
 
 @pytest.fixture(scope="module")
