@@ -656,6 +656,23 @@ def test_an_ec_account_key_converts() -> None:
     assert loaded.private_numbers() == key.private_numbers()
 
 
+def test_entries_go_in_as_text_where_they_belong() -> None:
+    entry = [("new", {"domains": ["a.example"], "challenge": {"type": "http-01",
+                                                              "standalone": {}}}, ["from x"])]
+    crlf = "acme: {directory: x}\r\ncertificates:\r\n  www:   # mine\r\n    domains: [w]\r\n"
+    assert yamltext.add_entries(crlf, entry, set()) == crlf + (
+        "  # from x\r\n  new:\r\n    domains: [a.example]\r\n    challenge:\r\n"
+        "      type: http-01\r\n      standalone: {}\r\n")
+    literal = "certificates:\n  www:\n    deploy: |\n      echo hi\nhooks: {}  # end\n"
+    out = yamltext.add_entries(literal, entry, set())
+    assert out.startswith("certificates:\n  www:\n    deploy: |\n      echo hi\n  # from x\n")
+    assert out.endswith("hooks: {}  # end\n")
+    replaced = yamltext.add_entries("certificates:\n  new:\n    domains: [old]\n"
+                                    "  b: {domains: [b]}  # b\n", entry, {"new"})
+    assert replaced.endswith("      standalone: {}\n  b: {domains: [b]}  # b\n")
+    assert "old" not in replaced
+
+
 def test_a_flow_style_certificates_section_is_refused_not_rewritten() -> None:
     with pytest.raises(yamltext.TextEditError, match="flow style"):
         yamltext.add_entries("acme: {directory: x}\ncertificates: {a: {domains: [a]}}\n",

@@ -33,7 +33,7 @@ class ExistingConfig:
             raise UsageError(f"{path}: is a symlink; give --config the file it points to "
                              f"(certbatch does not replace a link it did not make)")
         try:
-            self.text = path.read_text(encoding="utf-8-sig")
+            self.text = path.read_bytes().decode("utf-8-sig")  # line breaks as they are
         except (OSError, UnicodeDecodeError) as exc:
             why = os_error_message(exc, path) if isinstance(exc, OSError) else f"{path}: {exc}"
             raise UsageError(why) from None

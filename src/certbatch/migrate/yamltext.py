@@ -57,8 +57,10 @@ def add_entries(text: str, entries: list[tuple[str, dict[str, Any], list[str]]],
             if certs is None:
                 raise TextEditError(f"no certificates section holds {name}")
             spans.append((_entry_span(text, certs, name), name, entry, comments))
+    nl = "\r\n" if "\r\n" in text else "\n"  # the file's own line breaks
     for (start, end, indent), name, entry, comments in sorted(spans, key=lambda s: -s[0][0]):
-        out = out[:start] + entry_text(name, entry, comments, indent) + out[end:]
+        out = out[:start] + entry_text(name, entry, comments, indent).replace("\n", nl) + \
+            out[end:]
     added = [(n, e, c) for n, e, c in entries if n not in replace]
     if added:
         out = _append(out, added)
@@ -96,6 +98,10 @@ def _last_end(node: yaml.Node) -> int:
 
 
 def _line_end(text: str, index: int) -> int:
+    """The start of the line after the one `index` is on; a node that ends with its line
+    break (a block scalar, `|`) ends there already."""
+    if index > 0 and text[index - 1] == "\n":
+        return index
     nl = text.find("\n", index)
     return len(text) if nl < 0 else nl + 1
 
@@ -117,12 +123,14 @@ def _append(text: str, entries: list[tuple[str, dict[str, Any], list[str]]]) -> 
     root = _compose(text)
     certs = _certificates(root)
 
+    nl = "\r\n" if "\r\n" in text else "\n"  # the file's own line breaks
+
     def block(indent: int) -> str:
-        return "".join(entry_text(n, e, c, indent) for n, e, c in entries)
+        return "".join(entry_text(n, e, c, indent) for n, e, c in entries).replace("\n", nl)
 
     if certs is None:  # no certificates section: a new one at the end
-        sep = "" if not text or text.endswith("\n") else "\n"
-        return f"{text}{sep}certificates:\n{block(2)}"
+        sep = "" if not text or text.endswith("\n") else nl
+        return f"{text}{sep}certificates:{nl}{block(2)}"
     if isinstance(certs, yaml.MappingNode) and not certs.flow_style and certs.value:
         at = _line_end(text, _last_end(certs))
         indent = certs.value[0][0].start_mark.column
@@ -136,7 +144,7 @@ def _append(text: str, entries: list[tuple[str, dict[str, Any], list[str]]]) -> 
     start, end = certs.start_mark.index, certs.end_mark.index
     at = _line_end(text, end)
     line_rest = text[end:at]
-    return text[:start].rstrip(" \t") + line_rest.rstrip("\n") + "\n" + block(2) + text[at:]
+    return text[:start].rstrip(" \t") + line_rest.rstrip("\r\n") + nl + block(2) + text[at:]
 
 
 def _verify(old: str, new: str, entries: list[tuple[str, dict[str, Any], list[str]]]) -> None:
