@@ -656,6 +656,8 @@ def test_wildcard_with_inherited_dns01_is_fine(site: Path) -> None:
      "must be an https:// URL, got 'auth.example.org'"),
     ({**ACMEDNS, "accounts_file": None}, "defaults.challenge.accounts_file",
      "required key is missing"),
+    ({**ACMEDNS, "follow_cnames": False}, "defaults.challenge.follow_cnames",
+     "must stay true with acme-dns"),
     ({**ACMEDNS, "zone": "example.com"}, "defaults.challenge.zone",
      "only valid with provider: rfc2136 or lexicon"),
     ({**RFC2136, "propagation": "off"}, "defaults.challenge.propagation",

@@ -697,7 +697,13 @@ def _check_folder(label: str, path: Path) -> tuple[str, str | None]:
 
 def _provider_text(ch: config_mod.ChallengeSettings) -> str:
     """The provider's settings for `check`, never its secret."""
-    s = ch.rfc2136
+    lx, adns, s = ch.lexicon, ch.acme_dns, ch.rfc2136
+    if lx is not None:
+        creds = (f"credentials in {lx.credentials_file}" if lx.credentials_file else
+                 f"credentials inline ({', '.join(k for k, _ in lx.credentials or ())})")
+        return f"{lx.provider}, zone {lx.zone or '(SOA lookup)'}, {creds}"
+    if adns is not None:
+        return f"api {adns.api}, accounts in {adns.accounts_file}"
     if s is None:
         return "-"
     where = f"server {s.server[0]}:{s.server[1]}, zone {s.zone or '(SOA lookup)'}"
@@ -891,6 +897,58 @@ def check(ctx: click.Context, online: bool) -> int:
     for p in problems:
         err(f"certbatch: problem: {p}")
     return EXIT_FAILURE if problems else EXIT_OK
+
+
+@cli.group("acme-dns")
+def acme_dns() -> None:
+    """Accounts on an acme-dns server, for dns-01 with provider: acme-dns."""
+
+
+@acme_dns.command("register", epilog="""\b
+Exit codes:
+  0   every domain has an account (registered now, or already in the file)
+  1   the acme-dns server could not be reached or refused
+  2   usage error: a bad domain or URL, an accounts file that is not
+      acme-dns's JSON, no --api/--accounts-file and no certificate to take
+      them from""")
+@common_options
+@click.argument("domains", nargs=-1, required=True, metavar="DOMAIN...")
+@click.option("--api", metavar="URL", default=None,
+              help="The acme-dns server (default: the 'api' of the config's certificate that "
+                   "has DOMAIN).")
+@click.option("--accounts-file", type=click.Path(dir_okay=False), default=None,
+              help="Where the accounts are kept (default: that certificate's "
+                   "'accounts_file'); other domains' accounts in it stay.")
+@click.option("--allow-from", multiple=True, metavar="CIDR",
+              help="Only these networks may update the account (acme-dns's allowfrom; "
+                   "repeatable).")
+@click.pass_context
+def acme_dns_register(ctx: click.Context, domains: tuple[str, ...], api: str | None,
+                      accounts_file: str | None, allow_from: tuple[str, ...]) -> int:
+    """Register DOMAIN... with an acme-dns server and print the CNAME records to create.
+
+    A domain and its wildcard share one account; a domain that already has one in the
+    accounts file keeps it. See docs/dns.md.
+    """
+    from .dns.acmedns import configured, register
+
+    if api is None or accounts_file is None:
+        found = configured(load_settings(ctx), domains)
+        api = api or found.api
+        accounts = Path(accounts_file) if accounts_file else found.accounts_file
+    else:
+        setup_logging(ctx, None)
+        accounts = Path(accounts_file)
+    say = _silent if _opt(ctx, "quiet") else out
+    cnames = []
+    for reg in register(api, domains, accounts, allow_from):
+        say(f"{reg.domain}: {'registered' if reg.new else 'already registered'}, account "
+            f"{reg.fulldomain} in {accounts}")
+        cnames.append(reg.cname)
+    say("Create these DNS records (once; certbatch check --online tries them):")
+    for line in cnames:
+        out(line)
+    return EXIT_OK
 
 
 @cli.group("import")

@@ -847,6 +847,10 @@ class _Checker:
         propagation = (DNS_PROPAGATION[1] if has_script else DNS_PROPAGATION[0]
                        ) if m.get("propagation") is None else self.choice(
             m, key, "propagation", DNS_PROPAGATION)
+        follow = self.boolean(m, key, "follow_cnames", True)
+        if provider == "acme-dns" and not follow:
+            self.fail(f"{key}.follow_cnames", "must stay true with acme-dns: the values are "
+                                              "written at the end of the CNAME")
         resolver = None
         if m.get("resolver") is not None:
             resolver = self.address(self.string(m["resolver"], f"{key}.resolver"),
@@ -858,7 +862,7 @@ class _Checker:
             rfc2136=self.rfc2136(m, key) if provider == "rfc2136" else None,
             lexicon=self.lexicon(m, key) if provider == "lexicon" else None,
             acme_dns=self.acme_dns(m, key) if provider == "acme-dns" else None,
-            follow_cnames=self.boolean(m, key, "follow_cnames", True),
+            follow_cnames=follow,
             propagation=propagation,
             propagation_timeout=self.duration(m, key, "propagation_timeout", 120.0,
                                               positive=True),

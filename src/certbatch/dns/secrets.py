@@ -1,8 +1,9 @@
 """Which secrets the configuration holds, and which files holding them others can read.
 
-The inline ones (a TSIG secret, the EAB HMAC key) are replaced in every log line; the files
-(the config itself when it holds one, each tsig_secret_file) are a warning in `check` when group
-or others may read them. Only the mode is looked at: the content stays unread until needed.
+The inline ones (a TSIG secret, the EAB HMAC key, lexicon credentials) are replaced in every log
+line; the files (the config itself when it holds one, each tsig_secret_file, lexicon
+credentials_file and acme-dns accounts_file) are a warning in `check` when group or others may
+read them. Only the mode is looked at: the content stays unread until needed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ from pathlib import Path
 
 from ..config import Settings
 
+# Shorter inline lexicon option values (a port, a region, an id) are not redacted: replacing
+# "443" in every log line would garble the log and protect nothing.
+MIN_REDACTED = 6
+
 
 def inline_secrets(settings: Settings) -> list[str]:
     """Secrets written in the config file itself."""
@@ -21,6 +26,10 @@ def inline_secrets(settings: Settings) -> list[str]:
         s = cert.challenge.rfc2136
         if s is not None and s.tsig_secret:
             found.append(s.tsig_secret)
+        lx = cert.challenge.lexicon
+        if lx is not None and lx.credentials:
+            # Every option value: which of a provider's options are secret is its own affair.
+            found += [v for _, v in lx.credentials if len(v) >= MIN_REDACTED]
     return list(dict.fromkeys(found))
 
 
@@ -31,6 +40,11 @@ def secret_files(settings: Settings) -> list[Path]:
         s = cert.challenge.rfc2136
         if s is not None and s.tsig_secret_file is not None:
             files.append(s.tsig_secret_file)
+        lx, adns = cert.challenge.lexicon, cert.challenge.acme_dns
+        if lx is not None and lx.credentials_file is not None:
+            files.append(lx.credentials_file)
+        if adns is not None:
+            files.append(adns.accounts_file)
     return list(dict.fromkeys(files))
 
 

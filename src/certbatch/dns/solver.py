@@ -41,6 +41,24 @@ def make_provider(challenge: ChallengeSettings) -> Provider:
         else:  # the config loader does not let this happen
             raise ChallengeError("rfc2136: no tsig_secret nor tsig_secret_file")
         return Rfc2136Provider(s.server, s.tsig_key, secret, s.tsig_algorithm)
+    if challenge.provider == "lexicon" and challenge.lexicon is not None:
+        from .lexicon import LexiconProvider, read_credentials, unavailable
+
+        lx = challenge.lexicon
+        problem = unavailable(lx.provider)
+        if problem:
+            raise ChallengeError(problem)
+        if lx.credentials is not None:
+            credentials = dict(lx.credentials)
+        elif lx.credentials_file is not None:
+            credentials = read_credentials(lx.credentials_file)
+        else:  # the config loader does not let this happen
+            raise ChallengeError("lexicon: no credentials nor credentials_file")
+        return LexiconProvider(lx.provider, credentials)
+    if challenge.provider == "acme-dns" and challenge.acme_dns is not None:
+        from .acmedns import AcmeDnsProvider
+
+        return AcmeDnsProvider(challenge.acme_dns.api, challenge.acme_dns.accounts_file)
     raise ChallengeError(f"unknown dns-01 provider {challenge.provider!r}")
 
 
@@ -77,7 +95,9 @@ class Placement:
         return out
 
     def zone(self, name: str, deadline: float) -> str:
-        configured = self.challenge.rfc2136.zone if self.challenge.rfc2136 else None
+        ch = self.challenge
+        configured = (ch.rfc2136.zone if ch.rfc2136 else ch.lexicon.zone if ch.lexicon
+                      else None)
         if configured is None:
             return self.lookup.zone_of(name, deadline)
         if not in_zone(name, configured):
@@ -150,6 +170,10 @@ class DnsProviderSolver:
                 self.cleanup_problems.append(f"removing the value at {record.name} failed")
                 log.exception("%s: removing dns-01 TXT value at %s failed", self.name,
                               record.name)
+        if getattr(self._provider, "keeps_values", False):  # acme-dns: no delete
+            log.info("%s: %d dns-01 TXT value(s) left in place (%s has no delete; the next "
+                     "updates replace them)", self.name, len(added), self.challenge.provider)
+            return
         log.info("%s: %d dns-01 TXT value(s) removed", self.name, len(added) - failed)
 
 
