@@ -27,6 +27,7 @@ import shutil
 import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from . import safefs
 from .ari import AriState
@@ -41,6 +42,7 @@ from .fsutil import (
     remove_leftovers,
     write_new,
 )
+from .index import Index
 
 log = logging.getLogger("certbatch.store")
 
@@ -128,16 +130,23 @@ class CertStatus:
 
     _TIMES = ("last_attempt", "last_success", "rate_limited_until", "next_attempt")
 
-    def to_json(self) -> str:
+    def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         for key in self._TIMES:
             data[key] = _ts(data[key])
         data["ari"] = self.ari.to_dict() if self.ari else None
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> CertStatus:
-        data = json.loads(text)
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CertStatus:
+        data = dict(data) if isinstance(data, dict) else data
         if not isinstance(data, dict):
             raise ValueError("status is not a JSON object")
         for key in cls._TIMES:
@@ -159,6 +168,9 @@ class Store:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Caches meta.json and status.json of every certificate (see index.py); the runner
+        # writes it back at the end of a run.
+        self.index = Index(root)
 
     def _dir(self, *parts: str) -> Path:
         """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask)."""
@@ -237,7 +249,11 @@ class Store:
         try:
             for path in (cdir, os.path.join(cdir, "versions"), folder):
                 safefs.check_dir(path)
-            meta = json.loads(safefs.read_text(os.path.join(folder, "meta.json")))
+            meta_path = folder + "/meta.json"
+            meta_st = os.lstat(meta_path)
+            meta = cached = self.index.meta(name, version, meta_st)
+            if meta is None:
+                meta = json.loads(safefs.read_text(meta_path))
             stored = StoredCert(
                 name=name, version=version[len("versions/"):], folder=Path(folder),
                 domains=tuple(meta["domains"]), key_type=meta["key_type"],
@@ -255,16 +271,18 @@ class Store:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreError(f"{live}/meta.json: unreadable certificate metadata: "
                              f"{type(exc).__name__}: {exc}") from exc
+        if cached is None:
+            self.index.put_meta(name, version, meta_st, meta)
         damaged = self._damaged(stored, verify)
         return dataclasses.replace(stored, damaged=damaged) if damaged else stored
 
     def _damaged(self, stored: StoredCert, verify: bool) -> str | None:
         """Why the live files of `stored` cannot be used, or None (see current)."""
         sizes = dict(stored.sizes)
-        folder = str(stored.folder)
+        folder = f"{stored.folder}/"  # concatenation: this runs for every certificate
         for f in PEM_FILES:
             try:
-                st = os.lstat(os.path.join(folder, f))
+                st = os.lstat(folder + f)
             except FileNotFoundError:
                 return f"{f} is missing"
             except OSError as exc:
@@ -351,10 +369,15 @@ class Store:
     # -- per-certificate run status ------------------------------------------------------------
 
     def status(self, name: str) -> CertStatus:
+        # a plain string path: a nothing-due run reads thousands of these
+        path = os.path.join(self.root, "certs", name, "status.json")
         try:
-            # a plain string path: a nothing-due run reads thousands of these
-            return CertStatus.from_json(safefs.read_text(
-                os.path.join(self.root, "certs", name, "status.json")))
+            st = os.lstat(path)
+            data = self.index.status(name, st)
+            if data is None:
+                data = json.loads(safefs.read_text(path))
+                self.index.put_status(name, st, data)
+            return CertStatus.from_dict(data)
         except FileNotFoundError:
             return CertStatus()
         except Exception:  # noqa: BLE001
@@ -369,8 +392,14 @@ class Store:
         (the CA is asked again), renewal info fetched again. An unreadable status is ignored
         (see status()). The certificate itself is stored durably."""
         self._dir("certs", name)
-        atomic_write(self.cert_dir(name) / "status.json", status.to_json(), 0o600,
+        path = self.cert_dir(name) / "status.json"
+        data = status.to_dict()
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o600,
                      durable=False)
+        try:
+            self.index.put_status(name, os.lstat(path), data)
+        except OSError:
+            self.index.put_status(name, None, data)  # read from the file next time
 
     def names(self) -> list[str]:
         """Names that have a folder in the store (configured or not)."""
