@@ -300,6 +300,7 @@ class Runner:
         with contextlib.suppress(CertbatchError, OSError):
             report.pending_after = len(self.spool.pending())
         report.interrupted = interrupt.signal_number()
+        self.store.index.save(keep=self.settings.certificates)
         report.duration = time.monotonic() - t0
         return report
 
