@@ -442,6 +442,7 @@ class Benchmark:
                               cfg)
                 if args.steps:
                     self.scenario("issuance steps", self.steps, env, cfg)
+                self.scenario("syscalls per certificate", self.syscalls, env, cfg)
             if args.sweep and not args.idle_only:
                 self.scenario("workers sweep", self.sweep, env)
             if not args.idle_only:
@@ -517,6 +518,38 @@ class Benchmark:
         self.force_row.ok = ratio <= BARE_RATIO_TARGET
         say(f"certbatch renew --force / bare loop with the same dns script = "
             f"{force.wall / same.wall:.2f}x (information: certbatch's own overhead)")
+
+    def syscalls(self, env: dict[str, str], cfg: Path) -> None:
+        """fsyncs and processes per renewed certificate: one more forced renewal of the N under
+        `strace -f -c` (not timed: strace slows every system call). Skipped without strace."""
+        strace = shutil.which("strace")
+        if strace is None:
+            say("\n== syscalls per certificate: skipped (no strace)")
+            return
+        n = self.args.count
+        say(f"\n== fsyncs and processes per certificate (renew --force of {n} under strace)")
+        out = self.workdir / "strace.txt"
+        child = run_child([strace, "-f", "-qq", "-c", "-o", str(out), "-e",
+                           "trace=fsync,fdatasync,execve", sys.executable, "-m", "certbatch",
+                           "-c", str(cfg), "renew", "--force"], env)
+        if child.returncode != 0:
+            raise ScenarioFailed(child.describe_failure())
+        calls: dict[str, int] = {}
+        for line in out.read_text().splitlines():
+            # "% time  seconds  usecs/call  calls  [errors]  syscall"
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1] in ("fsync", "fdatasync", "execve"):
+                calls[parts[-1]] = int(parts[3])
+        fsyncs = calls.get("fsync", 0) + calls.get("fdatasync", 0)
+        # execve: the certbatch process itself, then every hook, dns script and its commands
+        processes = max(calls.get("execve", 0) - 1, 0)
+        say(f"   {fsyncs} fsyncs, {processes} processes started, for {n} certificates "
+            f"(the run's own: a few fsyncs for the disk probes and the batch)")
+        self.rows.append(Row("  fsyncs per certificate", n, None, ratio=f"{fsyncs / n:.1f}",
+                             target="<= 9", ok=fsyncs / n <= 9, per_cert=False))
+        self.rows.append(Row("  processes per certificate", n, None,
+                             ratio=f"{processes / n:.1f}", target="info", ok=True,
+                             per_cert=False))
 
     def steps(self, env: dict[str, str], cfg: Path) -> None:
         """One more forced renewal, logged to a file (not measured: logging costs), and the
