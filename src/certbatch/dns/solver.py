@@ -132,10 +132,10 @@ class DnsProviderSolver:
     def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
         if not responses:
             return
+        if self._provider is None:  # first: a setup problem is reported before any lookup
+            self._provider = make_provider(self.challenge)
         records = Placement(self.challenge, lookup_for(self.challenge)).records(
             responses, deadline)
-        if self._provider is None:
-            self._provider = make_provider(self.challenge)
         for record in records:
             self._added.append(record)  # before: a timed-out update may still have applied
             try:
