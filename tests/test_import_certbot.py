@@ -238,6 +238,7 @@ def test_import_takes_over_what_maps_and_says_why_for_the_rest(
                                           "address": "127.0.0.1"}}}
     script = Path(certs["manual"]["challenge"]["script"])
     assert certs["manual"]["challenge"]["calls"] == "per-certificate"
+    assert certs["manual"]["challenge"]["follow_cnames"] is False  # as certbot: no lookup
     assert script.parent == config.parent / "certbot-import"
     assert oct(script.stat().st_mode & 0o777) == "0o700"
     assert oct(script.parent.stat().st_mode & 0o777) == "0o700"
@@ -482,6 +483,26 @@ def test_two_cas_or_two_accounts_are_reported_not_guessed(certbot: Certbot,
     p = plan.build(le, tmp_path / "new" / "certbatch.yaml", only=("manual",))
     assert p.account is not None and p.account.account.id == "f00"
     assert p.lineages[0].ordered_by == certbot.regr_uri() + "0"
+
+
+def test_certbatch_keeps_its_own_account_unless_replace(certbot: Certbot, pebble: Any,
+                                                        tmp_path: Path) -> None:
+    from certbatch.store import Store
+
+    config = _config(tmp_path, pebble)
+    Store(tmp_path / "state").save_account(pebble.directory_url, b"key", json.dumps(
+        {"body": {}, "uri": "https://ca.example/acct/1"}))
+    p = plan.build(certbot.le, config, only=("sa",))
+    assert p.account is not None and p.account.action == "kept"
+    assert "certbatch keeps its own account https://ca.example/acct/1" in p.account.why
+    (lp,) = p.lineages
+    assert lp.action == plan.IMPORT and lp.ordered_by == certbot.regr_uri()
+    assert any(n.startswith(f"ordered by account {certbot.regr_uri()}, renews under "
+                            f"certbatch's") for n in lp.mapped.notes)
+    p = plan.build(certbot.le, config, only=("sa",), replace=True)
+    assert p.account is not None and p.account.action == "import"
+    assert p.account.why == "replaces certbatch's account https://ca.example/acct/1"
+    assert p.lineages[0].mapped.notes == []
 
 
 def test_an_entry_written_by_hand_is_kept_and_gets_its_certificate(

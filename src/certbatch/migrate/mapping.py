@@ -216,7 +216,10 @@ def _manual(m: Mapped, name: str, conf: RenewalConf, domains: tuple[str, ...],
     script = import_dir / f"{name}.dns-01.sh"
     m.files.append(NewFile(script, manual_script(name, auth_hook, cleanup_hook), 0o700,
                            f"dns-01 script running certbot's manual hooks of {name}"))
-    m.entry["challenge"] = {"type": "dns-01", "script": str(script), "calls": "per-certificate"}
+    # certbot handed its hooks the domain and left CNAMEs to them: so does the script
+    # (follow_cnames: false spares a lookup whose answer the script would not use).
+    m.entry["challenge"] = {"type": "dns-01", "script": str(script), "calls": "per-certificate",
+                            "follow_cnames": False}
     if not cleanup_hook:
         m.notes.append("no manual_cleanup_hook: the TXT records stay after each renewal")
 
