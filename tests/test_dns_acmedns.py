@@ -127,6 +127,13 @@ def test_register_then_apex_and_wildcard_issue_and_a_wrong_password_fails_only_i
     assert "a.acmedns.test: already registered" in again.stdout
     assert json.loads(accounts.read_text()) == saved
 
+    online = run(["check", "--online"], cfg, setup.pebble, timeout=60)
+    assert online.returncode == 1
+    assert (f"dns-01 wild: probe TXT added at {account['fulldomain']}. (left in place: acme-dns "
+            f"has no delete); seen on every authoritative server") in online.stdout
+    assert "dns-01 bad: FAILED: acme-dns update of " in online.stdout
+    assert setup.standin.updates[-1][1].startswith("certbatch-probe-")  # 43 characters: taken
+
     bad_accounts.chmod(0o644)
     check = run(["check"], cfg, timeout=60)
     assert check.returncode == 0, check.stderr
@@ -137,7 +144,8 @@ def test_register_then_apex_and_wildcard_issue_and_a_wrong_password_fails_only_i
     status = run(["status", "--json"], cfg, timeout=60)
     assert status.returncode == 0
     for output in (result.stdout, result.stderr, (tmp_path / "certbatch.log").read_text(),
-                   again.stdout + again.stderr, check.stdout + check.stderr, status.stdout):
+                   again.stdout + again.stderr, check.stdout + check.stderr, status.stdout,
+                   online.stdout + online.stderr):
         for secret in (account["password"], real_password, wrong_password):
             assert secret not in output
 

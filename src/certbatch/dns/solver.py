@@ -187,7 +187,8 @@ def probe(challenge: ChallengeSettings, name: str, domains: Sequence[str],
     from ..challenges import DNS01, ChallengeResponse
 
     bases = dict.fromkeys(d.removeprefix("*.") for d in domains)
-    value = f"certbatch-probe-{secrets.token_urlsafe(12)}"
+    # 43 characters of base64url, like a real value: acme-dns refuses any other length.
+    value = f"certbatch-probe-{secrets.token_urlsafe(20)}"
     responses = [ChallengeResponse(DNS01, base, "probe", "", value) for base in bases]
     solver = DnsProviderSolver(challenge, name)
     try:
@@ -200,4 +201,7 @@ def probe(challenge: ChallengeSettings, name: str, domains: Sequence[str],
     written = sorted({r.name for r in solver.written})
     checked = ("seen on every authoritative server" if challenge.propagation == "check"
                else "not checked (propagation: none)")
+    if getattr(solver._provider, "keeps_values", False):  # acme-dns: no delete
+        return (f"probe TXT added at {', '.join(written)} (left in place: {challenge.provider} "
+                f"has no delete); {checked}")
     return f"probe TXT added and removed at {', '.join(written)}; {checked}"
