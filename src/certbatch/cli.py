@@ -83,7 +83,13 @@ def _opt(ctx: click.Context, key: str) -> Any:
 
 def load_settings(ctx: click.Context) -> config_mod.Settings:
     path = config_mod.find_config(_opt(ctx, "config"))
-    settings = config_mod.load(path)
+    try:
+        settings = config_mod.load(path)
+    except ConfigError as exc:
+        if exc.key or exc.problem != "file not found":
+            raise
+        hint = config_mod.missing_config_hint(_opt(ctx, "config"))
+        raise ConfigError(exc.file, "", f"file not found; {hint}") from None
     problem = setup_logging(ctx, settings)
     if problem:  # only a command that writes nothing goes on without its log file
         ctx.meta[_LOG_PROBLEM] = problem

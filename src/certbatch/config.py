@@ -165,6 +165,20 @@ class Settings:
     metrics_file: Path | None = None
 
 
+def missing_config_hint(explicit: str | os.PathLike[str] | None,
+                        environ: dict[str, str] | None = None) -> str:
+    """Where the config path came from, for a "file not found" (issue 15: a user must see
+    where certbatch looked and why)."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return "named by --config"
+    if env.get("CERTBATCH_CONFIG"):
+        return "named by $CERTBATCH_CONFIG"
+    looked = " and ".join(str(p if p.is_absolute() else Path.cwd() / p)
+                          for p in DEFAULT_CONFIG_PATHS)
+    return f"looked for {looked} (give another with --config or $CERTBATCH_CONFIG)"
+
+
 def find_config(explicit: str | os.PathLike[str] | None,
                 environ: dict[str, str] | None = None) -> Path:
     """The config file: --config, else $CERTBATCH_CONFIG, else ./certbatch.yaml, else /etc."""
