@@ -71,6 +71,7 @@ POINTS = [
     ("store.version-written", 1), ("store.version-written", 2),
     ("store.version-renamed", 1), ("store.version-renamed", 2),
     ("store.live-switched", 1), ("store.live-switched", 2),
+    ("staging.linked", 1), ("staging.linked", 2),
     ("staging.hooks-done", 1), ("staging.hooks-done", 2),
     ("staging.ready", 1), ("staging.ready", 2),
     ("staging.old-aside", 1), ("staging.old-aside", 2),
@@ -217,6 +218,8 @@ def min_renewed(point: str, nth: int, unreached: str | None) -> int:
     """How many certificates a renewal killed at point@nth has surely switched live."""
     if unreached or point.startswith("apply."):
         return len(NAMES)  # it finished, or died in the notify phase, after every renewal
+    if point == "staging.linked":  # up to three visits in each staging: after its switch
+        return 1
     if point.startswith("staging.") or point in ("store.live-switched", "symlink.switched"):
         return nth  # staging follows the switch; the n-th switch has happened
     # Before a switch (the other certificate may be at the same step), or an atomic write

@@ -369,13 +369,15 @@ def test_sigterm_with_several_certificates_in_flight(tmp_path, pebble):
     slow_hook(tmp_path / "hooks/deploy.d/10-slow", probes)
 
     proc = start(["renew"], cfg, pebble)
-    # One worker is in the deploy hook (it holds the spool lock); the two others are ordering,
-    # or waiting for that lock with their certificate stored.
+    # One worker is in the deploy hook; the two others are ordering, or in their deploy hook
+    # too (stagings of different certificates run at once).
     pids = wait_for(probes / "10-slow.pid", proc)
     time.sleep(0.3)
+    signalled = time.time()
     assert_stopped(stop(proc, signal.SIGTERM), signal.SIGTERM, pids)
 
-    assert len(spans(probes / "10-slow.log")) == 1  # no deploy hook started after the signal
+    started = [start for start, _ in spans(probes / "10-slow.log")]
+    assert 1 <= len(started) <= 3 and max(started) < signalled, started  # none after it
     attempted = [n for n in names if status(tmp_path, n)]
     assert 1 <= len(attempted) <= 3, attempted
     for n in attempted:  # in flight: each says why it stopped

@@ -174,7 +174,8 @@ class Runner:
         self.spool = Spool(settings.paths.spool, settings.paths.hooks,
                            deploy_timeout=settings.hooks.deploy_timeout,
                            notify_timeout=settings.hooks.notify_timeout,
-                           notify_workers=settings.hooks.notify_workers)
+                           notify_workers=settings.hooks.notify_workers,
+                           deploy_workers=settings.hooks.deploy_workers, store=self.store)
         self.progress = progress or Progress()
         self._client: AcmeClient | None = None
 

@@ -6,7 +6,10 @@ every folder in it is a real folder (not a symlink), owned by the user certbatch
 writable by group or others, and when the folders leading to it cannot be changed by anybody
 else either. Then nobody but that user (and root) can swap a folder for a link between a check
 and its use, so certbatch checks each of its folders once when it first uses it and opens files
-with O_NOFOLLOW, checking what it opened (a regular file, ours, one link) on the descriptor.
+with O_NOFOLLOW, checking what it opened (a regular file, ours, one link) on the descriptor. A
+file opened only for reading may have more links: a staged certificate's files are hard links to
+the stored ones (the spool's `_seal`), and in folders nobody else can write to, only certbatch
+(or root) can have made them.
 
 Everything here raises UnsafePath (a StoreError) naming the path and what is wrong.
 """
@@ -31,8 +34,9 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
-def problem(st: os.stat_result, kind: str = "folder") -> str | None:
-    """Why a file or folder with this lstat result is not certbatch's own, or None."""
+def problem(st: os.stat_result, kind: str = "folder", links_ok: bool = False) -> str | None:
+    """Why a file or folder with this lstat result is not certbatch's own, or None.
+    `links_ok`: a file may have several hard links (it is only read)."""
     if stat.S_ISLNK(st.st_mode):
         return "is a symlink (certbatch never follows links in its own folders)"
     want = stat.S_ISDIR if kind == "folder" else stat.S_ISREG
@@ -43,7 +47,7 @@ def problem(st: os.stat_result, kind: str = "folder") -> str | None:
     if st.st_mode & 0o022:
         return f"is writable by {'others' if st.st_mode & 0o002 else 'group'} " \
                f"(mode {stat.S_IMODE(st.st_mode):04o})"
-    if kind == "file" and st.st_nlink != 1:
+    if kind == "file" and st.st_nlink != 1 and not links_ok:
         return f"has {st.st_nlink} hard links"
     return None
 
@@ -137,7 +141,8 @@ def open_file(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> 
     """Open one of certbatch's own files without following a link; check it on the descriptor.
 
     With O_CREAT the file may be new (created with `mode`). Raises UnsafePath if the path is a
-    symlink or the file is not a regular file of ours with one link.
+    symlink or the file is not a regular file of ours with one link (any number of links when
+    it is only read: nothing is written through another name).
     """
     try:
         fd = os.open(path, flags | _NOFOLLOW, mode)
@@ -147,7 +152,8 @@ def open_file(path: Path | str, flags: int = os.O_RDONLY, mode: int = 0o600) -> 
                                    "folders)") from exc
         raise
     try:
-        why = problem(os.fstat(fd), "file")
+        read_only = flags & (os.O_ACCMODE | os.O_CREAT | os.O_TRUNC | os.O_APPEND) == os.O_RDONLY
+        why = problem(os.fstat(fd), "file", links_ok=read_only)
         if why:
             raise UnsafePath(path, why)
     except BaseException:

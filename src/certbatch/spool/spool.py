@@ -3,18 +3,21 @@ applied them.
 
 Layout (every folder 0700, whatever the umask)::
 
-    <spool>/.lock              flock'ed while deploy hooks run, committing, recovering and
-                               applying; never deleted
+    <spool>/.lock              flock'ed shared by every staging while its deploy hooks run and it
+                               commits, exclusively while recovering and applying; never deleted
     <spool>/.prepare.lock      shared-flock'ed by every staging that has a .tmp folder
-    <spool>/.staging/          work folders of stagings (see staging.py)
+    <spool>/.staging/          work folders of stagings, and <name>.lock of each running one
+                               (see staging.py)
     <spool>/pending/<name>/    one folder per staged certificate, latest staging wins
     <spool>/targets/<target>/  each target's ledger.json, and the batch.json and names files it
                                was handed (kept after a failure; see ledger.py)
     <spool>/applied/<batch-id>/  entries every target has applied, with a batch.json record;
                                the last `keep_applied` batches are kept
 
-The certificate's files are copied and fsync'ed into a work folder before the spool lock is
-taken, so the lock is only held for the deploy hooks and the renames.
+The certificate's files are copied into a work folder before the spool lock is taken. The deploy
+hooks get those copies; once they ran, each public file (cert, chain, fullchain) they left
+unchanged is replaced by a hard link to the same file in the store, which is on disk already, so
+only the key, meta.json and what the hooks wrote need an fsync (see `_seal`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import os
 import re
 import secrets
 import shutil
+import stat
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +41,6 @@ from ..config import HookSettings
 from ..errors import CertbatchError, StoreError, UnsafePath, os_error_message
 from ..faults import point
 from ..fsutil import (
-    FileLock,
     atomic_write,
     ensure_dir,
     ensure_root,
@@ -45,7 +49,8 @@ from ..fsutil import (
     write_new,
 )
 from ..hooks import HookCommand, HookResult, discover, run_hook, scan
-from ..store import iso
+from ..locks import SharedLock
+from ..store import Store, iso
 from ..targets import Target, resolve
 from .apply import Batch, TargetOutcome, apply_all
 from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
@@ -120,12 +125,16 @@ class Spool:
     """The staging area under `root`; hooks come from `hooks_dir`/deploy.d and /notify.d.
 
     `stage` and `notify` take `lock` themselves (waiting as long as needed) and are safe to call
-    from several threads and processes; don't call them while holding `lock`.
+    from several threads and processes; don't call them while holding `lock`. Stagings share
+    the lock (at most `deploy_workers` of this object run deploy hooks at a time; None: no
+    limit); `notify`, `forget` and recovery hold it alone. With `store`, staged files the
+    hooks left unchanged become hard links to the store's (see `_seal`).
     """
 
     def __init__(self, root: Path, hooks_dir: Path, deploy_timeout: float = 120,
                  notify_timeout: float = 300, keep_applied: int = 5,
-                 notify_workers: int = 4) -> None:
+                 notify_workers: int = 4, deploy_workers: int | None = None,
+                 store: Store | None = None) -> None:
         self.root = Path(root).absolute()  # hooks run with another cwd
         self.hooks_dir = Path(hooks_dir).absolute()
         self.deploy_timeout = deploy_timeout
@@ -136,7 +145,13 @@ class Spool:
         self.applied_dir = self.root / "applied"
         self.staging = Staging(self.root)
         self.ledgers = Ledgers(self.root)
-        self.lock = FileLock(self.root / ".lock")
+        self.lock = SharedLock(self.root / ".lock")
+        self.store = store
+        # deploy_workers 1 takes the lock exclusively per staging, as certbatch always did: one
+        # staging at a time in every thread and process. More: a limit for this object (run).
+        self._serial = deploy_workers == 1
+        self._deploy_slots = threading.BoundedSemaphore(deploy_workers) \
+            if deploy_workers and deploy_workers > 1 else None
         self._swept = False  # leftover temp files removed (once per Spool object: per run)
 
     # -- what hooks get (also used for dry-run display) --------------------------------------
@@ -174,28 +189,35 @@ class Spool:
                 raise UnsafePath(path, why)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, shared: bool = False) -> Iterator[None]:
+        """Hold the spool lock: exclusively, recovering first; or shared, for a staging (which
+        recovers only its own name's leftovers: see _stage_locked)."""
         self._ensure_layout()
-        if not self.lock.acquire(timeout=0):
-            # Usually another worker thread of this run staging its certificate: debug only.
+        if not self.lock.acquire(timeout=0, shared=shared):
+            # Usually a notify, or stagings of another process: debug only.
             log.debug("waiting for the spool lock %s (last taken by process %s)",
                       self.lock.path, self.lock.holder_pid() or "?")
-            self.lock.acquire()
+            self.lock.acquire(shared=shared)
         try:
-            self.staging.recover()
-            # Earlier versions kept one batch.json for all notify hooks (each target has its
-            # own now); a crash could also leave it behind.
-            remove(self.root / "batch.json")
-            # Temp files of a run killed while it wrote a ledger, a target's batch.json or
-            # names, or an applied/ record: every writer there holds this lock. Once per run:
-            # the lock is taken once per staging, and applied/ may hold thousands of entries.
-            if not self._swept:
-                for folder in (self.ledgers.dir, self.applied_dir):
-                    remove_leftovers(folder, levels=2)
-                self._swept = True
+            if not shared:
+                self._recover()
             yield
         finally:
             self.lock.release()
+
+    def _recover(self) -> None:
+        """What crashed runs left (call holding the spool lock exclusively)."""
+        self.staging.recover()
+        # Earlier versions kept one batch.json for all notify hooks (each target has its
+        # own now); a crash could also leave it behind.
+        remove(self.root / "batch.json")
+        # Temp files of a run killed while it wrote a ledger, a target's batch.json or
+        # names, or an applied/ record: every writer there holds this lock. Once per run:
+        # applied/ may hold thousands of entries.
+        if not self._swept:
+            for folder in (self.ledgers.dir, self.applied_dir):
+                remove_leftovers(folder, levels=2)
+            self._swept = True
 
     # -- staging ----------------------------------------------------------------------------
 
@@ -204,6 +226,7 @@ class Spool:
 
         Runs deploy.d hooks (sorted) then `extra_deploy`, stopping at the first failure; on
         failure the new folder is removed and any earlier pending/<name> stays as it was.
+        Stagings of other names run at the same time; one of the same name waits.
         Raises ValueError for an invalid name, StoreError if the spool can't be written.
         """
         if not NAME_RE.match(cert.name):
@@ -221,62 +244,111 @@ class Spool:
         try:
             self._ensure_layout()
             with self.staging.preparing():
-                work = self._prepare(cert, meta)
+                work, written = self._prepare(cert, meta)
                 try:
-                    with self._locked():
-                        return self._stage_locked(cert, work, extra_deploy)
+                    with self._locked(shared=not self._serial), \
+                            self.staging.name_lock(cert.name):
+                        return self._stage_locked(cert, work, written, extra_deploy)
                 finally:
                     remove(work)  # gone already if committed
         except OSError as exc:
             raise StoreError(f"staging {cert.name} failed: "
                              f"{os_error_message(exc, self.root)}") from exc
 
-    def _prepare(self, cert: CertFiles, meta: dict[str, object]) -> Path:
-        """Write the certificate into a new .tmp work folder, fsync'ed, without the spool lock
-        (the caller holds .prepare.lock shared)."""
+    def _prepare(self, cert: CertFiles, meta: dict[str, object]
+                 ) -> tuple[Path, dict[str, os.stat_result]]:
+        """Write the certificate into a new .tmp work folder without the spool lock (the caller
+        holds .prepare.lock shared); not synced yet (see `_seal`). Returns the folder and the
+        lstat of each PEM file as written."""
         work = self.staging.work_folder(cert.name)
         work.mkdir(mode=0o700)
+        written = {}
         try:
             os.chmod(work, 0o700)  # mkdir's mode is filtered by the umask
-            write_new(work / "privkey.pem", cert.privkey_pem, 0o600)
-            write_new(work / "cert.pem", cert.cert_pem, 0o644)
-            write_new(work / "chain.pem", cert.chain_pem, 0o644)
-            write_new(work / "fullchain.pem", cert.fullchain_pem, 0o644)
+            for filename, data, mode in _pem_files(cert):
+                write_new(work / filename, data, mode, sync=False)
+                written[filename] = os.lstat(work / filename)
             meta["staged_at"] = iso(dt.datetime.now(dt.timezone.utc))
-            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
-            fsync_dir(work)
+            write_new(work / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644, sync=False)
         except BaseException:
             remove(work)
             raise
-        return work
+        return work, written
 
-    def _stage_locked(self, cert: CertFiles, work: Path,
+    def _stage_locked(self, cert: CertFiles, work: Path, written: dict[str, os.stat_result],
                       extra_deploy: Sequence[HookCommand]) -> StageOutcome:
-        """Run the deploy hooks in `work` (prepared), check what they left, make it pending."""
+        """Run the deploy hooks in `work` (prepared), check what they left, make it pending
+        (holding the spool lock shared and the name's lock)."""
+        # A staging of this name that a crash cut short after its hooks: committed before
+        # ours, so that ours, the latest, wins.
+        self.staging.recover(cert.name)
         broken = [f for f in scan(self.hooks_dir / "deploy.d") if f.state == "problem"]
         if broken:
             return StageOutcome(False, [], CertbatchError(
                 f"deploy hook {broken[0].path}: {broken[0].why}; staging discarded"))
         env = self.deploy_env(cert.name, cert.domains, work)
         results: list[HookResult] = []
-        for cmd in self.deploy_commands(extra_deploy):
-            result = run_hook(cmd, env, work, self.deploy_timeout)
-            results.append(result)
-            if not result.ok:
-                log.warning("%s: deploy hook %s failed, staging discarded", cert.name, cmd.name)
-                return StageOutcome(False, results, result.error())
+        with self._deploy_slots or contextlib.nullcontext():
+            for cmd in self.deploy_commands(extra_deploy):
+                result = run_hook(cmd, env, work, self.deploy_timeout)
+                results.append(result)
+                if not result.ok:
+                    log.warning("%s: deploy hook %s failed, staging discarded", cert.name,
+                                cmd.name)
+                    return StageOutcome(False, results, result.error())
         if results:
             problem = entry_problem(work, cert.serial, cert.name)
             if problem:
                 return StageOutcome(False, results, CertbatchError(
                     f"the deploy hooks left the staged files damaged ({problem}); staging "
                     f"discarded"))
-            sync_tree(work)  # deploy hooks don't fsync what they write
+        self._seal(cert, work, written)
         self.staging.check_replaceable(cert.name)  # before the point of no return
         tok = self.staging.mark_ready(work, cert.name)
         self.staging.commit(cert.name, tok)
         log.info("%s: staged (serial %s)", cert.name, cert.serial)
         return StageOutcome(True, results, None)
+
+    def _seal(self, cert: CertFiles, work: Path, written: dict[str, os.stat_result]) -> None:
+        """Make `work` durable before it becomes .ready, with as few fsyncs as that takes.
+
+        Each public PEM file the hooks left exactly as written (same inode, size, times, mode and
+        one link: a hook that edited, replaced, chmod'ed or linked it changed one of them) is
+        replaced by a hard link to the stored version's file, already synced by the store; the
+        hooks never had that link, so nothing they do can change the store's file. The private
+        key stays a copy: it exists nowhere else, and damage done to a pending entry (a person,
+        a script) must never reach it. The rest (the key, meta.json, what the hooks wrote or
+        changed, and every copy if there is no stored file to link: another file system, no
+        store) is fsync'ed, then the folders.
+        """
+        source = self._stored_folder(cert)
+        linked: set[str] = set()
+        if source is not None:
+            for filename, data, mode in _pem_files(cert):
+                if filename not in LINKED:
+                    continue
+                try:
+                    now = os.lstat(work / filename)
+                except FileNotFoundError:
+                    continue
+                if _fingerprint(now) == _fingerprint(written[filename]) and \
+                        _link_same(source / filename, work / filename, data, mode):
+                    linked.add(filename)
+                    point("staging.linked")
+        sync_tree(work, skip=linked)
+
+    def _stored_folder(self, cert: CertFiles) -> Path | None:
+        """The store's live version folder of `cert`, if it holds this serial."""
+        if self.store is None:
+            return None
+        try:
+            stored = self.store.current(cert.name)
+        except (CertbatchError, OSError) as exc:
+            log.debug("%s: staged files are copied: %s", cert.name, exc)
+            return None
+        if stored is None or stored.serial != cert.serial or stored.damaged:
+            return None
+        return stored.folder
 
     # -- pending entries and the notify phase -----------------------------------------------
 
@@ -404,6 +476,49 @@ class Spool:
         entries = self.pending()
         return [TargetState(t, ledger, [e.name for e in ledger.waiting(entries)])
                 for t in targets for ledger in [self.ledgers.load(t.name)]]
+
+
+LINKED = ("cert.pem", "chain.pem", "fullchain.pem")  # public: the store can get them again
+
+
+def _pem_files(cert: CertFiles) -> tuple[tuple[str, bytes, int], ...]:
+    """(file name, content, mode) of the four PEM files, as the store keeps them too."""
+    return (("privkey.pem", cert.privkey_pem, 0o600), ("cert.pem", cert.cert_pem, 0o644),
+            ("chain.pem", cert.chain_pem, 0o644), ("fullchain.pem", cert.fullchain_pem, 0o644))
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+            st.st_nlink, st.st_uid, st.st_gid)
+
+
+def _link_same(src: Path, dest: Path, data: bytes, mode: int) -> bool:
+    """Replace `dest` with a hard link to `src` if that is a regular file of ours with `mode`
+    and exactly `data`; False (nothing changed) if it cannot be: another file system, too many
+    links, a different file."""
+    tmp = dest.with_name(f".{dest.name}.link")
+    try:
+        os.link(src, tmp, follow_symlinks=False)  # a symlink is linked as such: refused below
+    except OSError as exc:
+        log.debug("%s: not linked, kept as a copy: %s", dest, os.strerror(exc.errno or 0))
+        return False
+    try:
+        fd = safefs.open_file(tmp)  # no link followed; a regular file of ours
+        try:
+            st = os.fstat(fd)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                same = stat.S_IMODE(st.st_mode) == mode and fh.read(len(data) + 1) == data
+        finally:
+            os.close(fd)
+        if same:
+            os.replace(tmp, dest)
+            return True
+        log.debug("%s: the stored file differs; kept as a copy", dest)
+    except (OSError, CertbatchError) as exc:
+        log.debug("%s: not linked, kept as a copy: %s", dest, exc)
+    with contextlib.suppress(OSError):
+        os.unlink(tmp)
+    return False
 
 
 @dataclass

@@ -14,6 +14,11 @@ A ``.tmp`` folder is filled before the spool lock is taken. From before its mkdi
 committed or removed, its writer holds a shared flock on ``<spool>/.prepare.lock`` (a file: that
 works on NFS too); recovery deletes ``.tmp`` folders only when it can take that lock exclusively,
 i.e. when nobody, in any process or thread, is between prepare and commit.
+
+Stagings hold the spool lock shared, so several run at once; two of the same name never do:
+each holds ``<name>.lock`` here (an flock, see `name_lock`) while it runs its hooks and commits.
+Whoever holds the spool lock exclusively recovers everything; a staging, before its hooks,
+finishes what a crashed staging of its own name left (`recover(name)`).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from .. import safefs
@@ -63,12 +69,14 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
-def sync_tree(top: Path) -> None:
-    """fsync every file and folder under `top`: deploy hooks don't fsync what they write."""
+def sync_tree(top: Path, skip: Collection[str] = ()) -> None:
+    """fsync every file and folder under `top` (but the files named in `skip` at its top: hard
+    links to files synced already): neither certbatch's copies nor what deploy hooks wrote are
+    synced before."""
     for dirpath, _dirs, files in os.walk(top):
         for name in files:
             path = os.path.join(dirpath, name)
-            if os.path.islink(path):
+            if os.path.islink(path) or (dirpath == str(top) and name in skip):
                 continue
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -76,6 +84,29 @@ def sync_tree(top: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+_name_guard = threading.Lock()
+_name_threads: dict[str, tuple[threading.Lock, int]] = {}  # lock path -> (lock, users)
+
+
+@contextlib.contextmanager
+def _thread_lock(key: str) -> Iterator[None]:
+    """A process-wide lock per `key`, forgotten when nobody uses it (10,000 names come and
+    go): threads of one process queue here instead of polling the flock."""
+    with _name_guard:
+        lock, users = _name_threads.get(key, (threading.Lock(), 0))
+        _name_threads[key] = (lock, users + 1)
+    try:
+        with lock:
+            yield
+    finally:
+        with _name_guard:
+            lock, users = _name_threads[key]
+            if users == 1:
+                del _name_threads[key]
+            else:
+                _name_threads[key] = (lock, users - 1)
 
 
 class Staging:
@@ -122,6 +153,38 @@ class Staging:
         finally:
             os.close(fd)
 
+    @contextlib.contextmanager
+    def name_lock(self, name: str) -> Iterator[None]:
+        """Hold ``.staging/<name>.lock`` exclusively, against stagings of `name` in any thread
+        or process. Take it only while holding the spool lock shared: then no exclusive holder
+        (recovery deletes leftover ones) is about. The holder deletes the file before it lets
+        go; a waiter that then gets the deleted file's flock sees that and starts over.
+        """
+        path = self.dir / f"{name}.lock"
+        with _thread_lock(str(path)):
+            while True:
+                fd = safefs.open_file(path, os.O_RDWR | os.O_CREAT, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)  # another process's staging of this name
+                    st = os.stat(path, follow_symlinks=False)
+                    held = os.fstat(fd)
+                    if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                        break
+                except FileNotFoundError:
+                    pass  # deleted by the holder we waited for
+                except BaseException:
+                    os.close(fd)
+                    raise
+                os.close(fd)
+            try:
+                yield
+            finally:
+                try:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                finally:
+                    os.close(fd)
+
     def mark_ready(self, work: Path, name: str) -> str:
         """Rename a finished .tmp folder to .ready; returns its token. From here on the staging
         is complete: recovery would commit it."""
@@ -150,34 +213,51 @@ class Staging:
             self.check_replaceable(name)  # before the first rename: nothing is half done
             os.rename(target, old)
             point("staging.old-aside")
-            fsync_dir(self.pending_dir)
-            fsync_dir(self.dir)
         os.rename(ready, target)
         point("staging.committed")
-        fsync_dir(self.dir)
+        # One fsync: a rename is one transaction of the file system's journal (ext4, xfs,
+        # btrfs), both folders at once, committed in order; syncing the folder that receives
+        # the entry makes both renames durable. Either is replayed whole or not at all, and
+        # recovery finishes any prefix of them.
         fsync_dir(self.pending_dir)
         remove(old)
         point("staging.old-removed")
 
-    def recover(self) -> None:
-        """Finish or discard what a crashed staging left in .staging/ (call with the spool lock).
+    def recover(self, name: str | None = None) -> None:
+        """Finish or discard what a crashed staging left in .staging/: with the spool lock held
+        exclusively, everything; with `name`, only the .ready and .old folders of that name
+        (call with the spool lock shared and the name's lock held).
 
-        .ready and .old folders only exist under the lock, so they are a crash's leftovers.
-        A .tmp folder may belong to a live staging that has not got the lock yet: it is deleted
-        only when nobody is preparing (see _nobody_preparing).
+        .ready and .old folders only exist while their staging holds its name's lock, so with
+        that lock (or every lock) they are a crash's leftovers. A .tmp folder may belong to a
+        live staging that has not got the lock yet: it is deleted only when nobody is preparing
+        (see _nobody_preparing).
         """
         groups: dict[tuple[str, str], set[str]] = {}
         for entry in sorted(os.listdir(self.dir)):
-            st = os.lstat(self.dir / entry)
+            parts = entry.rsplit(".", 2)
+            if name is not None and (len(parts) != 3 or parts[0] != name
+                                     or parts[2] not in ("ready", "old")):
+                continue  # another name's, its lock, or a .tmp: left to the exclusive holder
+            try:
+                st = os.lstat(self.dir / entry)
+            except FileNotFoundError:
+                continue  # another name's staging committed it meanwhile
             if stat.S_ISLNK(st.st_mode):  # never ours: unlinked, what it names is untouched
                 log.warning("spool: removing the symlink %s", self.dir / entry)
                 os.unlink(self.dir / entry)
+                continue
+            if stat.S_ISREG(st.st_mode) and entry.endswith(".lock"):
+                # A name's lock (see name_lock) left by a killed staging: with every lock
+                # held, nobody holds it.
+                if safefs.problem(st, "file") is None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.dir / entry)
                 continue
             why = safefs.problem(st)
             if why:
                 log.warning("spool: leaving %s alone: it %s", self.dir / entry, why)
                 continue
-            parts = entry.rsplit(".", 2)
             if len(parts) != 3 or parts[2] not in STATES:
                 log.warning("spool: removing unknown leftover %s", self.dir / entry)
                 remove(self.dir / entry)
@@ -186,26 +266,26 @@ class Staging:
         # Token order = staging order, so if several finished stagings of one name were left,
         # the latest is committed last and wins.
         idle: bool | None = None  # _nobody_preparing(), asked once, only if a .tmp is there
-        for (name, tok), states in sorted(groups.items(), key=lambda kv: kv[0][1]):
+        for (cert, tok), states in sorted(groups.items(), key=lambda kv: kv[0][1]):
             if "tmp" in states:
                 if idle is None:
                     idle = self._nobody_preparing()
                 if idle:
-                    log.warning("spool: discarding unfinished staging of %s", name)
-                    remove(self.dir / f"{name}.{tok}.tmp")
+                    log.warning("spool: discarding unfinished staging of %s", cert)
+                    remove(self.dir / f"{cert}.{tok}.tmp")
             if "ready" in states:
-                log.warning("spool: completing interrupted staging of %s", name)
+                log.warning("spool: completing interrupted staging of %s", cert)
                 try:
-                    self.commit(name, tok)
+                    self.commit(cert, tok)
                 except UnsafePath as exc:  # never replaces a foreign entry; never wedges
-                    log.error("spool: discarding the staging of %s: %s", name, exc)
-                    remove(self.dir / f"{name}.{tok}.ready")
+                    log.error("spool: discarding the staging of %s: %s", cert, exc)
+                    remove(self.dir / f"{cert}.{tok}.ready")
             elif "old" in states:
-                old = self.dir / f"{name}.{tok}.old"
-                target = self.pending_dir / name
+                old = self.dir / f"{cert}.{tok}.old"
+                target = self.pending_dir / cert
                 if target.exists():
                     remove(old)
                 else:  # only reachable if .ready vanished: keep what we have
-                    log.warning("spool: restoring pending entry %s", name)
+                    log.warning("spool: restoring pending entry %s", cert)
                     os.rename(old, target)
                     fsync_dir(self.pending_dir)
