@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -427,6 +429,27 @@ def test_without_a_stored_file_to_link_every_copy_is_synced(tmp_path: Path,
     assert spool.stage(cert).ok
     assert len(fsyncs) == 7  # 5 files, their folder, pending/
     assert os.stat(tmp_path / "spool/pending/www/cert.pem").st_nlink == 1
+
+
+def test_a_spool_on_another_file_system_gets_synced_copies(tmp_path: Path,
+                                                           fsyncs: list[int]) -> None:
+    """EXDEV: the stored files cannot be linked from another file system; copies, all synced."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (tmpfs at /dev/shm) here")
+    store = store_certificates(tmp_path / "state", ["www"])
+    spool_dir = Path(tempfile.mkdtemp(dir=shm)) / "spool"
+    try:
+        spool = Spool(spool_dir, tmp_path / "hooks", store=store)
+        cert = stored_files(store, "www")
+        del fsyncs[:]
+        assert spool.stage(cert).ok
+        assert len(fsyncs) == 7  # 5 files, their folder, pending/
+        entry = spool_dir / "pending/www"
+        assert all(os.stat(entry / n).st_nlink == 1 for n in os.listdir(entry))
+        assert (entry / "fullchain.pem").read_bytes() == cert.fullchain_pem
+    finally:
+        shutil.rmtree(spool_dir.parent)
 
 
 def stat_mode(path: Path) -> int:
