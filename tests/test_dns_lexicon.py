@@ -239,3 +239,25 @@ def test_without_lexicon_only_its_certificates_fail(tmp_path: Path, pebble: Pebb
     assert check.returncode == 1
     assert f"    challenge: CANNOT work: {missing}" in check.stdout
     assert f"certbatch: problem: lx: {missing}" in check.stderr
+
+
+@needs_lexicon
+def test_errors_never_carry_a_credential() -> None:
+    """Whatever a provider raises, the line certbatch makes of it has no credential in it."""
+    import requests
+
+    from certbatch.dns.lexicon import LexiconProvider
+
+    provider = LexiconProvider("powerdns", {"auth_token": WRONG_TOKEN, "region": "eu"})
+    record = TxtRecord("_acme-challenge.x.pdns.test.", ZONE, "v")
+    leaky = RuntimeError(f"bad answer for https://api.example/zones?key=abc123xyz with token "
+                         f"{WRONG_TOKEN} in region eu")
+    why, applied = provider._explain(leaky, record)
+    assert why == ("RuntimeError: bad answer for https://api.example/zones?[...] with token "
+                   "[redacted] in region eu") and applied
+    refused = requests.ConnectionError(
+        f"HTTPSConnectionPool(host='api.example', port=443): Max retries exceeded with url: "
+        f"/v1?token={WRONG_TOKEN} (Caused by NewConnectionError(': Failed to establish a new "
+        f"connection: [Errno 111] Connection refused'))")
+    assert provider._explain(refused, record) == (
+        "cannot connect to the provider's API: Connection refused", False)

@@ -98,9 +98,13 @@ def read_accounts(path: Path, error: type[Exception] = ChallengeError) -> dict[s
 
 def accounts(path: Path) -> dict[str, Account]:
     """The accounts in `path`, by domain; ChallengeError naming what is wrong (never a value)."""
-    if not path.exists() and not path.is_symlink():
+    try:
+        path.stat()
+    except FileNotFoundError:
         raise ChallengeError(f"accounts_file {path}: no such file (certbatch acme-dns register "
-                             f"DOMAIN... creates it)")
+                             f"DOMAIN... creates it)") from None
+    except OSError as exc:
+        raise ChallengeError(f"accounts_file {os_error_message(exc, path)}") from None
     out = {}
     for domain, entry in read_accounts(path).items():
         missing = [f for f in _FIELDS if not isinstance(entry, dict)
