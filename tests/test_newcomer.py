@@ -25,3 +25,26 @@ def test_a_missing_config_says_where_certbatch_looked(tmp_path: Path) -> None:
     explicit = run(["status"], tmp_path / "x.yaml")
     assert (explicit.returncode, explicit.stderr) == (
         2, f"certbatch: error: {tmp_path}/x.yaml: file not found; named by --config\n")
+
+
+def test_a_dry_run_writes_nothing_not_even_the_log_file(tmp_path: Path) -> None:
+    from cli_helpers import write_config
+
+    class NoCA:
+        directory_url = "https://127.0.0.1:9/dir"
+        ca_bundle = tmp_path / "ca.pem"
+
+    (tmp_path / "ca.pem").write_text("")
+    cfg = write_config(tmp_path, NoCA(), {"web": {"domains": ["web.example.com"]}},
+                       logging={"file": "./certbatch.log"})
+    log = tmp_path / "certbatch.log"
+    for args in (["renew", "--dry-run"], ["run-hook", "--dry-run"]):
+        result = run(args, cfg)
+        assert result.returncode == 0, result.stderr
+        assert not log.exists(), args
+    # status still logs that it ran (the README says so), and --log-file is always written
+    assert run(["status"], cfg).returncode == 0 and "status: started" in log.read_text()
+    log.unlink()
+    other = tmp_path / "asked.log"
+    assert run(["--log-file", str(other), "renew", "--dry-run"], cfg).returncode == 0
+    assert other.exists() and not log.exists()

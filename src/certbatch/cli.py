@@ -191,6 +191,22 @@ def _writes_nothing(ctx: click.Context) -> bool:
     return ctx.info_name in ("status", "check") or bool(ctx.params.get("dry_run"))
 
 
+def _unwritable(path: Path) -> str | None:
+    """Why `path` could not be opened for appending (None: it could), without opening it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        parent = path.parent
+        if not parent.is_dir():
+            return f"{parent} is not a folder" if parent.exists() else "No such file or directory"
+        return None if os.access(parent, os.W_OK | os.X_OK) else "Permission denied"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if stat.S_ISDIR(st.st_mode):
+        return "Is a directory"
+    return None if os.access(path, os.W_OK) else "Permission denied"
+
+
 def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> str | None:
     """Log lines go to stderr with -v (INFO) or -vv (DEBUG), and to the log file (INFO; DEBUG
     with -vv). Nothing else is ever printed by logging: without a handler Python would print
@@ -210,6 +226,16 @@ def setup_logging(ctx: click.Context, settings: config_mod.Settings | None) -> s
         stderr.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         handlers.append(stderr)
     log_file = _opt(ctx, "log_file") or (settings.log_file if settings else None)
+    if log_file and not _opt(ctx, "log_file") and ctx.params.get("dry_run"):
+        # A dry run writes nothing, not even a log line (only a --log-file given on its
+        # command line is written): whether the file could be opened is found without
+        # opening it.
+        why = _unwritable(Path(log_file))
+        if why:
+            assert settings is not None
+            log_problem = str(ConfigError(settings.path, "logging.file",
+                                          f"cannot open {log_file}: {why}"))
+        log_file = None
     if log_file:
         try:
             file_handler = _LogFile(log_file, encoding="utf-8")
