@@ -166,8 +166,12 @@ def test_check_online_probes_through_lexicon(tmp_path: Path, pdns_setup: PdnsSet
 
 
 @needs_lexicon
-def test_two_values_at_one_name_and_only_one_removed(pdns_setup: PdnsSetup) -> None:
+def test_two_values_at_one_name_and_only_one_removed(pdns_setup: PdnsSetup,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from certbatch.dns.lexicon import LexiconProvider
+
+    for name, value in pdns_setup.env.items():  # lexicon's cache: not in the home folder
+        monkeypatch.setenv(name, value)
 
     provider = LexiconProvider("powerdns", pdns_setup.credentials())
     name = "_acme-challenge.same.pdns.test."
