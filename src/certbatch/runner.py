@@ -300,8 +300,8 @@ class Runner:
             report.notify_skipped = "--no-notify"
         with contextlib.suppress(CertbatchError, OSError):
             report.pending_after = len(self.spool.pending())
-        report.interrupted = interrupt.signal_number()
         self.store.index.save(keep=self.settings.certificates)
+        report.interrupted = interrupt.signal_number()
         report.duration = time.monotonic() - t0
         return report
 
