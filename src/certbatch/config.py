@@ -286,6 +286,15 @@ def load(path: Path | str) -> Settings:
     return _Checker(file, abs_path.parent).settings(data, abs_path)
 
 
+def loads(text: str, path: Path | str) -> Settings:
+    """Validate a config text as if it were the file `path` (relative paths are taken from its
+    folder): for a config about to be written (certbatch import)."""
+    path = Path(path)
+    abs_path = Path(os.path.abspath(path))
+    data = _parse_yaml(text, str(path))
+    return _Checker(str(path), abs_path.parent).settings(data, abs_path)
+
+
 def _read_yaml(path: Path, file: str) -> Any:
     try:
         raw = path.read_bytes()
@@ -301,6 +310,10 @@ def _read_yaml(path: Path, file: str) -> Any:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ConfigError(file, "", f"not UTF-8 text (bad byte at offset {e.start})") from None
+    return _parse_yaml(text, file)
+
+
+def _parse_yaml(text: str, file: str) -> Any:
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from .. import config as config_mod
-from ..errors import ConfigError, UsageError, os_error_message
+from ..errors import UsageError, os_error_message
 from .mapping import NewFile
 
 
@@ -60,8 +60,7 @@ class ExistingConfig:
 
 def load_text(text: str, path: Path, new_files: list[NewFile]) -> config_mod.Settings:
     """config.load for a text not on disk yet (paths relative to `path`'s folder). Scripts the
-    import will write are not there yet: while loading, they count as existing executables.
-    TODO(config.py): a public config.loads(text, path) would replace the private calls."""
+    import will write are not there yet: while loading, they count as existing executables."""
     import tempfile
 
     abs_path = Path(os.path.abspath(path))
@@ -72,14 +71,4 @@ def load_text(text: str, path: Path, new_files: list[NewFile]) -> config_mod.Set
             stand_in.write_text(f.content)
             stand_in.chmod(f.mode)
             swapped = swapped.replace(str(f.path), str(stand_in))
-        loader = config_mod._Loader(swapped)
-        try:
-            node = loader.get_single_node()
-            if node is not None:
-                config_mod._check_duplicate_keys(node, str(path))
-            data = loader.construct_document(node) if node is not None else None
-        except yaml.YAMLError as exc:
-            raise ConfigError(path, "", f"invalid YAML: {exc}") from None
-        finally:
-            loader.dispose()
-        return config_mod._Checker(str(path), abs_path.parent).settings(data, abs_path)
+        return config_mod.loads(swapped, abs_path)
