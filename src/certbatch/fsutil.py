@@ -194,10 +194,10 @@ class FileLock:
     Two flocks make it: one on the lock file's folder and one on the file itself. The folder's
     cannot be escaped by deleting or replacing the file (a second run that made a new file
     there still waits for the folder); the file's names the holder: its PID is written into it
-    so a waiting process can say who it waits for. flock locks belong to an open file
-    description, so two threads of one process that each open the file would both "get" it; a
-    process-wide threading.Lock per path closes that gap. The kernel drops the flocks when the
-    holder dies, so a killed process never blocks the next one.
+    so a waiting process can say who it waits for. Threads of one process first queue on a
+    process-wide threading.Lock per path (flock would exclude them too, as each opens the file
+    anew, but by polling). The kernel drops the flocks when the holder dies, so a killed
+    process never blocks the next one.
     """
 
     _thread_locks: dict[str, threading.Lock] = {}
