@@ -273,11 +273,7 @@ class Runner:
             self._jitter(jitter, sleep)
             if not interrupt.requested():
                 work = self._connect_or_fail(work)
-        n_workers = max(1, workers or self.settings.renewal.workers)
-        if work:
-            with ThreadPoolExecutor(max_workers=min(n_workers, len(work)),
-                                    thread_name_prefix="certbatch") as pool:
-                list(pool.map(lambda item: self._process(*item), work))
+        self._run_pool(work, workers or self.settings.renewal.workers)
 
         if notify and interrupt.requested():
             report.notify_skipped = "interrupted"
@@ -304,6 +300,13 @@ class Runner:
         report.interrupted = interrupt.signal_number()
         report.duration = time.monotonic() - t0
         return report
+
+    def _run_pool(self, work: Sequence[WorkItem], workers: int) -> None:
+        """Process the work items, at most `workers` at a time."""
+        if work:
+            with ThreadPoolExecutor(max_workers=min(max(1, workers), len(work)),
+                                    thread_name_prefix="certbatch") as pool:
+                list(pool.map(lambda item: self._process(*item), work))
 
     def _jitter(self, jitter: float | None, sleep: Callable[[float], object]) -> None:
         """Sleep the random jitter before the first order."""
@@ -587,6 +590,7 @@ class Runner:
         self.spool.forget(target=target)
         pending = {e.name for e in self.spool.pending()}
         results = []
+        work: list[WorkItem] = []
         for cert in self.settings.certificates.values():
             decision = Decision(renewal.RESTAGE, f"run-hook --target {target} --all")
             try:
@@ -597,8 +601,10 @@ class Runner:
             if stored is None or cert.name in pending:
                 continue
             result = CertResult(cert.name, stored.domains, decision)
-            self._process(cert, result, stored, self.store.status(cert.name))
+            work.append((cert, result, stored, self.store.status(cert.name)))
             results.append(result)
+        self._run_pool(work, self.settings.renewal.workers)  # stagings run side by side
+        self.store.index.save(keep=self.settings.certificates)
         interrupt.check()
         outcome = self.spool.notify(targets, [r.name for r in results if r.failed], [target])
         self._restage_damaged(outcome, results)
