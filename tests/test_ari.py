@@ -220,17 +220,18 @@ def test_no_ari_at_the_ca_off_by_config_and_a_slow_ca(tmp_path: Path, pebble: Pe
     certs = {"plain": {"domains": [name]}}
     cfg = ari_config(tmp_path, pebble, proxy, certs)
     assert run(["renew"], cfg, pebble).returncode == 0  # Pebble as it is: no renewalInfo
-    assert json.loads(status_file(tmp_path, "plain").read_text())["ari"] is None
+    # the directory the order used has no renewalInfo: remembered for 6 hours at once
+    state = json.loads(status_file(tmp_path, "plain").read_text())["ari"]
+    assert state["unsupported"] is True and state["serial"] == serial(tmp_path, "plain")
     second = run(["renew", "--force"], cfg, pebble)
     assert second.returncode == 0, second.stderr
-    # no replaces to a CA without ARI; the status remembers it has none (no asking for 6 h)
+    # no replaces to a CA without ARI
     assert [o.get("replaces") for o in orders(proxy, name)] == [None, None]
-    age_ari_missing = json.loads(status_file(tmp_path, "plain").read_text())["ari"]
-    assert age_ari_missing is None  # a forced run asks nothing
     third = run(["renew"], cfg, pebble)
     assert third.returncode == 0
-    state = json.loads(status_file(tmp_path, "plain").read_text())["ari"]
-    assert state["unsupported"] is True
+    assert json.loads(status_file(tmp_path, "plain").read_text())["ari"]["unsupported"] is True
+    # ... so a run with nothing due did not even fetch the directory
+    assert proxy.count("GET", "/dir") == 2  # the two ordering runs
 
     # renewal.ari: false: no renewal info, no replaces, even when the CA offers ARI
     proxy.ari = {"*": window(-dt.timedelta(hours=2), -dt.timedelta(hours=1))}

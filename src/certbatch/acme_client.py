@@ -273,6 +273,11 @@ class AcmeClient:
                        directory["newOrder"]: pacer.NEW_ORDER}
         return directory
 
+    @property
+    def offers_ari(self) -> bool:
+        """Whether the CA's directory (fetched already) has renewalInfo (RFC 9773)."""
+        return self._directory is not None and "renewalInfo" in self._directory.to_partial_json()
+
     def endpoint_kind(self, url: str) -> str:
         """The pacer's class of a request to `url`."""
         return self._kinds.get(url, pacer.OTHER)

@@ -416,6 +416,9 @@ class Runner:
                 result.outcome = ISSUED if result.decision.action == renewal.ISSUE else RENEWED
                 status.rate_limited_until = None
                 renewal.record_order_success(status)
+                if self.settings.renewal.ari and not self._acme().offers_ari:
+                    # Known from the directory just used: no request next run to learn it.
+                    status.ari = ari.unsupported(stored.serial, utcnow())
             else:
                 result.outcome = RESTAGED
             assert stored is not None
