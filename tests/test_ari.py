@@ -456,3 +456,65 @@ def test_cron_advice() -> None:
         "renews every 18 hours (lifetime 36 hours): run `certbatch renew` from cron at least "
         "every 4 hours")
     assert renewal.cron_advice(NOW, NOW + dt.timedelta(days=2), dt.timedelta(hours=12)) is None
+
+
+# -- review fixes: odd answers from the CA ------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["99999999999999", "\u00b2", "1e9", "-5",
+                                   "Fri, 01 Feb 99999 10:00:00 GMT", "\x00"])
+def test_retry_after_values_never_raise(value: str) -> None:
+    from certbatch.retry_after import parse_retry_after
+
+    when = parse_retry_after(value, NOW)
+    assert when is None or NOW <= when <= NOW + dt.timedelta(days=366)
+    assert NOW + dt.timedelta(minutes=1) <= ari.next_check(value, NOW) \
+        <= NOW + dt.timedelta(days=1)
+
+
+def test_fractional_windows_keep_their_choice() -> None:
+    body = {"suggestedWindow": {"start": "2026-12-01T03:00:00.333333Z",
+                                "end": "2026-12-02T03:00:00.5+00:00"}}
+    start, end, _ = ari.parse_window(body)
+    assert (start, end) == (dt.datetime(2026, 12, 1, 3, 0, tzinfo=UTC),
+                            dt.datetime(2026, 12, 2, 3, 0, tzinfo=UTC))
+    first = ari.answered(None, "s", start, end, None, None, NOW, random.Random(1))
+    stored = ari.AriState.from_dict(json.loads(json.dumps(first.to_dict())))
+    again = ari.answered(stored, "s", *ari.parse_window(body)[:2], None, None, NOW,
+                         random.Random(2))
+    assert again.renew_at == first.renew_at  # the same window, read again: the same choice
+    # nanoseconds and a lower-case z, as some CAs write them
+    body = {"suggestedWindow": {"start": "2026-12-01T03:00:00.123456789z",
+                                "end": "2026-12-01T04:00:00-02:00"}}
+    assert ari.parse_window(body)[1] == dt.datetime(2026, 12, 1, 6, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(("url", "kept"), [
+    ("https://ca.example/why", True),
+    ("http://ca.example/why?x=1", True),
+    ("https://ca.example/\x1b[31mred", False),
+    ("https://ca.example/a\nb", False),
+    ("javascript:alert(1)", False),
+    ("https://" + "a" * 600, False),
+])
+def test_only_plain_explanation_urls_are_kept(url: str, kept: bool) -> None:
+    body = {"suggestedWindow": {"start": "2026-12-01T03:00:00Z",
+                                "end": "2026-12-02T03:00:00Z"}, "explanationURL": url}
+    assert ari.parse_window(body)[2] == (url if kept else None)
+
+
+def test_a_503_from_renewal_info_stops_the_rest(pebble: PebbleInstance,
+                                                proxy: FaultProxy) -> None:
+    # MOCK (what Pebble 2.4 lacks): the proxy's renewal info answers the first request with
+    # 503 and Retry-After: 600. Nothing more is asked in that run; every certificate's next
+    # check is the CA's time, and the fetcher hands the wait on (the runner to its pacer).
+    proxy.ari = {"*": window(dt.timedelta(days=1), dt.timedelta(days=2))}
+    proxy.faults.append(Fault("GET", RENEWAL_INFO, 503, {"Retry-After": "600"}, b"busy"))
+    fetcher = ari.Fetcher(proxy.directory_url, str(pebble.ca_bundle), 5, 1,
+                          time.monotonic() + 30)
+    now = dt.datetime.now(UTC)
+    queries = [ari.Query(f"c{i}", f"0{i}", f"id{i}", None) for i in range(4)]
+    states = fetcher.fetch_all(queries, now)
+    assert ari_requests(proxy) == 1
+    assert fetcher.paused is not None
+    assert dt.timedelta(seconds=590) < fetcher.paused[0] - now <= dt.timedelta(seconds=600)
+    assert all(s.next_check == fetcher.paused[0] and s.error for s in states.values())

@@ -8,6 +8,8 @@ import json
 import os
 import stat
 
+import pytest
+from test_cli import restore_certbatch_logger  # noqa: F401 - a fixture
 from test_store import save
 
 from certbatch.store import CertStatus, Store
@@ -95,3 +97,28 @@ def test_entries_of_removed_certificates_are_dropped(tmp_path):
     store.index.save(keep=["site"])
     certs = json.loads((tmp_path / "state" / "index.json").read_text())["certs"]
     assert sorted(certs) == ["site"]
+
+
+@pytest.mark.usefixtures("restore_certbatch_logger")
+def test_check_reads_the_index_once(tmp_path, monkeypatch):
+    """check looks at every certificate's live files through one Store: one index read, not
+    one per certificate (10,000 certificates would read a 10 MB file 20,000 times)."""
+    from certbatch import index
+    from certbatch.cli import cli
+
+    store = Store(tmp_path / "state")
+    save(store, "0a")
+    store.index.save()
+    cfg = tmp_path / "certbatch.yaml"
+    names = ["site"] + [f"n{i}" for i in range(5)]
+    cfg.write_text("acme: {directory: https://ca.example/dir}\n"
+                   "paths: {state: ./state, spool: ./spool, hooks: ./hooks}\n"
+                   "defaults: {challenge: {type: http-01, standalone: {}}}\n"
+                   "certificates:\n" + "".join(f"  {n}: {{domains: [{n}.example]}}\n"
+                                               for n in names))
+    loads = []
+    real = index.Index._load
+    monkeypatch.setattr(index.Index, "_load", lambda self: loads.append(1) or real(self))
+    with pytest.raises(SystemExit):
+        cli.main(["check", "-q", "-c", str(cfg)])
+    assert len(loads) == 1

@@ -18,10 +18,11 @@ import base64
 import datetime as dt
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -125,21 +126,36 @@ def next_check(retry_after: str | None, now: dt.datetime) -> dt.datetime:
     return min(max(when, now + MIN_CHECK), now + MAX_CHECK)
 
 
-def parse_window(body: Any) -> tuple[dt.datetime, dt.datetime, str | None]:
-    """(start, end, explanationURL) of a renewalInfo answer; ValueError if malformed."""
-    from .store import parse_iso
+# RFC 3339 date-time; the fraction is dropped (times are kept to the second, so that the same
+# window read again compares equal), and Python 3.10's fromisoformat takes no "Z" nor any
+# fraction but 3 or 6 digits.
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ](\d\d:\d\d:\d\d)(?:\.\d+)?(Z|z|[+-]\d\d:\d\d)")
+# An explanation is shown on terminals and in logs: a plain, printable URL only.
+_EXPLANATION = re.compile(r"https?://[\x21-\x7e]{1,500}")
 
+
+def _time(text: Any) -> dt.datetime:
+    m = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"not an RFC 3339 time with a time zone: {str(text)[:40]!r}")
+    zone = "+00:00" if m[3] in "Zz" else m[3]
+    return dt.datetime.fromisoformat(f"{m[1]}T{m[2]}{zone}").astimezone(dt.timezone.utc)
+
+
+def parse_window(body: Any) -> tuple[dt.datetime, dt.datetime, str | None]:
+    """(start, end, explanationURL) of a renewalInfo answer, times to the second; ValueError
+    if malformed. An explanation that is not a plain printable http(s) URL is dropped."""
     try:
         window = body["suggestedWindow"]
-        start, end = parse_iso(window["start"]), parse_iso(window["end"])
+        start, end = _time(window["start"]), _time(window["end"])
     except (TypeError, KeyError, AttributeError, ValueError) as exc:
         raise ValueError(f"no usable suggestedWindow ({type(exc).__name__}: {exc})") from None
-    if start.tzinfo is None or end.tzinfo is None:
-        raise ValueError("suggestedWindow times have no time zone")
     if end < start:
         raise ValueError("suggestedWindow ends before it starts")
     explanation = body.get("explanationURL")
-    return start, end, explanation if isinstance(explanation, str) else None
+    if not isinstance(explanation, str) or not _EXPLANATION.fullmatch(explanation):
+        explanation = None
+    return start, end, explanation
 
 
 def answered(old: AriState | None, serial: str, start: dt.datetime, end: dt.datetime,
@@ -162,11 +178,14 @@ def answered(old: AriState | None, serial: str, start: dt.datetime, end: dt.date
                     window_end=end, renew_at=renew_at, explanation=explanation, checked_at=now)
 
 
-def failed(old: AriState | None, serial: str, error: str, now: dt.datetime) -> AriState:
+def failed(old: AriState | None, serial: str, error: str, now: dt.datetime,
+           retry_at: dt.datetime | None = None) -> AriState:
     """The state after a failed request: a window already known for this certificate stays
-    (the CA said it), the next check is DEFAULT_CHECK later."""
+    (the CA said it), the next check is DEFAULT_CHECK later, or `retry_at` (the CA's own
+    Retry-After, clamped)."""
     keep = old if old is not None and old.serial == serial else AriState(serial, now)
-    return replace(keep, next_check=now + DEFAULT_CHECK, error=error, unsupported=False)
+    return replace(keep, next_check=retry_at or now + DEFAULT_CHECK, error=error,
+                   unsupported=False)
 
 
 def unsupported(serial: str, now: dt.datetime) -> AriState:
@@ -214,6 +233,22 @@ class Fetcher:
         self.deadline = deadline
         self.stop = stop
         self._local = threading.local()
+        self._lock = threading.Lock()
+        # (until, why) once the CA answered 429 or 503 with a Retry-After: no more requests
+        # in this run; the runner passes it on to the ACME client's pacer.
+        self.paused: tuple[dt.datetime, str] | None = None
+
+    def _pause(self, response: Any, url: str, now: dt.datetime) -> None:
+        from .retry_after import parse_retry_after
+
+        when = parse_retry_after(response.headers.get("Retry-After"), now)
+        if when is None:
+            return
+        until = min(max(when, now + MIN_CHECK), now + MAX_CHECK)
+        with self._lock:
+            if self.paused is None or until > self.paused[0]:
+                self.paused = (until, f"the CA asked to wait (HTTP {response.status_code} from "
+                                      f"{url})")
 
     def _get(self, url: str) -> Any:
         import requests  # only a run that has renewal info to refresh needs it
@@ -251,8 +286,7 @@ class Fetcher:
         try:
             futures = {pool.submit(self._one, base.rstrip("/"), q, now, rng): q
                        for q in queries}
-            wait(futures, timeout=max(self.deadline - time.monotonic(), 0),
-                 return_when=FIRST_EXCEPTION)
+            wait(futures, timeout=max(self.deadline - time.monotonic(), 0))
             for future, q in futures.items():
                 if future.done() and future.exception() is None:
                     results[q.name] = future.result()
@@ -268,18 +302,26 @@ class Fetcher:
              ) -> AriState:
         if self.stop():
             return failed(q.old, q.serial, "interrupted", now)
+        with self._lock:
+            paused = self.paused
+        if paused is not None:  # the CA said to wait: nothing more is sent in this run
+            return failed(q.old, q.serial, paused[1], now, retry_at=paused[0])
         url = f"{base}/{q.cert_id}"
         try:
             response = self._get(url)
+            if response.status_code in (429, 503):
+                self._pause(response, url, now)
             if response.status_code != 200:
                 raise ValueError(f"HTTP {response.status_code}")
             start, end, explanation = parse_window(response.json())
+            state = answered(q.old, q.serial, start, end, explanation,
+                             response.headers.get("Retry-After"), now, rng)
         except Exception as exc:  # noqa: BLE001 - see fetch_all
             why = f"{url}: {_describe(exc)}"
             log.info("%s: ARI: %s", q.name, why)
-            return failed(q.old, q.serial, why, now)
-        state = answered(q.old, q.serial, start, end, explanation,
-                         response.headers.get("Retry-After"), now, rng)
+            with self._lock:
+                until = self.paused[0] if self.paused else None
+            return failed(q.old, q.serial, why, now, retry_at=until)
         if explanation and (q.old is None or q.old.explanation != explanation):
             log.warning("%s: the CA explains its renewal window: %s", q.name, explanation)
         return state

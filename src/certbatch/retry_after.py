@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import email.utils
 
+MAX_SECONDS = 366 * 86400
+
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None
                       ) -> dt.datetime | None:
@@ -13,11 +15,12 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None
         return None
     now = now or dt.datetime.now(dt.timezone.utc)
     value = value.strip()
-    if value.isdigit():
-        return now + dt.timedelta(seconds=int(value))
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true too
+        # capped: a CA's absurd number must not overflow the date (a year is plenty)
+        return now + dt.timedelta(seconds=min(int(value), MAX_SECONDS))
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000" in the date means UTC without saying so
         when = when.replace(tzinfo=dt.timezone.utc)

@@ -178,6 +178,7 @@ class Runner:
                            deploy_workers=settings.hooks.deploy_workers, store=self.store)
         self.progress = progress or Progress()
         self._client: AcmeClient | None = None
+        self._ca_pause: tuple[dt.datetime, str] | None = None  # a 429/503 wait seen by ARI
 
     # -- selection and decisions ---------------------------------------------------------------
 
@@ -232,11 +233,11 @@ class Runner:
                 log.error("%s: %s", cert.name, exc)
         ari_changed: set[str] = set()
         if not dry_run and not force and self.settings.renewal.ari:
-            queries = self._ari_queries(loaded, now)
+            queries, ari_changed = self._ari_queries(loaded, now)
             # No jitter before these: light GETs (CDN-cached at Let's Encrypt), and a run
             # with nothing due must not sleep.
             if queries:
-                ari_changed = self._refresh_ari(queries, loaded, now)
+                ari_changed |= self._refresh_ari(queries, loaded, now)
         for cert, stored, status in loaded:
             decision = renewal.decide(cert, stored, status, now,
                                       self.settings.renewal.before_expiry, force,
@@ -318,10 +319,12 @@ class Runner:
 
     def _ari_queries(self, loaded: Sequence[tuple[CertificateSettings, StoredCert | None,
                                                   CertStatus]],
-                     now: dt.datetime) -> list[ari.Query]:
+                     now: dt.datetime) -> tuple[list[ari.Query], set[str]]:
         """The certificates whose renewal info is to be asked for now: live, usable, not
-        expired (renewed anyway), and their next check has come."""
+        expired (renewed anyway), and their next check has come; and the names of those that
+        cannot be asked about (their status says why, and when to try again)."""
         queries = []
+        unaskable = set()
         for cert, stored, status in loaded:
             if stored is None or stored.damaged or now >= stored.not_after \
                     or not ari.needs_check(status.ari, stored.serial, now):
@@ -333,9 +336,10 @@ class Runner:
                 why = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
                 status.ari = ari.failed(status.ari, stored.serial, f"no ARI identifier: {why}",
                                         now)
+                unaskable.add(cert.name)
                 continue
             queries.append(ari.Query(cert.name, stored.serial, cert_id, status.ari))
-        return queries
+        return queries, unaskable
 
     def _refresh_ari(self, queries: Sequence[ari.Query],
                      loaded: Sequence[tuple[CertificateSettings, StoredCert | None,
@@ -351,6 +355,10 @@ class Runner:
                               interrupt.requested)
         states = fetcher.fetch_all(queries, now)
         log.info("ARI: asked about %d certificate%s", len(queries), "s" * (len(queries) != 1))
+        if fetcher.paused is not None:  # the CA's wait holds for the orders of this run too
+            self._ca_pause = fetcher.paused
+            log.warning("ARI: %s; no request to the CA before %s", fetcher.paused[1],
+                        fetcher.paused[0].strftime("%Y-%m-%d %H:%M:%SZ"))
         for cert, _, status in loaded:
             if cert.name in states:
                 status.ari = states[cert.name]
@@ -394,6 +402,8 @@ class Runner:
         if self._client is None:
             from .acme_client import AcmeClient
             self._client = AcmeClient(self.settings.acme, self.store)
+            if self._ca_pause is not None:
+                self._client.pacer.pause(None, *self._ca_pause)
         return self._client
 
     def _process(self, cert: CertificateSettings, result: CertResult,
