@@ -775,12 +775,11 @@ def _probe_dns(settings: config_mod.Settings, say: Callable[[str], None]) -> lis
     return problems
 
 
-def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
+def _live_problem(store: Any, name: str) -> str | None:
     """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
-    from .store import Store
 
     try:
-        stored = Store(settings.paths.state).current(name, verify=True)
+        stored = store.current(name, verify=True)
     except CertbatchError as exc:
         return f"CANNOT be read: {exc}"
     except OSError as exc:
@@ -790,13 +789,11 @@ def _live_problem(settings: config_mod.Settings, name: str) -> str | None:
     return None
 
 
-def _cron_advice(settings: config_mod.Settings, name: str) -> str | None:
+def _cron_advice(settings: config_mod.Settings, store: Any, name: str) -> str | None:
     """How often cron must run for a short-lived live certificate (None: daily is plenty)."""
     from .renewal import cron_advice
-    from .store import Store
-
     with contextlib.suppress(CertbatchError, OSError):  # _live_problem has said why
-        stored = Store(settings.paths.state).current(name)
+        stored = store.current(name)
         if stored is not None:
             return cron_advice(stored.not_before, stored.not_after,
                                settings.renewal.before_expiry)
@@ -850,15 +847,18 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
+    from .store import Store
+    store = Store(settings.paths.state)  # one: its index is read once, not per certificate
         setup = setup_problem(ch)  # fails this certificate alone when it renews
         if setup:
             say(f"    challenge: CANNOT work: {setup}")
             problems.append(f"{cert.name}: {setup}")
-        live_problem = _live_problem(settings, cert.name) if state_ok else None
+        live_problem = _live_problem(store, cert.name) if state_ok else None
         if live_problem:
             say(f"    live: {live_problem}")
             problems.append(f"{cert.name}: {live_problem}")
-        advice = _cron_advice(settings, cert.name) if state_ok and not live_problem else None
+        advice = _cron_advice(settings, store, cert.name) \
+            if state_ok and not live_problem else None
         if advice:
             err(f"certbatch: warning: {cert.name}: {advice}")
     notify_ok = hooks_ok
