@@ -777,7 +777,6 @@ def _probe_dns(settings: config_mod.Settings, say: Callable[[str], None]) -> lis
 
 def _live_problem(store: Any, name: str) -> str | None:
     """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
-
     try:
         stored = store.current(name, verify=True)
     except CertbatchError as exc:
@@ -792,6 +791,7 @@ def _live_problem(store: Any, name: str) -> str | None:
 def _cron_advice(settings: config_mod.Settings, store: Any, name: str) -> str | None:
     """How often cron must run for a short-lived live certificate (None: daily is plenty)."""
     from .renewal import cron_advice
+
     with contextlib.suppress(CertbatchError, OSError):  # _live_problem has said why
         stored = store.current(name)
         if stored is not None:
@@ -835,6 +835,8 @@ def check(ctx: click.Context, online: bool) -> int:
         if log_problem:
             problems.append(log_problem)
     say(f"certificates: {len(settings.certificates)}")
+    from .store import Store
+    store = Store(settings.paths.state)  # one: its index is read once, not per certificate
     for cert in settings.certificates.values():
         ch = cert.challenge
         wait = f", wait {ch.wait:g}s" if ch.wait else ""
@@ -847,8 +849,6 @@ def check(ctx: click.Context, online: bool) -> int:
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
-    from .store import Store
-    store = Store(settings.paths.state)  # one: its index is read once, not per certificate
         setup = setup_problem(ch)  # fails this certificate alone when it renews
         if setup:
             say(f"    challenge: CANNOT work: {setup}")
