@@ -1,0 +1,103 @@
+"""A cache of large validated configs, so that a cron run over thousands of certificates does
+not parse and check thousands of YAML entries every time.
+
+Reading and validating a config of 10,000 certificates takes most of a second; loading the
+validated Settings back takes a few hundredths. Only configs with at least CACHE_FROM
+certificates are cached (below that, parsing is quicker than caring), in CACHE_DIR (root) or
+~/.cache/certbatch, one file per config path, 0600 in a 0700 folder of the user's own.
+
+An entry is used only while the config file is the very one it was made from: same device,
+inode, size, modification and change time (any edit or replacement changes one of them), and
+the same certbatch version. It holds pickled Settings (plain frozen dataclasses): pickle runs
+code on load, so the file is read only from a folder and file that are certbatch's user's own
+and writable by no one else (safefs), like the state folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import pickle
+from pathlib import Path
+
+from . import __version__, safefs
+from .config import Settings, load
+
+log = logging.getLogger("certbatch.config")
+
+CACHE_FROM = 500  # certificates
+CACHE_DIR = Path("/var/cache/certbatch")
+FORMAT = 1
+
+
+def cache_dir() -> Path:
+    """$CERTBATCH_CACHE_DIR, else /var/cache/certbatch for root, else ~/.cache/certbatch."""
+    if os.environ.get("CERTBATCH_CACHE_DIR"):
+        return Path(os.environ["CERTBATCH_CACHE_DIR"])
+    if os.geteuid() == 0:
+        return CACHE_DIR
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(base) / "certbatch"
+
+
+def _key(st: os.stat_result, path: str) -> tuple[object, ...]:
+    return (FORMAT, __version__, path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+            st.st_ctime_ns)
+
+
+def load_cached(path: Path) -> Settings:
+    """config.load(path), from the cache when the file is unchanged (see the module doc)."""
+    abs_path = os.path.abspath(path)
+    try:
+        st = os.stat(abs_path)
+    except OSError:
+        return load(path)  # the loader says what is wrong with it
+    entry = cache_dir() / (hashlib.sha256(abs_path.encode()).hexdigest()[:24] + ".pickle")
+    key = _key(st, abs_path)
+    cached = _read(entry, key)
+    if cached is not None:
+        return cached
+    settings = load(path)
+    if len(settings.certificates) >= CACHE_FROM:
+        _write(entry, key, settings)
+    return settings
+
+
+def _read(entry: Path, key: tuple[object, ...]) -> Settings | None:
+    try:
+        safefs.check_parents(entry.parent)
+        safefs.check_dir(entry.parent)
+        data = pickle.loads(safefs.read_bytes(entry))  # noqa: S301 - our own file, see above
+        if not isinstance(data, tuple) or len(data) != 2 or data[0] != key \
+                or not isinstance(data[1], Settings):
+            return None
+        settings: Settings = data[1]
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - a cache: anything wrong means "load the file"
+        log.info("ignoring the config cache %s: %s", entry, exc)
+        return None
+    # The one thing the loader checks outside the config file itself.
+    bundle = settings.acme.ca_bundle
+    if bundle is not None and not os.path.isfile(bundle):
+        return None  # load() says what is wrong
+    return settings
+
+
+def _write(entry: Path, key: tuple[object, ...], settings: Settings) -> None:
+    from .fsutil import atomic_write
+
+    try:
+        folder = entry.parent
+        if not folder.exists():
+            folder.mkdir(mode=0o700, parents=True)
+            os.chmod(folder, 0o700)
+        safefs.check_dir(folder)
+        atomic_write(entry, pickle.dumps((key, settings), protocol=pickle.HIGHEST_PROTOCOL),
+                     0o600, durable=False)
+    except Exception as exc:  # noqa: BLE001 - a cache: the run goes on without it
+        log.info("could not write the config cache %s: %s", entry, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(entry)
