@@ -83,8 +83,10 @@ def _opt(ctx: click.Context, key: str) -> Any:
 
 def load_settings(ctx: click.Context) -> config_mod.Settings:
     path = config_mod.find_config(_opt(ctx, "config"))
+    from .config_cache import load_cached
+
     try:
-        settings = config_mod.load(path)
+        settings = load_cached(path)
     except ConfigError as exc:
         if exc.key or exc.problem != "file not found":
             raise
