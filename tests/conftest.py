@@ -26,6 +26,11 @@ from typing import Any
 import pytest
 from pebble_server import PebbleInstance, find_binaries, start_pebble
 
+# The cache of large configs (config_cache.py) goes to a folder of this test session, never to
+# /var/cache/certbatch of the machine running the tests (child processes inherit it).
+os.environ.setdefault("CERTBATCH_CACHE_DIR", __import__("tempfile").mkdtemp(
+    prefix="certbatch-cache-"))
+
 PEBBLE_MISSING = "pebble not installed: apt-get install pebble"
 _live: list[PebbleInstance] = []
 
