@@ -1041,6 +1041,53 @@ def import_certbot(ctx: click.Context, source: str, dry_run: bool, replace: bool
 
 # -- entry point: the one place that turns exceptions into exit codes ----------------------------
 
+@cli.command(epilog="""\b
+Exit codes:
+  0   the config was written and the folders exist
+  2   the config exists already (it is never replaced), --webroot with
+      --dns-script, a bad --email or --domain, a folder that is not ours""")
+@common_options
+@click.option("--email", metavar="E", default=None, help="The ACME account's contact address.")
+@click.option("--domain", "domains", multiple=True, metavar="D",
+              help="A name for the first certificate (repeatable; the first names it). "
+                   "Without: example names to replace.")
+@click.option("--webroot", metavar="DIR", default=None,
+              help="http-01 through this webroot (default /var/www/acme).")
+@click.option("--dns-script", metavar="PATH", default=None,
+              help="dns-01 through this script instead (adds and removes TXT records).")
+@click.option("--staging", is_flag=True,
+              help="Use Let's Encrypt's staging CA (default: production).")
+@click.pass_context
+def init(ctx: click.Context, email: str | None, domains: tuple[str, ...], webroot: str | None,
+         dns_script: str | None, staging: bool) -> int:
+    """Write a commented starter config (0600) and create its folders.
+
+    The config goes to --config, else $CERTBATCH_CONFIG, else where certbatch looks for it;
+    an existing file is never replaced. The state, spool and hooks folders (with deploy.d/
+    and notify.d/) are created 0700: the system ones for a config in /etc/certbatch/,
+    otherwise state/, spool/ and hooks/ beside the config. Nothing else is copied. It then
+    prints the next commands and a cron line. Needs no network.
+    """
+    from . import init as init_mod
+
+    setup_logging(ctx, None)
+    result = init_mod.run(config_mod.find_config(_opt(ctx, "config")), email=email,
+                          domains=domains, webroot=webroot, dns_script=dns_script,
+                          staging=staging)
+    say = _silent if _opt(ctx, "quiet") else out
+    say(f"wrote {result.config} (mode 0600)")
+    for folder in result.folders:
+        say(f"{'created' if folder.created else 'kept   '} {folder.path}/")
+    for note in result.notes:
+        say(f"note: {note}")
+    say("Next:")
+    for command in result.next_commands:
+        say(f"  {command}")
+    say("Then renew from cron twice a day, e.g. in /etc/cron.d/certbatch:")
+    say(f"  {result.cron_line}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the command line and exit. SIGTERM, SIGINT and SIGHUP are handled from the start
     (interrupt.py): they end it with one line, `certbatch: interrupted (SIGTERM)`, and exit
