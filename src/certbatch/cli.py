@@ -360,10 +360,11 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
                 out(line)
         return EXIT_OK
     metrics_error = None
+    _jitter_sleep(settings, settings.renewal.jitter if jitter is None else jitter, force, only)
     try:
-        with run_lock(settings.paths.state, wait):
+        with run_lock(settings.paths.state, wait, "renew"):
             report = runner.renew(force=force, only=only, workers=workers, notify=not no_notify,
-                                  jitter=jitter)
+                                  jitter=0)
             metrics_path = metrics_file or settings.metrics_file
             if metrics_path:
                 from . import metrics
@@ -378,13 +379,8 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     finally:
         if progress:
             progress.stop()
-    if as_json:
-        out(render.dumps(render.report_to_dict(report)))
-    elif progress is not None:
-        progress.table(report)
-    elif not quiet and (report.changed or verbose):
-        for line in render.summary_lines(report, verbose):
-            out(line)
+    # Errors first, the summary last: cron mails stdout and stderr merged (2>&1), and the
+    # summary line must end the mail (click.echo flushes each line).
     if progress is None:
         for line in render.error_lines(report):
             err(f"certbatch: {line}")
@@ -392,10 +388,42 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     if metrics_error:
         err(f"certbatch: {metrics_error}")
         exit_code = EXIT_FAILURE
+    sys.stderr.flush()
+    if as_json:
+        out(render.dumps(render.report_to_dict(report)))
+    elif progress is not None:
+        progress.table(report)
+    elif not quiet and (report.changed or verbose):
+        for line in render.summary_lines(report, verbose):
+            out(line)
     counts = render.summary_counts(report)
     log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, exit_code,
              ", ".join(f"{v} {k}" for k, v in counts.items()) or "no certificates")
     return exit_code
+
+
+def _jitter_sleep(settings: config_mod.Settings, jitter: float, force: bool,
+                  only: tuple[str, ...]) -> None:
+    """cron's random delay, slept before the run lock is taken (a manual `renew` or `run-hook`
+    meanwhile is never blocked by a sleeping cron run), and only when a read-only pass over
+    the state finds a certificate that needs an order. SIGTERM, SIGINT, SIGHUP end the sleep
+    at once (interrupt.py: nothing is held yet, so the command exits with 128 + the signal)."""
+    if jitter <= 0:
+        return
+    import random
+    import time
+
+    from .runner import Runner
+
+    # A Runner of its own: the run's store must read the state afresh after the sleep.
+    plan = Runner(settings).renew(force=force, only=only, dry_run=True)
+    due = [c.name for c in plan.certificates if c.decision.needs_order]
+    if not due:
+        return
+    pause = random.uniform(0, jitter)
+    log.info("jitter: sleeping %.1f s before taking the run lock (%d certificate%s to order)",
+             pause, len(due), "s" * (len(due) != 1))
+    time.sleep(pause)
 
 
 def _read_problem(folder: Path) -> str | None:
@@ -570,7 +598,7 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
         for line in lines:
             out(line)
         return EXIT_OK
-    with run_lock(settings.paths.state, wait):
+    with run_lock(settings.paths.state, wait, "run-hook"):
         if deploy:
             result = runner.restage(deploy)
             if result.failed:

@@ -49,11 +49,24 @@ class LockBusy(CertbatchError):
 
     exit_code = EXIT_LOCKED
 
-    def __init__(self, path: Path, holder_pid: int | None) -> None:
+    def __init__(self, path: Path, holder_pid: int | None,
+                 holder: dict[str, str] | None = None) -> None:
         self.path = path
         self.holder_pid = holder_pid
-        who = f"process {holder_pid}" if holder_pid else "another process"
-        super().__init__(f"another certbatch run is in progress ({who} holds {path})")
+        self.holder = holder or {}  # what the holder wrote in `.running`: command, started_at
+        if holder_pid is None:
+            super().__init__(f"another certbatch run is in progress (another process holds "
+                             f"{path})")
+            return
+        what = [f"pid {holder_pid}"]
+        if self.holder.get("command"):
+            what.append(self.holder["command"])
+        since = self.holder.get("started_at", "")
+        if since:  # 2026-11-29T03:00:12Z: the time, and the day if it is not today's
+            today = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+            what.append(f"running since {since[11:] if since[:10] == today else since}")
+        super().__init__(f"another certbatch ({', '.join(what)}) holds the lock {path}; "
+                         f"try again later")
 
 
 class StoreError(CertbatchError):

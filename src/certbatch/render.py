@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from . import renewal
+from .renewal import Decision
 from .runner import FAILED_OUTCOMES, CertResult, Progress, RunReport
 from .spool import NotifyOutcome, TargetState
 from .store import iso
@@ -139,6 +141,14 @@ def dumps(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False)
 
 
+def decision_text(decision: Decision) -> str:
+    """Why a certificate was ordered or staged, for people: "expires 2026-12-01 03:00Z",
+    "asked for with --force", not the internal `force: forced`."""
+    if decision.action == renewal.FORCE:
+        return "asked for with --force"
+    return decision.reason
+
+
 def plan_lines(report: RunReport) -> list[str]:
     """`renew --dry-run`: one line per certificate with its decision."""
     width = max((len(c.name) for c in report.certificates), default=0)
@@ -169,8 +179,30 @@ def summary_lines(report: RunReport, verbose: bool = False) -> list[str]:
     return lines
 
 
-def error_lines(report: RunReport) -> list[str]:
-    lines = [f"{c.name}: {c.outcome}: {c.error}" for c in report.failures]
+SHOWN_NAMES = 5  # a cause that failed more certificates than this gives only their count
+
+
+def failure_lines(failures: Sequence[CertResult]) -> list[str]:
+    """One line per distinct cause: a certificate's own error as `NAME: OUTCOME: ERROR`; an error
+    shared by several (the CA unreachable: every order failed at once with its text) as one
+    `N certificates OUTCOME: ERROR` line, naming them when they are few. First-seen order."""
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    for c in failures:
+        groups.setdefault((c.outcome, c.error), []).append(c.name)
+    lines = []
+    for (outcome, error), names in groups.items():
+        if len(names) == 1:
+            lines.append(f"{names[0]}: {outcome}: {error}")
+            continue
+        which = f" ({', '.join(names)})" if len(names) <= SHOWN_NAMES else ""
+        lines.append(f"{_plural(len(names), 'certificate')}{which} {outcome}: {error}")
+    return lines
+
+
+def error_lines(report: RunReport, certificates: bool = True) -> list[str]:
+    """stderr lines of a run: its failures (`certificates`: also those of the certificates,
+    one line per distinct cause), then the notify phase's."""
+    lines = failure_lines(report.failures) if certificates else []
     if report.notify is not None:
         lines.extend(notify_error_lines(report.notify, [c.name for c in report.failures]))
     if report.notify_error:
@@ -320,15 +352,14 @@ class RichProgress(Progress):
             color = colors.get(c.outcome, "")
             detail = Text(c.error, style="red") if c.error else Text(
                 c.decision.reason if c.outcome in ("not-due", "rate-limited")
-                else f"{c.decision.action}: {c.decision.reason}")
+                else decision_text(c.decision))
             t.add_row(Text(c.name), Text(c.outcome, style=color),
                       f"{c.not_after:%Y-%m-%d}" if c.not_after else "-", Text(c.serial or "-"),
                       detail)
         self.console.print(t)
+        # certificate errors are in the table; the rest, then the summary: it comes last
+        for line in error_lines(report, certificates=False):
+            self.console.print(Text(line, style="red"))
         for line in summary_lines(report)[-2:]:
             if line.startswith("notify") or line[0].isdigit():
                 self.console.print(Text(line))
-        shown = {c.name for c in report.certificates if c.error}
-        for line in error_lines(report):
-            if line.split(":", 1)[0] not in shown:  # certificate errors are in the table
-                self.console.print(Text(line, style="red"))

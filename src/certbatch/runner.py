@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import os
 import random
@@ -35,7 +36,7 @@ from .fsutil import FileLock, ensure_root, probe_space
 from .hooks import HookCommand, from_config
 from .renewal import Decision
 from .spool import CertFiles, NotifyOutcome, Spool, TargetState
-from .store import CertStatus, Store, StoredCert
+from .store import CertStatus, Store, StoredCert, iso
 from .targets import Target, resolve
 
 if TYPE_CHECKING:
@@ -138,8 +139,12 @@ class Progress:
 
 
 @contextlib.contextmanager
-def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
+def run_lock(state_dir: Path, wait: float | None = 0,
+             command: str = "certbatch") -> Iterator[None]:
     """One renew or run-hook per state folder. `wait`: seconds to wait (0: fail at once).
+
+    While it is held, `<state>/.running` says who holds it (one JSON line: pid, `command`,
+    started_at), which a run that finds the lock busy puts in its message (LockBusy).
 
     While it is held, SIGTERM, SIGINT and SIGHUP stop the work cleanly (interrupt.graceful):
     the block runs on until every hook is stopped and every status saved, the lock is released
@@ -148,16 +153,24 @@ def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
     """
     ensure_root(state_dir)
     lock = FileLock(state_dir / ".lock")
+    marker = state_dir / ".running"
     if not lock.acquire(timeout=wait):
-        raise LockBusy(lock.path, lock.holder_pid())
+        pid = lock.holder_pid()
+        raise LockBusy(lock.path, pid, _lock_holder(marker, pid))
     with interrupt.graceful():  # outside: Interrupted is raised after the release
         try:
             # `.running` outlives only a run that did not end (SIGKILL, power loss): then,
             # and only then, sweep the temp files such a run may have left.
-            marker = state_dir / ".running"
             if os.path.lexists(marker):
                 Store(state_dir).sweep()
-            os.close(safefs.open_file(marker, os.O_WRONLY | os.O_CREAT, 0o600))
+            fd = safefs.open_file(marker, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                with contextlib.suppress(OSError):  # best effort: it only names the holder
+                    os.ftruncate(fd, 0)
+                    os.write(fd, json.dumps({"pid": os.getpid(), "command": command,
+                                             "started_at": iso(utcnow())}).encode() + b"\n")
+            finally:
+                os.close(fd)
             try:
                 yield
             finally:
@@ -165,6 +178,18 @@ def run_lock(state_dir: Path, wait: float | None = 0) -> Iterator[None]:
                     os.unlink(marker)
         finally:
             lock.release()
+
+
+def _lock_holder(marker: Path, pid: int | None) -> dict[str, str] | None:
+    """What the run lock's holder wrote in `.running` (command, started_at), if it is the
+    holder's (`pid`): a marker left by a killed run, or not written yet, names nobody."""
+    try:
+        data = json.loads(safefs.read_bytes(marker)[:4096])
+    except Exception:  # noqa: BLE001 - best effort: a name for a message
+        return None
+    if not isinstance(data, dict) or pid is None or data.get("pid") != pid:
+        return None
+    return {k: str(data[k])[:100] for k in ("command", "started_at") if data.get(k)}
 
 
 class Runner:
