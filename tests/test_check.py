@@ -129,3 +129,32 @@ def test_check_as_a_user_who_may_not_read_the_hooks(top):
         f"(certbatch runs as uid {NOBODY}, not as root)"]
     assert "notify targets: none (a batch is marked applied without running anything)" \
         in result.stdout.splitlines()
+
+
+def test_check_and_status_never_print_an_acme_dns_password(tmp_path):
+    """The api's user:password@ (refused by the loader, yet never printed) and the accounts
+    file's password stay out of `check` and `status`."""
+    from certbatch import cli, config
+
+    secret = "pw-SECRET-0d6f2a"
+    ch = config.ChallengeSettings(type="dns-01", provider="acme-dns",
+                                  acme_dns=config.AcmeDnsSettings(
+                                      api=f"https://certbatch:{secret}@auth.example.org",
+                                      accounts_file=Path("/etc/certbatch/acme-dns.json")))
+    assert cli._provider_text(ch) == ("api https://auth.example.org, accounts in "
+                                      "/etc/certbatch/acme-dns.json")
+    accounts = tmp_path / "acme-dns.json"
+    accounts.write_text(f'{{"a.example.org": {{"username": "u", "password": "{secret}", '
+                        f'"subdomain": "s", "fulldomain": "s.auth.example.org"}}}}')
+    accounts.chmod(0o600)
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"a": {"domains": ["a.example.org"], "challenge": {
+        "type": "dns-01", "provider": "acme-dns", "api": "http://127.0.0.1:9",
+        "accounts_file": str(accounts)}}})
+    check = run(["check"], cfg)
+    assert check.returncode == 0, check.stderr
+    assert f"provider acme-dns (api http://127.0.0.1:9, accounts in {accounts}" in check.stdout
+    for args in (["status"], ["status", "--json"]):
+        status = run(args, cfg)
+        assert status.returncode == 0, status.stderr
+        assert secret not in status.stdout + status.stderr
+    assert secret not in check.stdout + check.stderr

@@ -850,3 +850,83 @@ def test_state_and_spool_must_differ(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load(cfg)
     assert "paths.spool" in str(err.value) and "paths.state" in str(err.value)
+
+
+# --- acme-dns URLs and secrets in messages (issue 12 review) -------------------------------------
+
+TOKEN = "cftok-SECRET-4e1b7c"  # a secret given where it does not belong: never in a message
+
+
+@pytest.mark.parametrize("api, problem", [
+    # Cut out by hand, the host of these read as 127.0.0.1; requests sends to evil.example.
+    ("http://evil.example#@127.0.0.1", "must not have a query (?...) or fragment (#...)"),
+    ("http://evil.example?@127.0.0.1", "must not have a query (?...) or fragment (#...)"),
+    ("https://auth.example.org/?x=1", "must not have a query"),
+    ("https://auth.example.org#top", "must not have a query"),
+    ("http://evil.example\\@127.0.0.1", "must not hold user:password@"),
+    ("http://127.0.0.1\\evil.example", "must name a host"),
+    ("https://certbatch:pw-SECRET-1@auth.example.org", "must not hold user:password@"),
+    ("http://certbatch:pw-SECRET-1@127.0.0.1:8053", "must not hold user:password@"),
+    ("ftp://certbatch:pw-SECRET-1@auth.example.org", "must be an https:// URL"),
+    ("https://auth.example.org:http", "is not a valid URL"),
+])
+def test_acme_dns_api_must_say_plainly_where_the_password_goes(site: Path, api: str,
+                                                                problem: str) -> None:
+    from certbatch.dns.acmedns import api_problem
+
+    err = config_error(write(site, patched({"defaults/challenge": {**ACMEDNS, "api": api}})),
+                       "defaults.challenge.api", problem)
+    assert "SECRET" not in str(err)
+    assert problem in (api_problem(api) or "")  # `acme-dns register --api`: the same rule
+    assert "SECRET" not in (api_problem(api) or "")
+
+
+@pytest.mark.parametrize("url, loopback", [
+    ("http://127.0.0.1:8053", True), ("http://[::1]:8053/x", True), ("http://LocalHost", True),
+    ("http://127.9.9.9", True), ("http://evil.example#@127.0.0.1", False),
+    ("http://evil.example?@127.0.0.1", False), ("http://evil.example/@127.0.0.1", False),
+    ("http://127.0.0.1.evil.example", False), ("http://[::1", False),
+])
+def test_loopback_url_reads_the_host_as_the_url_parser_does(url: str, loopback: bool) -> None:
+    assert config._loopback_url(url) is loopback
+
+
+def test_acme_dns_loopback_and_https_urls_load(site: Path) -> None:
+    for api in ("http://127.0.0.1:8053", "http://[::1]:8053", "http://localhost:8053/",
+                "https://auth.example.org:8443/acme-dns"):
+        data = patched({"defaults/challenge": {**ACMEDNS, "api": api}})
+        adns = load(write(site, data)).certificates["example"].challenge.acme_dns
+        assert adns is not None and adns.api == api.rstrip("/")
+
+
+@pytest.mark.parametrize("patch, key, problem", [
+    ({"defaults/challenge": {**LEXICON, "credentials": TOKEN}}, "defaults.challenge.credentials",
+     "expected a mapping of the provider's options (auth_token: ...), got a string"),
+    ({"defaults/challenge": {**LEXICON, "credentials": 4711081512}},
+     "defaults.challenge.credentials", "got an integer"),
+    ({"defaults/challenge": {**RFC2136, "tsig_secret": TOKEN}}, "defaults.challenge.tsig_secret",
+     "must be the key's secret in base64"),
+    ({"defaults/challenge": {**RFC2136, "tsig_secret": 4711081512}},
+     "defaults.challenge.tsig_secret", "must be the key's secret in base64"),
+    ({"acme/eab": {"kid": "k", "hmac_key": 4711081512}}, "acme.eab.hmac_key",
+     "expected a string, got an integer (quote it to make it a string)"),
+])
+def test_a_misplaced_secret_is_named_by_its_kind_only(site: Path, patch: dict[str, Any],
+                                                      key: str, problem: str) -> None:
+    err = config_error(write(site, patched(patch)), key, problem)
+    assert TOKEN not in str(err) and "cftok" not in str(err) and "4711081512" not in str(err)
+
+
+def test_no_command_prints_a_secret_from_a_bad_config(site: Path) -> None:
+    """The config error goes to every command's stderr: it names the key, not the secret."""
+    from cli_helpers import run
+
+    for challenge in ({**LEXICON, "credentials": TOKEN},
+                      {**ACMEDNS, "api": f"https://certbatch:{TOKEN}@auth.example.org"}):
+        cfg = write(site, patched({"defaults/challenge": challenge}))
+        for args in (["check"], ["status"], ["status", "--json"], ["renew", "--dry-run"]):
+            result = run(args, cfg, timeout=60)
+            assert result.returncode == EXIT_USAGE, (args, result.stderr)
+            assert len(result.stderr.splitlines()) == 1, result.stderr
+            assert "defaults.challenge." in result.stderr
+            assert "cftok" not in result.stdout + result.stderr, (args, result.stderr)

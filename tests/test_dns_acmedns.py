@@ -11,12 +11,15 @@ real `certbatch` command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ from acmedns_standin import AcmeDnsStandIn
 from cli_helpers import live, run, write_config
 from pebble_server import PebbleInstance, find_binaries, start_pebble
 
-from certbatch.dns.acmedns import AcmeDnsProvider, register
+from certbatch.dns.acmedns import AcmeDnsError, AcmeDnsProvider, register
 from certbatch.dns.provider import NotApplied, TxtRecord
 from certbatch.errors import UsageError
 
@@ -197,3 +200,103 @@ def test_a_third_value_for_one_account_is_refused_and_a_missing_cname_named(
         f"_acme-challenge.d.acmedns.test. is not a CNAME to the acme-dns account's name "
         f"{regs[1].fulldomain}.: create the record _acme-challenge.d.acmedns.test. CNAME "
         f"{regs[1].fulldomain}.")
+
+
+# -- review of issue 12: redirects, the shared accounts file --------------------------------------
+# These need neither Pebble nor the stand-in: small local HTTP servers.
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Answers every POST as the server's `answer` says; records (path, headers) first."""
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        server: Any = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        server.seen.append((self.path, dict(self.headers)))
+        status, headers, body = server.answer
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet
+        pass
+
+
+@contextlib.contextmanager
+def http_server(status: int = 200, headers: dict[str, str] | None = None,
+                body: bytes = b"{}") -> Iterator[Any]:
+    """A local HTTP server on 127.0.0.1 with `.url` and `.seen` (every request it got)."""
+    server: Any = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    server.seen, server.answer = [], (status, headers or {}, body)
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+ACCOUNT = {"username": "user-1", "password": "pw-SECRET-9c1e", "subdomain": "sub-1",
+           "fulldomain": "sub-1.auth.example.org"}
+
+
+@pytest.mark.parametrize("status", [307, 308, 302])
+def test_a_redirect_is_not_followed_and_the_password_goes_nowhere_else(
+        tmp_path: Path, status: int) -> None:
+    accounts = tmp_path / "acme-dns.json"
+    accounts.write_text(json.dumps({"a.example.org": ACCOUNT}))
+    with http_server() as elsewhere, http_server(
+            status, {"Location": f"{elsewhere.url.replace('127.0.0.1', 'localhost')}/update"}
+    ) as api:
+        provider = AcmeDnsProvider(api.url, accounts)
+        with pytest.raises(NotApplied) as err:
+            provider.add(TxtRecord("sub-1.auth.example.org.", "auth.example.org.", "v" * 43),
+                         time.monotonic() + 10)
+        assert str(err.value) == (f"acme-dns update of sub-1.auth.example.org at {api.url}: "
+                                  f"HTTP {status}: redirected to localhost; not followed")
+        assert [path for path, _ in api.seen] == ["/update"]
+        assert api.seen[0][1]["X-Api-Key"] == ACCOUNT["password"]  # the configured server only
+        with pytest.raises(AcmeDnsError, match=f"^acme-dns register at {api.url}: HTTP "
+                                               f"{status}: redirected to localhost; not "
+                                               f"followed$"):
+            list(register(api.url, ["b.example.org"], accounts))
+        assert elsewhere.seen == []  # nothing, neither the update nor the registration
+    assert "pw-SECRET" not in str(err.value)
+    assert json.loads(accounts.read_text()) == {"a.example.org": ACCOUNT}
+
+
+def test_a_malformed_entry_fails_only_a_certificate_that_uses_it(tmp_path: Path) -> None:
+    accounts = tmp_path / "acme-dns.json"
+    accounts.write_text(json.dumps({
+        "a.example.org": ACCOUNT,
+        "broken.example.org": {"username": "u", "password": "", "subdomain": "s",
+                               "fulldomain": "s.auth.example.org"},
+        "junk.example.org": "not an account",
+        "*.nofull.example.org": {"username": "u", "password": "p"}}))
+    deadline = time.monotonic() + 10
+    with http_server(200, {"Content-Type": "application/json"}, b'{"txt": "x"}') as api:
+        provider = AcmeDnsProvider(api.url, accounts)  # the other entries do not stop it
+        provider.add(TxtRecord("sub-1.auth.example.org.", "auth.example.org.", "v" * 43),
+                     deadline)
+        assert [(p, h["X-Api-User"]) for p, h in api.seen] == [("/update", "user-1")]
+        for name, lacks in (("s.auth.example.org.", "password"),  # by its fulldomain
+                            ("_acme-challenge.broken.example.org.", "password"),  # no CNAME
+                            ("_acme-challenge.junk.example.org.",
+                             "username, password, subdomain, fulldomain"),
+                            ("_acme-challenge.nofull.example.org.", "subdomain, fulldomain")):
+            domain = name.removeprefix("_acme-challenge.").rstrip(".")
+            if domain == "s.auth.example.org":
+                domain = "broken.example.org"
+            with pytest.raises(NotApplied) as err:
+                provider.add(TxtRecord(name, "example.org.", "w" * 43), deadline)
+            assert str(err.value) == (f"accounts_file {accounts}: the account of {domain} "
+                                      f"lacks {lacks}")
+        assert len(api.seen) == 1
+        with pytest.raises(NotApplied, match="no acme-dns account in"):
+            provider.add(TxtRecord("_acme-challenge.c.example.org.", "example.org.", "w" * 43),
+                         deadline)

@@ -765,7 +765,8 @@ def _provider_text(ch: config_mod.ChallengeSettings) -> str:
                  f"credentials inline ({', '.join(k for k, _ in lx.credentials or ())})")
         return f"{lx.provider}, zone {lx.zone or '(SOA lookup)'}, {creds}"
     if adns is not None:
-        return f"api {adns.api}, accounts in {adns.accounts_file}"
+        from .dns.acmedns import _public  # the loader refuses user:password@; never print one
+        return f"api {_public(adns.api)}, accounts in {adns.accounts_file}"
     if s is None:
         return "-"
     where = f"server {s.server[0]}:{s.server[1]}, zone {s.zone or '(SOA lookup)'}"

@@ -245,6 +245,10 @@ _DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _EMAIL_RE = re.compile(r"[^@\s]+@[^@\s]+")
 _URL_RE = re.compile(r"https?://[^\s/?#]+(?:[/?#]\S*)?", re.IGNORECASE)
+# Keys that may hold a secret: a message names the kind of a wrong value, never the value.
+_SECRET_KEY_RE = re.compile(r"(?:secret|credentials|password|hmac_key|token|api)(?:\W|$)")
+_URL_AUTHORITY_RE = re.compile(r"(?:[a-z0-9._-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?",
+                               re.IGNORECASE)
 _SIMPLE_KEY_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _DNS_NAME_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*")
 _MERGE_TAG = "tag:yaml.org,2002:merge"
@@ -412,6 +416,11 @@ def _describe(value: Any) -> str:
     return f"a {type(value).__name__} ({_short(value)})"
 
 
+def _kind(value: Any) -> str:
+    """How a value of a key that may hold a secret reads in a message: its kind alone."""
+    return _describe(value).partition(" (")[0]
+
+
 def _suggest(word: Any, choices: tuple[str, ...]) -> str:
     import difflib  # only on the error path
 
@@ -496,16 +505,58 @@ def _domain_problem(name: str) -> str:
 
 
 def _loopback_url(url: str) -> bool:
+    """Whether `url` goes to a loopback address, by the parser's reading of its host (not by
+    cutting text: in `http://evil.example#@127.0.0.1` the host is evil.example)."""
     import ipaddress  # only acme-dns configs with an http:// URL pay for it
+    from urllib.parse import urlsplit
 
-    host = url.split("//", 1)[1].split("/", 1)[0].rpartition("@")[2]
-    host = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]
-    if host.lower() == "localhost":
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    if host == "localhost":  # .hostname is lower case
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def acme_dns_api_problem(api: str) -> str | None:
+    """What is wrong with an acme-dns `api` URL (None: fine); never quotes user:password. The
+    account's password goes with every update, so the URL must say plainly where: no
+    user:password@, query or fragment, only host characters in its authority (a `\\` there
+    reads as a path to some HTTP libraries and as part of user:password to others)."""
+    from urllib.parse import urlsplit
+
+    if not _URL_RE.fullmatch(api):
+        # Quoted only without an '@': before it may be a password.
+        return "must be an https:// URL" + ("" if "@" in api else f", got {_short(api)}")
+    try:
+        parts = urlsplit(api)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        return "is not a valid URL (host or port)"
+    if "@" in parts.netloc:
+        return ("must not hold user:password@ (the accounts file holds the credentials)")
+    if "?" in api or "#" in api:
+        return "must not have a query (?...) or fragment (#...)"
+    if not (parts.hostname and _URL_AUTHORITY_RE.fullmatch(parts.netloc)):
+        return "must name a host (letters, digits, '.', '-', an [IPv6] address, a :port)"
+    if parts.scheme.lower() == "http" and not _loopback_url(api):
+        return "must be https:// (http:// only to a loopback address)"
+    return None
+
+
+def _without_userinfo(url: str) -> str:
+    """`url` without anything up to an '@' in its authority (for messages)."""
+    scheme, sep, rest = url.partition("//")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}//{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def _is_base64(text: str) -> bool:
@@ -570,7 +621,8 @@ class _Checker:
     def string(self, value: Any, key: str) -> str:
         if not isinstance(value, str):
             hint = " (quote it to make it a string)" if isinstance(value, (int, float)) else ""
-            self.fail(key, f"expected a string, got {_describe(value)}{hint}")
+            got = _kind(value) if _SECRET_KEY_RE.search(key) else _describe(value)
+            self.fail(key, f"expected a string, got {got}{hint}")
         if not value.strip():
             self.fail(key, "must not be empty")
         if "\0" in value:
@@ -942,7 +994,7 @@ class _Checker:
         quoted in a message: most of them are secrets."""
         if not isinstance(raw, dict) or not raw:
             self.fail(key, f"expected a mapping of the provider's options (auth_token: ...),"
-                           f" got {_describe(raw)}")
+                           f" got {_kind(raw)}")  # a token given alone: never quoted
         out = []
         for name, value in raw.items():
             if not isinstance(name, str) or not _SIMPLE_KEY_RE.fullmatch(name):
@@ -954,11 +1006,9 @@ class _Checker:
 
     def acme_dns(self, m: dict[Any, Any], key: str) -> AcmeDnsSettings:
         api = self.req_str(m, key, "api").strip().rstrip("/")
-        if not _URL_RE.fullmatch(api):
-            self.fail(f"{key}.api", f"must be an https:// URL, got {_short(api)}")
-        if api.lower().startswith("http:") and not _loopback_url(api):
-            # The account's password goes with every update.
-            self.fail(f"{key}.api", "must be https:// (http:// only to a loopback address)")
+        problem = acme_dns_api_problem(api)
+        if problem:
+            self.fail(f"{key}.api", problem)
         accounts = self.opt_path(m, key, "accounts_file")
         if accounts is None:
             self.fail(f"{key}.accounts_file", "required key is missing: the JSON file `certbatch"

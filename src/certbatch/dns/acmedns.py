@@ -96,8 +96,11 @@ def read_accounts(path: Path, error: type[Exception] = ChallengeError) -> dict[s
     return data
 
 
-def accounts(path: Path) -> dict[str, Account]:
-    """The accounts in `path`, by domain; ChallengeError naming what is wrong (never a value)."""
+def accounts(path: Path) -> tuple[dict[str, Account], dict[str, str]]:
+    """The usable accounts in `path` by domain, and what is wrong with each malformed entry (by
+    its domain, and by its fulldomain when it has one); ChallengeError when the file itself
+    cannot be used. The file is shared: a malformed entry fails only a certificate that uses
+    it. No message quotes a value."""
     try:
         path.stat()
     except FileNotFoundError:
@@ -105,17 +108,22 @@ def accounts(path: Path) -> dict[str, Account]:
                              f"DOMAIN... creates it)") from None
     except OSError as exc:
         raise ChallengeError(f"accounts_file {os_error_message(exc, path)}") from None
-    out = {}
+    out: dict[str, Account] = {}
+    broken: dict[str, str] = {}
     for domain, entry in read_accounts(path).items():
+        name = domain.lower().removeprefix("*.").rstrip(".")
         missing = [f for f in _FIELDS if not isinstance(entry, dict)
                    or not isinstance(entry.get(f), str) or not entry[f]]
         if missing:
-            raise ChallengeError(f"accounts_file {path}: the account of {domain} lacks "
-                                 f"{', '.join(missing)}")
-        name = domain.lower().removeprefix("*.").rstrip(".")
+            problem = (f"accounts_file {path}: the account of {name} lacks "
+                       f"{', '.join(missing)}")
+            broken[name] = problem
+            if isinstance(entry, dict) and isinstance(entry.get("fulldomain"), str):
+                broken.setdefault(entry["fulldomain"].lower().rstrip("."), problem)
+            continue
         out[name] = Account(name, entry["username"], entry["password"], entry["subdomain"],
                             entry["fulldomain"].lower().rstrip("."))
-    return out
+    return out, broken
 
 
 class AcmeDnsProvider:
@@ -126,7 +134,7 @@ class AcmeDnsProvider:
     def __init__(self, api: str, accounts_file: Path) -> None:
         self.api = api
         self.accounts_file = accounts_file
-        self._accounts = accounts(accounts_file)
+        self._accounts, self._broken = accounts(accounts_file)
         self._by_fulldomain = {a.fulldomain: a for a in self._accounts.values()}
         self._values: dict[str, list[str]] = {}  # fulldomain -> values set by this certificate
 
@@ -151,6 +159,9 @@ class AcmeDnsProvider:
         if name in self._by_fulldomain:
             return self._by_fulldomain[name]
         domain = name.removeprefix("_acme-challenge.")
+        for key in (name, domain):  # the entry this record would use is malformed
+            if key in self._broken and key not in self._accounts:
+                raise NotApplied(self._broken[key])
         if domain in self._accounts and domain != name:
             full = self._accounts[domain].fulldomain
             raise NotApplied(f"{record.name} is not a CNAME to the acme-dns account's name "
@@ -170,7 +181,8 @@ class AcmeDnsProvider:
             response = requests.post(
                 f"{self.api}/update", json={"subdomain": account.subdomain, "txt": value},
                 headers={"X-Api-User": account.username, "X-Api-Key": account.password},
-                timeout=min(UPDATE_TIMEOUT, remaining))
+                timeout=min(UPDATE_TIMEOUT, remaining),
+                allow_redirects=False)  # a redirect would take X-Api-Key to another host
         except requests.Timeout as exc:
             if remaining < UPDATE_TIMEOUT:
                 raise DeadlineExceeded(f"deadline exceeded during {where}") from exc
@@ -180,6 +192,8 @@ class AcmeDnsProvider:
         if response.status_code == 200:
             log.debug("%s: done", where)
             return
+        if 300 <= response.status_code < 400:
+            raise NotApplied(f"{where}: {_redirected(response, self.api)}")
         if response.status_code in (401, 403):
             raise NotApplied(f"{where}: HTTP {response.status_code}: the server refused the "
                              f"account's username or password (accounts_file "
@@ -224,13 +238,9 @@ def register(api: str, domains: Sequence[str], accounts_file: Path,
 
 def api_problem(api: str) -> str | None:
     """What is wrong with an acme-dns URL (None: fine), by the config loader's rule."""
-    from ..config import _URL_RE, _loopback_url
+    from ..config import acme_dns_api_problem
 
-    if not _URL_RE.fullmatch(api):
-        return f"must be an https:// URL, got {api!r}"
-    if api.lower().startswith("http:") and not _loopback_url(api):
-        return "must be https:// (http:// only to a loopback address)"
-    return None
+    return acme_dns_api_problem(api)
 
 
 def _register_one(api: str, allow_from: Sequence[str]) -> dict[str, Any]:
@@ -240,11 +250,13 @@ def _register_one(api: str, allow_from: Sequence[str]) -> dict[str, Any]:
     try:
         response = requests.post(f"{api}/register",
                                  json={"allowfrom": list(allow_from)} if allow_from else None,
-                                 timeout=REGISTER_TIMEOUT)
+                                 timeout=REGISTER_TIMEOUT, allow_redirects=False)
     except requests.Timeout:
         raise AcmeDnsError(f"{where}: no answer after {REGISTER_TIMEOUT:g} s") from None
     except requests.RequestException as exc:
         raise AcmeDnsError(f"{where}: {_connect_problem(exc)}") from None
+    if 300 <= response.status_code < 400:
+        raise AcmeDnsError(f"{where}: {_redirected(response, api)}")
     if response.status_code not in (200, 201):
         raise AcmeDnsError(f"{where}: HTTP {response.status_code}{_error_field(response)}")
     try:
@@ -267,8 +279,28 @@ def _save(path: Path, data: dict[str, Any]) -> None:
 
 
 def _public(api: str) -> str:
-    """The URL without user:password@ (never in a message)."""
-    return re.sub(r"//[^/@]*@", "//", api)
+    """The URL without user:password@ (never in a message). The config refuses an `api` that
+    holds one; this keeps a message safe whatever it is handed."""
+    from ..config import _without_userinfo
+
+    return _without_userinfo(api)
+
+
+def _redirected(response: Any, api: str) -> str:
+    """A 3xx answer, for its message: the host it names (never a path, query or user:password:
+    the API's own URL may hold one), and that it was not followed."""
+    from urllib.parse import urljoin, urlsplit
+
+    location = response.headers.get("Location")
+    if not location:
+        return f"HTTP {response.status_code}: a redirect without a location; not followed"
+    try:
+        host = urlsplit(urljoin(api + "/", location)).hostname
+    except ValueError:
+        host = None
+    if not (host and re.fullmatch(r"[\w.:-]{1,253}", host)):
+        host = "an unusable location"
+    return f"HTTP {response.status_code}: redirected to {host}; not followed"
 
 
 def _connect_problem(exc: BaseException) -> str:
