@@ -8,12 +8,14 @@
 - docs/hooks.md's variable tables list exactly the CERTBATCH_* variables hooks are handed;
 - every relative link in README.md and docs/*.md points at a file that exists, and at a heading
   that exists when it has an anchor;
-- the YAML examples of the hooks documentation load as configuration.
+- the YAML examples of the hooks documentation load as configuration;
+- docs/certbatch.1 is what scripts/manpage.py makes of the commands today.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import re
 from collections import Counter
@@ -309,3 +311,17 @@ def test_hooks_yaml_examples_load(doc: Path, tmp_path: Path) -> None:
         }))
         settings = config.load(path)
         assert settings.hooks.targets or settings.hooks.notify, example
+
+
+# -- the man page follows the commands -------------------------------------------------------------
+
+def test_the_man_page_is_generated_from_the_commands() -> None:
+    spec = importlib.util.spec_from_file_location("manpage", REPO / "scripts" / "manpage.py")
+    assert spec and spec.loader
+    manpage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(manpage)
+    text = manpage.render()
+    for command in ("init", "renew", "status", "check", "run-hook", "import certbot"):
+        assert f".SS certbatch {command.replace('-', chr(92) + '-')}\n" in text, command
+    assert (DOCS / "certbatch.1").read_text() == text, \
+        "docs/certbatch.1 is out of date: run .venv/bin/python scripts/manpage.py"

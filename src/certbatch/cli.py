@@ -324,7 +324,7 @@ def cli() -> None:
 @click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
               help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON report on stdout (schema in the README).")
+              help="Print one JSON report on stdout (schema: docs/report.schema.json).")
 @click.option("--metrics-file", type=click.Path(dir_okay=False), default=None,
               help="Write Prometheus textfile metrics here after the run (overrides "
                    "metrics.file).")
