@@ -146,6 +146,7 @@ class Spool:
         self.staging = Staging(self.root)
         self.ledgers = Ledgers(self.root)
         self.lock = SharedLock(self.root / ".lock")
+        self._layout_ok = False  # _ensure_layout checked the folders already
         self.store = store
         # deploy_workers 1 takes the lock exclusively per staging, as certbatch always did: one
         # staging at a time in every thread and process. More: a limit for this object (run).
@@ -171,10 +172,14 @@ class Spool:
     # -- locking and crash recovery ---------------------------------------------------------
 
     def _ensure_layout(self) -> None:
-        """Create the spool's folders, or check that they are its own (safefs)."""
+        """Create the spool's folders, or check that they are its own (safefs). Once per
+        Spool: the check walks every parent folder of the root, and a run stages thousands."""
+        if self._layout_ok:
+            return
         ensure_root(self.root)
         for folder in (self.pending_dir, self.applied_dir, self.staging.dir, self.ledgers.dir):
             ensure_dir(folder, 0o700)
+        self._layout_ok = True
 
     def check(self) -> None:
         """Create the spool's folders, or raise UnsafePath unless they and its lock files are
