@@ -171,10 +171,14 @@ class Store:
         # Caches meta.json and status.json of every certificate (see index.py); the runner
         # writes it back at the end of a run.
         self.index = Index(root)
+        self._root_ok = False  # _dir checked the root already
 
     def _dir(self, *parts: str) -> Path:
-        """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask)."""
-        path = ensure_root(self.root)
+        """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask).
+        The root and the way to it are checked once per Store (a walk of every parent folder;
+        a run saves thousands of statuses)."""
+        path = self.root if self._root_ok else ensure_root(self.root)
+        self._root_ok = True
         for part in parts:
             path = ensure_dir(path / part)
         return path
