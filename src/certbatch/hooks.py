@@ -124,6 +124,8 @@ def scan(directory: Path) -> list[HookFile]:
         names = sorted(os.listdir(directory), key=os.fsencode)
     except FileNotFoundError:
         return []
+    if not names:
+        return []  # nothing to trust: the walk of the folders on the way is not needed
     base = directory.absolute()  # hooks run with another cwd: argv[0] must be absolute
     unsafe = _untrusted(os.stat(directory)) or _unsafe_way(directory)
     found = []
