@@ -8,10 +8,11 @@ certificates are cached (below that, parsing is quicker than caring), in CACHE_D
 
 An entry is used only while the config file has the very content it was made from (its
 SHA-256: a millisecond for 10,000 certificates, and no edit slips through within one tick of
-the file system's clock), at the same path, with the same certbatch version. It holds pickled
-Settings (plain frozen dataclasses): pickle runs code on load, so the file is read only from a
-folder and file that are certbatch's user's own and writable by no one else (safefs), like the
-state folder. It holds what the config holds, secrets included, hence 0600.
+the file system's clock), at the same path, with the same certbatch version and validating
+code (config.py's SHA-256). It holds pickled Settings (plain frozen dataclasses): pickle runs
+code on load, so the file is read only from a folder and file that are certbatch's user's own
+and writable by no one else (safefs), like the state folder. It holds what the config holds,
+secrets included, hence 0600.
 """
 
 from __future__ import annotations
@@ -43,6 +44,18 @@ def cache_dir() -> Path:
     return Path(base) / "certbatch"
 
 
+def _rules() -> str:
+    """The SHA-256 of the validating code (config.py): a changed rule, in a development tree
+    or an upgrade that kept the version number, never serves a result of the old rules."""
+    from . import config
+
+    try:
+        with open(config.__file__, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return "unknown"
+
+
 def load_cached(path: Path) -> Settings:
     """config.load(path), from the cache when the file is unchanged (see the module doc)."""
     abs_path = os.path.abspath(path)
@@ -54,7 +67,7 @@ def load_cached(path: Path) -> Settings:
     if content.count(b"\n") < CACHE_FROM:  # fewer lines than certificates to cache
         return load(path)
     entry = cache_dir() / (hashlib.sha256(abs_path.encode()).hexdigest()[:24] + ".pickle")
-    key = (FORMAT, __version__, abs_path, hashlib.sha256(content).hexdigest())
+    key = (FORMAT, __version__, _rules(), abs_path, hashlib.sha256(content).hexdigest())
     cached = _read(entry, key)
     if cached is not None:
         return cached
