@@ -155,3 +155,80 @@ def test_a_marker_that_is_not_the_holders_names_nobody(tmp_path):
     assert str(busy) == f"another certbatch (pid 123) holds the lock {tmp_path}/.lock; " \
                         f"try again later"
     assert "another certbatch run is in progress" in str(LockBusy(tmp_path / ".lock", None))
+
+
+# -- status for people; status NAME ---------------------------------------------------------------
+
+LONG = ("the provider said no, at length; " * 6).strip()
+
+
+def _refusing_dns_script(path: Path, domain: str) -> Path:
+    from cli_helpers import DNS_SCRIPT
+
+    path.write_text(f"""#!/bin/sh
+if [ "$2" = "{domain}" ]; then
+  echo "DNS API refused {domain}: {'the provider said no, at length; ' * 6}" >&2; exit 1
+fi
+exec {DNS_SCRIPT} "$@"
+""")
+    path.chmod(0o755)
+    return path
+
+
+def test_status_words_a_failed_renewal_and_status_name_tells_everything(tmp_path, pebble):
+    from cli_helpers import dns01
+    from test_cron import readme_status_fields
+
+    cfg = write_config(tmp_path, pebble, {"site": {"domains": ["st-site.example.com"]},
+                                          "other": {"domains": ["st-other.example.com"]}})
+    first = run(["renew", "--no-notify"], cfg, pebble)
+    assert first.returncode == 0, first.stderr
+    # a name added that the DNS API refuses: its reissue fails, the old certificate stays (a
+    # name Pebble validated before would be reused without a challenge)
+    bad = _refusing_dns_script(tmp_path / "refuse.sh", "st-new.example.com")
+    cfg = write_config(tmp_path, pebble, {
+        "site": {"domains": ["st-site.example.com", "st-new.example.com"]},
+        "other": {"domains": ["st-other.example.com"]}}, defaults={"challenge": dns01(bad)})
+    failed = run(["renew", "--only", "site", "--no-notify"], cfg, pebble)
+    assert failed.returncode == 1
+
+    table = run(["status"], cfg, pebble, env={"COLUMNS": ""})  # no terminal: 100 columns
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    site = next(line for line in lines if line.startswith("site "))
+    head = site.index("renewal failed")  # the last column keeps 30 characters at least
+    assert len(site) == max(100, head + 30) and site.endswith("..."), site
+    assert re.search(r"renewal failed \d{4}-\d\d-\d\d", site), site
+    assert re.search(r"^other .* issued \d{4}-\d\d-\d\d \d\d:\d\dZ$", table.stdout, re.M)
+    assert "`certbatch status NAME` shows everything" in table.stdout
+    assert "force" not in table.stdout
+
+    wide = run(["status"], cfg, pebble, env={"COLUMNS": "1000"})
+    site = next(line for line in wide.stdout.splitlines() if line.startswith("site "))
+    assert re.search(r"renewal failed .*DNS API refused st-new\.example\.com.*; the "
+                     r"certificate from \d{4}-\d\d-\d\d is still live$", site), site
+
+    detail = run(["status", "site"], cfg, pebble)
+    assert detail.returncode == 0, detail.stderr
+    text = detail.stdout
+    live = tmp_path / "state" / "certs" / "site" / "live"
+    for name in ("cert.pem", "chain.pem", "fullchain.pem", "privkey.pem"):
+        assert f"  {name}: {live / name}\n" in text
+    meta = json.loads((live / "meta.json").read_text())
+    assert f"serial: {meta['serial']}\n" in text
+    assert LONG in text  # the whole error
+    assert re.search(r"^backoff: 1 failed order in a row; next order not before ", text, re.M)
+    assert re.search(r"^pending: serial [0-9a-f]+, staged ", text, re.M), text  # --no-notify
+    assert "targets: none" in text
+
+    js = json.loads(run(["status", "site", "--json"], cfg, pebble).stdout)["certificate"]
+    assert js["live"]["files"]["fullchain.pem"] == str(live / "fullchain.pem")
+    assert LONG in js["last_error"]
+    assert js["pending"]["serial"] == meta["serial"] and js["failed_orders"] == 1
+
+    rows = json.loads(run(["status", "--json"], cfg, pebble).stdout)["certificates"]
+    assert [set(r) for r in rows] == [readme_status_fields()] * 2
+    assert rows[0]["not_before"][:10] == meta["not_before"][:10]
+
+    unknown = run(["status", "nope"], cfg, pebble)
+    assert unknown.returncode == 2 and "nope" in unknown.stderr

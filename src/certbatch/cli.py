@@ -463,64 +463,22 @@ def _cannot_read(problems: list[str]) -> int:
     return EXIT_USAGE
 
 
-def status_data(settings: config_mod.Settings) -> list[dict[str, Any]]:
-    from . import render
-    from .runner import Runner, utcnow
-
-    runner = Runner(settings)
-    now = utcnow()
-    rows = []
-    from .errors import StoreError
-    from .renewal import ERROR, Decision
-    from .store import CertStatus
-
-    for cert in settings.certificates.values():
-        try:
-            decision, stored, status = runner.decide(cert, now, verify=True)
-        except (StoreError, OSError) as exc:  # one damaged certificate must not hide the others
-            if isinstance(exc, OSError):
-                why, result = os_error_message(exc, runner.store.cert_dir(cert.name)), "unreadable"
-            else:
-                why, result = str(exc), "error"
-            decision, stored = Decision(ERROR, why), None
-            status = CertStatus(last_result=result, last_error=why)
-        days = None if stored is None else int((stored.not_after - now).total_seconds() // 86400)
-        rows.append({
-            "name": cert.name,
-            "domains": list(cert.domains),
-            "serial": stored.serial if stored else None,
-            "not_after": render.ts(stored.not_after) if stored else None,
-            "days_left": days,
-            "due": decision.does_work,
-            "decision": decision.action,
-            "reason": decision.reason,
-            "due_at": render.ts(decision.due_at),
-            "last_result": status.last_result,
-            "last_error": status.last_error,
-            "last_attempt": render.ts(status.last_attempt),
-            "last_success": render.ts(status.last_success),
-            "rate_limited_until": render.ts(status.rate_limited_until),
-            "failed_orders": status.failed_orders,
-            "next_attempt": render.ts(status.next_attempt),
-            "profile": cert.profile,
-            # when the live certificate is to be renewed, and by which rule (renewal.py)
-            "next_renewal": render.ts(decision.due_at),
-            "next_renewal_basis": decision.basis,
-            "ari_explanation": status.ari.explanation if status.ari and stored
-            and status.ari.serial == stored.serial else None,
-        })
-    return rows
-
-
 @cli.command()
 @common_options
+@click.argument("name", required=False, metavar="[NAME]")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.pass_context
-def status(ctx: click.Context, as_json: bool) -> int:
-    """Show every configured certificate: expiry, days left, due or not, last result."""
+def status(ctx: click.Context, name: str | None, as_json: bool) -> int:
+    """Show every configured certificate: expiry, days left, next renewal, last result.
+
+    With NAME, everything known about that certificate: its live files, dates, renewal info,
+    last attempt and error, backoff, pending entry and each notify target's state. The table
+    cuts errors to the terminal's width (100 columns without one); NAME and --json do not.
+    """
+    import shutil
+
     from . import render
-    from .errors import StoreError
-    from .runner import Runner
+    from .report import spool_state, status_data, status_detail
 
     settings = load_settings(ctx)
     # Read only (no lock, nothing created): what cannot be read is one line each, and exit 2.
@@ -528,29 +486,31 @@ def status(ctx: click.Context, as_json: bool) -> int:
     problems = _read_problems([state, state / "certs"], [spool, spool / "pending"])
     if problems:
         return _cannot_read(problems)
+    if name is not None:
+        detail, problems = status_detail(settings, name)
+        if problems:
+            return _cannot_read(problems)
+        if as_json:
+            out(render.dumps({"schema_version": render.REPORT_SCHEMA_VERSION,
+                              "certificate": detail}))
+        else:
+            for line in render.detail_lines(detail):
+                out(line)
+        return EXIT_OK
     rows = status_data(settings)
-    runner = Runner(settings)
-    pending: list[str] = []
-    targets: list[dict[str, Any]] = []
-    try:
-        found = runner.targets()
-    except OSError as exc:  # the hooks folder (notify.d: the targets)
-        found = []
-        problems.append(os_error_message(exc))
-    try:
-        pending = [p.name for p in runner.spool.pending()]
-        targets = [render.target_state_to_dict(t) for t in runner.spool.target_states(found)]
-    except (OSError, StoreError) as exc:
-        problems.append(os_error_message(exc, spool) if isinstance(exc, OSError) else str(exc))
-    if problems:
-        return _cannot_read(problems)
+    found = spool_state(settings)
+    if found.problems:
+        return _cannot_read(found.problems)
+    pending = [p.name for p in found.pending]
+    targets = [render.target_state_to_dict(t) for t in found.targets]
     if as_json:
         out(render.dumps({"schema_version": render.REPORT_SCHEMA_VERSION,
                           "certificates": rows,
                           "pending": pending,
                           "targets": targets}))
     else:
-        for line in render.status_rows(rows) + render.target_rows(targets, pending):
+        width = shutil.get_terminal_size((render.STATUS_WIDTH, 24)).columns
+        for line in render.status_rows(rows, width) + render.target_rows(targets, pending):
             out(line)
     return EXIT_OK
 

@@ -225,24 +225,151 @@ def _next_renewal_cell(row: dict[str, Any]) -> str:
     return f"{at[:10]} {at[11:16]}Z ({row.get('next_renewal_basis') or '?'})"
 
 
-def status_rows(rows: Sequence[dict[str, Any]]) -> list[str]:
+def _minute(at: str | None) -> str:
+    """`2026-11-29T03:00:12Z` -> `2026-11-29 03:00Z`."""
+    return f"{at[:10]} {at[11:16]}Z" if at else "?"
+
+
+def last_result_text(row: dict[str, Any]) -> str:
+    """The last result for people: "renewal failed 2026-11-29 03:00Z: ...; the certificate
+    from 2026-09-01 is still live", "renewed 2026-11-29 03:00Z"."""
+    result, error, at = row["last_result"], row["last_error"], row.get("last_attempt")
+    if not result:
+        return "-"
+    if result in ("error", "unreadable"):
+        return f"cannot read its state: {error}"
+    still_live = f"; the certificate from {row['not_before'][:10]} is still live" \
+        if row.get("serial") and row.get("not_before") else ""
+    if result == "failed":
+        what = "renewal failed" if row.get("serial") else "issuance failed"
+        return f"{what} {_minute(at)}: {error}{still_live}"
+    if error:  # not-staged, and whatever else carries an error
+        return f"{result} {_minute(at)}: {error}{still_live}"
+    words = {"restaged": "staged again"}
+    return f"{words.get(result, result)} {_minute(at)}"
+
+
+STATUS_WIDTH = 100  # `status` lines are cut to the terminal's width, to this without one
+MIN_LAST_RESULT = 30  # the last column keeps at least this much, whatever the width
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:max(width - 3, 0)] + "..."
+
+
+DOMAINS_WIDTH = 40  # longer lists show their first name and a count (status NAME: all)
+
+
+def _domains_cell(domains: Sequence[str]) -> str:
+    joined = ",".join(domains)
+    if len(joined) <= DOMAINS_WIDTH or len(domains) < 2:
+        return joined
+    return f"{domains[0]} (+{len(domains) - 1})"
+
+
+def status_rows(rows: Sequence[dict[str, Any]], width: int | None = None) -> list[str]:
+    """The `status` table; with `width`, each line's last column (the last result, which
+    holds the errors) is cut to fit, and a line below says where the full text is."""
     headers = ["NAME", "DOMAINS", "EXPIRES", "DAYS", "DUE", "PROFILE", "NEXT RENEWAL",
                "LAST RESULT"]
     table = [headers] + [[
-        r["name"], ",".join(r["domains"]),
+        r["name"], _domains_cell(r["domains"]),
         r["not_after"][:10] if r["not_after"] else "-",
         "-" if r["days_left"] is None else str(r["days_left"]),
         _due_cell(r),
         r["profile"] or "-",
         _next_renewal_cell(r),
-        (r["last_result"] or "-") + (f" ({r['last_error']})" if r["last_error"] else ""),
+        last_result_text(r),
     ] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers) - 1)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
-             + "  " + row[-1] for row in table]
+    lines = []
+    cut = False
+    for row in table:
+        head = "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)) + "  "
+        last = row[-1]
+        if width is not None:
+            last = _cut(last, max(width - len(head), MIN_LAST_RESULT))
+            cut = cut or last != row[-1]
+        lines.append(head + last)
+    if cut:
+        lines.append("(cut to the width: `certbatch status NAME` shows everything about NAME)")
     # The CA explains a renewal window it moved (a revocation coming, say): worth reading.
     return lines + [f"{r['name']}: the CA explains its renewal window: {r['ari_explanation']}"
                     for r in rows if r.get("ari_explanation")]
+
+
+def detail_lines(d: dict[str, Any]) -> list[str]:
+    """`status NAME`: everything known about one certificate, one fact a line, nothing cut."""
+    lines = [f"certificate: {d['name']}", f"domains: {' '.join(d['domains'])}",
+             f"key: {d['key_type']}", f"profile: {d['profile'] or '(the CA default)'}"]
+    live = d.get("live")
+    if live is None:
+        lines.append("live: none (not issued yet)")
+    else:
+        lines += [f"live: {live['folder']} (version {live['version']})"]
+        lines += [f"  {name}: {path}" for name, path in live["files"].items()]
+        lines += [f"serial: {d['serial']}",
+                  f"valid: {_minute(d['not_before'])} to {_minute(d['not_after'])} "
+                  f"({d['days_left']} days left)",
+                  f"issued: {_minute(live['issued_at'])}"
+                  + (f" with profile {live['profile']}" if live["profile"] else "")]
+        if live["domains"] != d["domains"]:
+            lines.append(f"live domains: {' '.join(live['domains'])} (the config changed: "
+                         f"reissued by the next run)")
+        if live["damaged"]:
+            lines.append(f"damaged: {live['damaged']}")
+        if live["account"]:
+            lines.append(f"account: {live['account']}")
+    lines.append(f"next renewal: {_next_renewal_cell(d)}")
+    lines.append("decision now: backoff (see below)" if d["decision"] == "backoff" else
+                 f"decision now: {d['decision']} ({d['reason']})")
+    ari = d.get("ari")
+    if ari:
+        about = "" if ari["about_live"] else f" (about serial {ari['serial']}, not the live one)"
+        if ari["unsupported"]:
+            lines.append(f"renewal info (ARI): not offered by the CA{about}")
+        elif ari["window_start"]:
+            lines.append(f"renewal info (ARI): window {_minute(ari['window_start'])} to "
+                         f"{_minute(ari['window_end'])}, renew at {_minute(ari['renew_at'])}, "
+                         f"checked {_minute(ari['checked_at'])}{about}")
+        else:
+            lines.append(f"renewal info (ARI): no window known{about}")
+        if ari["explanation"]:
+            lines.append(f"  the CA explains: {ari['explanation']}")
+        if ari["error"]:
+            lines.append(f"  last request failed: {ari['error']}")
+        lines.append(f"  next check: {_minute(ari['next_check'])}")
+    lines.append(f"last result: {last_result_text(d)}")
+    if d["last_success"]:
+        lines.append(f"last success: {_minute(d['last_success'])}")
+    if d["failed_orders"]:
+        lines.append(f"backoff: {d['failed_orders']} failed order"
+                     f"{'s' * (d['failed_orders'] != 1)} in a row; next order not before "
+                     f"{_minute(d['next_attempt'])} (`renew --force` orders now)")
+    if d["rate_limited_until"]:
+        lines.append(f"rate-limited by the CA until {_minute(d['rate_limited_until'])}")
+    p = d.get("pending")
+    lines.append("pending: no" if p is None else
+                 f"pending: serial {p['serial']}, staged {_minute(p['staged_at'])} in "
+                 f"{p['folder']}")
+    targets = d.get("targets") or []
+    if not targets:
+        lines.append("targets: none")
+    for t in targets:
+        if t["problem"]:
+            state = f"CANNOT RUN: {t['problem']}"
+        elif t["has_live"]:
+            state = "has the live certificate"
+        elif t["applied_serial"]:
+            state = f"has serial {t['applied_serial']}"
+        else:
+            state = "has nothing of it yet"
+        if t["waiting"]:
+            state += ", the pending one waits for it"
+        if t["state"] == "failed" and t["last_error"]:
+            state += f"; its last run failed: {t['last_error']}"
+        lines.append(f"target {t['target']}: {state}")
+    return lines
 
 
 def target_rows(states: Sequence[dict[str, Any]], pending: Sequence[str]) -> list[str]:

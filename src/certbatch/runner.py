@@ -140,7 +140,7 @@ class Progress:
 
 @contextlib.contextmanager
 def run_lock(state_dir: Path, wait: float | None = 0,
-             command: str = "certbatch") -> Iterator[None]:
+             command: str | None = None) -> Iterator[None]:
     """One renew or run-hook per state folder. `wait`: seconds to wait (0: fail at once).
 
     While it is held, `<state>/.running` says who holds it (one JSON line: pid, `command`,
@@ -167,8 +167,9 @@ def run_lock(state_dir: Path, wait: float | None = 0,
             try:
                 with contextlib.suppress(OSError):  # best effort: it only names the holder
                     os.ftruncate(fd, 0)
-                    os.write(fd, json.dumps({"pid": os.getpid(), "command": command,
-                                             "started_at": iso(utcnow())}).encode() + b"\n")
+                    holder = {"pid": os.getpid(), "command": command,
+                              "started_at": iso(utcnow())}
+                    os.write(fd, json.dumps(holder).encode() + b"\n")
             finally:
                 os.close(fd)
             try:
