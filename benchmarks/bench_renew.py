@@ -51,6 +51,10 @@ FOREIGN_CPU_LIMIT = 0.05  # other processes' share of the CPUs above which figur
 
 # Targets.
 IDLE_TARGET_S = 0.5  # nothing due over --idle-count certificates, whole process
+REALISTIC_COUNT = 40  # certificates on the slow CA
+REALISTIC_SLEEP = 4  # PEBBLE_VA_SLEEPTIME: the most seconds one validation waits
+REALISTIC_WORKERS = (4, 16, 32)
+RESTAGE_TARGET_S = 5.0  # restaging 10,000 certificates (scaled to --idle-count)
 BARE_RATIO_TARGET = 1.5  # certbatch forced renewal / bare acme loop
 CERTBOT_RATIO_TARGET = 30.0  # certbot per-certificate renew time / certbatch's
 
@@ -375,12 +379,12 @@ class Certbot:
 
 # -- the benchmark -------------------------------------------------------------------------------
 
-def start_ca(workdir: Path) -> Any:
+def start_ca(workdir: Path, env: dict[str, str] | None = None) -> Any:
     """Pebble + pebble-challtestsrv from the test suite's helper (tests/ is not a package)."""
     sys.path.insert(0, str(REPO / "tests"))
     from pebble_server import start_pebble
 
-    return start_pebble(workdir, extra_env=PEBBLE_ENV)
+    return start_pebble(workdir, extra_env=PEBBLE_ENV if env is None else env)
 
 
 def write_certbatch_config(folder: Path, pebble: Any, names: dict[str, list[str]],
@@ -447,6 +451,8 @@ class Benchmark:
                 self.scenario("workers sweep", self.sweep, env)
             if not args.idle_only:
                 self.scenario("certbot", self.certbot, pebble, env)
+            if args.realistic:
+                self.scenario("a CA with validation delays", self.realistic)
         finally:
             pebble.stop()
         self.scenario("nothing due", self.idle, pebble)
@@ -580,6 +586,28 @@ class Benchmark:
         child = run_certbatch(cfg, ["renew", "--json"], env, expect={"issued": 1})
         say(f"warm-up (registers the account, not counted): {child.wall:.2f} s")
 
+    def realistic(self) -> None:
+        """A CA that takes its time: Pebble validating each authorization after a random 0 to
+        REALISTIC_SLEEP seconds (as a real CA's validation does), REALISTIC_COUNT
+        certificates renewed by force with each of REALISTIC_WORKERS."""
+        n = REALISTIC_COUNT
+        pebble = start_ca(self.workdir / "pebble-slow",
+                          {"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": str(REALISTIC_SLEEP),
+                           "PEBBLE_AUTHZREUSE": "0",
+                           "PEBBLE_WFE_NONCEREJECT": "0"})
+        try:
+            env = certbatch_env(pebble.env())
+            cfg = write_certbatch_config(self.workdir / "slow", pebble, cert_names(n, "r"),
+                                         max(REALISTIC_WORKERS), self.args.dns_calls)
+            say(f"\n== a CA with validation delays of 0-{REALISTIC_SLEEP} s: {n} certificates")
+            run_certbatch(cfg, ["renew", "--json"], env, expect={"issued": n})
+            for w in REALISTIC_WORKERS:
+                child = run_certbatch(cfg, ["renew", "--force", "--json", "--workers", str(w)],
+                                      env, expect={"renewed": n})
+                self.record(f"  slow CA: renew --force --workers {w}", n, child)
+        finally:
+            pebble.stop()
+
     def sweep(self, env: dict[str, str]) -> None:
         """Forced renewal of the same N with each worker count of --sweep."""
         cfg = self.workdir / "certbatch" / "certbatch.yaml"
@@ -676,6 +704,20 @@ class Benchmark:
         top = import_times(cfg, env)
         say("slowest top-level imports of an idle run (python -X importtime, cumulative ms): "
             + ", ".join(f"{name} {ms:.0f}" for name, ms in top))
+        self.restage(folder, cfg, env, m)
+
+    def restage(self, folder: Path, cfg: Path, env: dict[str, str], m: int) -> None:
+        """Restaging every stored certificate: `run-hook --target T --all` hands one (no-op)
+        notify target every live certificate, staged again through the spool (no deploy
+        hook, so this is certbatch's own cost: store reads, staging folders, fsyncs)."""
+        hook = folder / "hooks" / "notify.d" / "00-accept"
+        hook.write_text("#!/bin/sh\nexit 0\n")
+        hook.chmod(0o755)
+        say(f"\n== restaging {m} certificates (run-hook --target 00-accept --all)")
+        child = run_certbatch(cfg, ["run-hook", "--target", "00-accept", "--all"], env)
+        self.record("certbatch run-hook --all (restage every certificate)", m, child,
+                    target=f"<= {RESTAGE_TARGET_S * m / 10000:g} s",
+                    ok=child.wall <= RESTAGE_TARGET_S * m / 10000)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -708,6 +750,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         default="per-certificate",
                         help="the dns-01 challenge's `calls` setting: one script run per "
                              "certificate and action (default), or per record and action")
+    parser.add_argument("--realistic", action="store_true",
+                        help=f"also renew {REALISTIC_COUNT} certificates on a Pebble with "
+                             f"validation delays of 0-{REALISTIC_SLEEP} s, with workers "
+                             f"{', '.join(map(str, REALISTIC_WORKERS))} (a few minutes)")
     parser.add_argument("--idle-only", action="store_true",
                         help="only the nothing-due run over --idle-count certificates")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
