@@ -7,6 +7,8 @@ Fixtures:
   pebble_factory   function-scoped: ``pebble_factory(config=None, **extra_env)`` starts a separate
                    instance (e.g. ``PEBBLE_WFE_NONCEREJECT="50"``), stopped at teardown.
   webroot_server   serves a fresh webroot folder on 127.0.0.1:pebble.http_port; yields its Path.
+                   (serve_by_host(port, {host: folder}): one folder per Host header, as a
+                   web server with virtual hosts does; for http-01 webroot_map tests.)
   account_store    a fresh in-memory AccountStore that counts loads and saves.
 
 Without /usr/bin/pebble the Pebble tests are skipped, or fail when CERTBATCH_REQUIRE_PEBBLE=1.
@@ -15,6 +17,7 @@ When a test using Pebble fails, the tail of the Pebble and challtestsrv logs is 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import os
@@ -98,6 +101,45 @@ def webroot_server(pebble: PebbleInstance, tmp_path: Path) -> Iterator[Path]:
     thread.start()
     try:
         yield webroot
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+class _ByHostHandler(_QuietHandler):
+    """Serves each Host from its own folder (the port is ignored); an unknown Host gets 404,
+    so a token under another name's webroot is not found."""
+
+    roots: dict[str, Path] = {}
+    seen: list[tuple[str, str, int]]  # (host, path, status) of each request
+
+    def translate_path(self, path: str) -> str:
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
+        root = self.roots.get(host)
+        rel = path.split("?", 1)[0].split("#", 1)[0].lstrip("/")
+        return str(root / rel) if root is not None else "/nonexistent/" + rel
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        host = (self.headers.get("Host") or "").rsplit(":", 1)[0].lower()
+        self.seen.append((host, self.path, int(code) if str(code).isdigit() else 0))
+
+
+@contextlib.contextmanager
+def serve_by_host(port: int, roots: dict[str, Path]
+                  ) -> Iterator[list[tuple[str, str, int]]]:
+    """An http server on 127.0.0.1:`port` serving each host name from its folder; yields the
+    list of (host, path, status) it answered."""
+    seen: list[tuple[str, str, int]] = []
+    handler = type("Handler", (_ByHostHandler,), {
+        "roots": {h.lower(): r for h, r in roots.items()}, "seen": seen})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
+    thread.start()
+    try:
+        yield seen
     finally:
         server.shutdown()
         server.server_close()

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 from conftest import MemoryAccountStore
 from cryptography import x509
@@ -124,6 +125,27 @@ def test_issue_webroot(client: AcmeClient, pebble: PebbleInstance, webroot_serve
                   key)
     check_chain(chain, domains, key, pebble)
     assert list(webroot_server.iterdir()) == []  # tokens and the folders we made are gone
+
+
+def test_issue_webroot_map_two_webroots_served_per_host(client: AcmeClient,
+                                                        pebble: PebbleInstance,
+                                                        tmp_path: Path) -> None:
+    """webroot_map (issue 14): each name's token goes under its own webroot, and the web server
+    serves each name from its own folder only (virtual hosts), so a misplaced token fails."""
+    a, b, c = unique("site-a"), unique("site-b"), unique("site-c")
+    roots = {a: tmp_path / "www-a", b: tmp_path / "www-b", c: tmp_path / "www-a"}
+    (tmp_path / "www-a").mkdir()
+    (tmp_path / "www-b").mkdir()
+    key = new_key()
+    challenge = ChallengeSettings(type="http-01", webroot=tmp_path / "www-a",
+                                  webroot_map=((b, tmp_path / "www-b"),))
+    with conftest.serve_by_host(pebble.http_port, roots) as seen:
+        chain = issue(client, [a, b, c], challenge, key)
+    check_chain(chain, [a, b, c], key, pebble)
+    assert {host for host, path, status in seen
+            if status == 200 and "/.well-known/acme-challenge/" in path} == {a, b, c}
+    assert [list(root.iterdir()) for root in (tmp_path / "www-a", tmp_path / "www-b")] == \
+        [[], []]  # every token and the folders we made are gone, in both webroots
 
 
 def test_issue_standalone(client: AcmeClient, pebble: PebbleInstance) -> None:

@@ -111,6 +111,43 @@ def test_webroot_unwritable_is_a_challenge_error(tmp_path: Path) -> None:
         WebrootSolver(tmp_path, "c").prepare([http01("tok")], soon())
 
 
+def test_webroot_map_writes_each_token_under_its_names_webroot(tmp_path: Path) -> None:
+    """webroot_map (issue 14): each name's token under its own webroot, the others under the
+    default; cleanup removes every token and every folder the solver made, in each webroot."""
+    a, b, default = tmp_path / "a", tmp_path / "b", tmp_path / "default"
+    for root in (a, b, default):
+        root.mkdir()
+    (b / ".well-known").mkdir()  # b already has one: kept
+    ch = ChallengeSettings("http-01", webroot=default, webroot_map=(
+        ("a.example.com", a), ("b.example.com", b)))
+    solver = make_solver(ch, "c")
+    solver.prepare([http01("tokA", "a.example.com"), http01("tokB", "B.example.com"),
+                    http01("tokC", "c.example.com")], soon())
+    listing = {root.name: sorted(p.name for p in (root / ".well-known" / "acme-challenge")
+                                 .iterdir()) for root in (a, b, default)}
+    assert listing == {"a": ["tokA"], "b": ["tokB"], "default": ["tokC"]}
+    assert (b / ".well-known" / "acme-challenge" / "tokB").read_text() == "tokB.thumbprint"
+    solver.cleanup()
+    assert [list(a.iterdir()), list(default.iterdir())] == [[], []]
+    assert [p.name for p in b.iterdir()] == [".well-known"]
+    assert list((b / ".well-known").iterdir()) == []
+
+
+def test_webroot_map_checks_every_webroot_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    ch = ChallengeSettings("http-01", webroot_map=(("a.example.com", tmp_path / "a"),
+                                                   ("b.example.com", tmp_path / "nowhere")))
+    assert challenges.setup_problem(ch) == f"webroot {tmp_path / 'nowhere'} does not exist"
+    solver = make_solver(ch, "c")
+    with pytest.raises(ChallengeError, match="nowhere does not exist"):
+        solver.prepare([http01("tokA", "a.example.com"), http01("tokB", "b.example.com")],
+                       soon())
+    solver.cleanup()
+    assert list((tmp_path / "a").iterdir()) == []  # nothing was written anywhere
+    with pytest.raises(ChallengeError, match="no http-01 webroot for c.example.com"):
+        solver.prepare([http01("tokC", "c.example.com")], soon())
+
+
 # -- standalone ----------------------------------------------------------------------------------
 
 def test_standalone_shares_one_server_per_port() -> None:

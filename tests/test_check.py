@@ -158,3 +158,25 @@ def test_check_and_status_never_print_an_acme_dns_password(tmp_path):
         assert status.returncode == 0, status.stderr
         assert secret not in status.stdout + status.stderr
     assert secret not in check.stdout + check.stderr
+
+
+def test_check_shows_a_webroot_map_and_a_missing_webroot_of_it_as_a_problem(tmp_path):
+    """Issue 14: each webroot with the names it serves; a missing one fails that certificate
+    alone (at run time) and `check` lists it, while the config still loads (`status` works)."""
+    (tmp_path / "www-a").mkdir()
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"web": {
+        "domains": ["a.example.org", "b.example.org", "c.example.org"],
+        "challenge": {"type": "http-01", "webroot": "www-a",
+                      "webroot_map": {"b.example.org": "www-b"}}}})
+    result = run(["check"], cfg)
+    assert problems(result) == [f"certbatch: problem: web: webroot {tmp_path / 'www-b'} does "
+                                f"not exist"]
+    lines = result.stdout.splitlines()
+    i = lines.index("  web: a.example.org b.example.org c.example.org [ec-p256, http-01 "
+                    "webroot_map]")
+    assert lines[i + 1:i + 4] == [f"    webroot {tmp_path / 'www-a'}: a.example.org c.example.org",
+                                  f"    webroot {tmp_path / 'www-b'}: b.example.org",
+                                  f"    challenge: CANNOT work: webroot {tmp_path / 'www-b'} "
+                                  f"does not exist"]
+    status = run(["status"], cfg)
+    assert status.returncode == 0, status.stderr

@@ -398,7 +398,7 @@ def test_duplicate_keys(tmp_path: Path, text: str, key: str, problem: str) -> No
      "defaults.challenge.standalone.prot", "did you mean 'port'?"),
     ({"zzzzzz": 1}, "zzzzzz", "unknown key (expected one of: acme, paths, renewal"),
     ({"defaults/challenge/script": "dns.sh"}, "defaults.challenge.script",
-     "not valid for http-01 challenges (valid keys: type, webroot, standalone)"),
+     "not valid for http-01 challenges (valid keys: type, webroot, webroot_map, standalone)"),
     ({"certificates/example/challenge": {"type": "dns-01", "script": "dns.sh", "webroot": "www"}},
      "certificates.example.challenge.webroot", "not valid for dns-01 challenges"),
 ])
@@ -700,6 +700,79 @@ def test_a_broken_dns_or_webroot_setup_loads(site: Path, challenge: dict[str, An
     data = patched({"certificates/example/challenge": challenge})
     challenge_settings = load(write(site, data)).certificates["example"].challenge
     assert challenge_settings.type == challenge["type"]
+
+
+# -- http-01 webroot_map (issue 14: certbot's per-name webroots) --------------------------------
+
+def test_webroot_map_gives_each_name_its_webroot(site: Path) -> None:
+    (site / "www2").mkdir()
+    data = patched({"certificates/example/challenge": {
+        "type": "http-01", "webroot_map": {"Example.com": "www", "www.example.com": "www2"}}})
+    ch = load(write(site, data)).certificates["example"].challenge
+    assert ch.webroot is None
+    assert ch.webroot_map == (("example.com", site / "www"), ("www.example.com", site / "www2"))
+    assert (ch.webroot_for("example.com"), ch.webroot_for("WWW.example.com")) == (
+        site / "www", site / "www2")
+    assert ch.webroots == (site / "www", site / "www2")
+    # with `webroot` as the default, the map names only the names that differ
+    data = patched({"certificates/example/challenge": {
+        "type": "http-01", "webroot": "www", "webroot_map": {"www.example.com": "/srv/b"}}})
+    ch = load(write(site, data)).certificates["example"].challenge
+    assert (ch.webroot_for("example.com"), ch.webroot_for("www.example.com")) == (
+        site / "www", Path("/srv/b"))
+    assert ch.webroots == (site / "www", Path("/srv/b"))
+
+
+def test_a_defaults_webroot_map_may_name_more_than_one_certificate(site: Path) -> None:
+    data = patched({"defaults/challenge": {"type": "http-01", "webroot_map": {
+        "example.com": "a", "www.example.com": "b", "other.org": "c"}},
+        "certificates/other": {"domains": ["other.org"]}})
+    certs = load(write(site, data)).certificates
+    assert certs["example"].challenge.webroot_for("www.example.com") == site / "b"
+    assert certs["other"].challenge.webroots == (site / "a", site / "b", site / "c")
+
+
+@pytest.mark.parametrize(("patches", "key", "problem"), [
+    ({"certificates/example/challenge": {"type": "http-01",
+                                         "webroot_map": {"example.com": "www"}}},
+     "certificates.example.challenge.webroot_map", "no webroot for 'www.example.com': add it to"
+     " the map, or give 'webroot' as the default for the names it leaves out"),
+    ({"defaults/challenge": {"type": "http-01", "webroot_map": {"example.com": "www"}}},
+     "certificates.example.domains[1]",
+     "no webroot for 'www.example.com' in defaults.challenge.webroot_map: add it"),
+    ({"certificates/example/challenge": {"type": "http-01", "webroot": "www", "webroot_map": {
+        "wwww.example.com": "a"}}},
+     "certificates.example.challenge.webroot_map.wwww.example.com",
+     "'wwww.example.com' is not a domain of this certificate (example.com, www.example.com)"),
+    ({"defaults/challenge": {"type": "http-01", "webroot_map": {"example.com": "www"},
+                             "standalone": {}}},
+     "defaults.challenge", "http-01 takes 'webroot_map' or 'standalone', not both"),
+    ({"defaults/challenge/webroot_map": ["example.com"]}, "defaults.challenge.webroot_map",
+     "expected a mapping of domain names to webroots, like {www.example.org: /var/www/www},"
+     " got a list"),
+    ({"defaults/challenge/webroot_map": "www"}, "defaults.challenge.webroot_map",
+     "got a string ('www')"),
+    ({"defaults/challenge/webroot_map": {}}, "defaults.challenge.webroot_map",
+     "got an empty mapping"),
+    ({"defaults/challenge/webroot_map": {"example.com": 5}},
+     "defaults.challenge.webroot_map.example.com", "expected a string, got an integer (5)"),
+    ({"defaults/challenge/webroot_map": {"example.com": ""}},
+     "defaults.challenge.webroot_map.example.com", "must not be empty"),
+    ({"defaults/challenge/webroot_map": {5: "www"}}, "defaults.challenge.webroot_map[5]",
+     "expected a domain name (string), got an integer (5)"),
+    ({"defaults/challenge/webroot_map": {"http://example.com": "www"}},
+     "defaults.challenge.webroot_map['http://example.com']", "is a URL"),
+    ({"defaults/challenge/webroot_map": {"*.example.com": "www"}},
+     "defaults.challenge.webroot_map['*.example.com']",
+     "wildcard '*.example.com' needs a dns-01 challenge; http-01 cannot validate it"),
+    ({"defaults/challenge/webroot_map": {"example.com": "a", "EXAMPLE.com": "b"}},
+     "defaults.challenge.webroot_map.EXAMPLE.com", "duplicate domain 'example.com'"),
+    ({"certificates/example/challenge": {"type": "dns-01", "script": "dns.sh",
+                                         "webroot_map": {"example.com": "www"}}},
+     "certificates.example.challenge.webroot_map", "not valid for dns-01 challenges"),
+])
+def test_webroot_map_errors(site: Path, patches: dict[str, Any], key: str, problem: str) -> None:
+    config_error(write(site, patched(patches)), key, problem)
 
 
 def test_rfc2136_settings_and_defaults(site: Path) -> None:

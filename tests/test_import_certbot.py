@@ -2,25 +2,22 @@
 test environment) issuing from the tests' Pebble.
 
 The certbot folder is built once for the module (each certbot run takes ~3 s): a webroot lineage
-with an upper-case name (mapped), a webroot lineage whose webroot_map has two webroots (not
-mappable), an ECDSA P-384 standalone lineage, a manual dns-01 lineage with auth and cleanup
-hooks (apex + wildcard), a lineage with `autorenew = False`, and one whose live/ link is broken
-after certbot made it. The folder's bytes are hashed before anything reads it and compared at
-the end of the module. Every child process has a timeout.
+with an upper-case name (mapped), a webroot lineage whose webroot_map has two webroots (mapped
+to certbatch's webroot_map, issue 14), an ECDSA P-384 standalone lineage, a manual dns-01
+lineage with auth and cleanup hooks (apex + wildcard), a lineage with `autorenew = False`, and
+one whose live/ link is broken after certbot made it. The folder's bytes are hashed before
+anything reads it and compared at the end of the module. Every child process has a timeout.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import hashlib
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,20 +41,12 @@ Result = subprocess.CompletedProcess[str]
 
 # -- the certbot folder ----------------------------------------------------------------------------
 
-class _Roots(http.server.SimpleHTTPRequestHandler):
-    """Serves a file from the first of several webroots that has it (two webroots, one port)."""
-
-    roots: tuple[Path, ...] = ()
-
-    def translate_path(self, path: str) -> str:
-        rel = path.split("?", 1)[0].lstrip("/")
-        for root in self.roots:
-            if (root / rel).is_file():
-                return str(root / rel)
-        return str(self.roots[0] / rel)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-        pass
+def _vhosts(cb: Certbot) -> dict[str, Path]:
+    """Which webroot serves which name (a web server's virtual hosts): both webroot lineages'
+    names, `split`'s under two webroots."""
+    www1, www2 = cb.base / "www1", cb.base / "www2"
+    return {"web.example": www1, "www.web.example": www1, "a.split.example": www1,
+            "b.split.example": www2}
 
 
 def _tree_hash(root: Path) -> str:
@@ -160,20 +149,11 @@ def certbot(pebble: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
            "--manual-auth-hook", str(cb.hook("auth.sh", "set-txt")),
            "--manual-cleanup-hook", str(cb.hook("cleanup.sh", "clear-txt")),
            "-d", "manual.example", "-d", "*.manual.example")
-    handler = functools.partial(type("H", (_Roots,), {"roots": roots}))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", pebble.http_port), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with conftest.serve_by_host(pebble.http_port, _vhosts(cb)):
         cb.run("--webroot", "-w", str(roots[0]), "--cert-name", "Web_Site", "-d", "web.example",
                "-d", "www.web.example", "--key-type", "rsa", "--rsa-key-size", "2048")
         cb.run("--webroot", "--cert-name", "split", "-w", str(roots[0]), "-d", "a.split.example",
                "-w", str(roots[1]), "-d", "b.split.example")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
     link = cb.le / "live" / "broken" / "privkey.pem"
     link.unlink()
     link.symlink_to("../../archive/broken/privkey9.pem")  # a version that is not there
@@ -214,21 +194,24 @@ def imported(certbot: Certbot, before: str, pebble: Any,
 def test_import_takes_over_what_maps_and_says_why_for_the_rest(
         imported: tuple[Path, Result], certbot: Certbot) -> None:
     config, r = imported
-    assert r.returncode == 1, r.stdout + r.stderr  # three lineages skipped
-    assert r.stderr.strip() == ("certbatch: 3 of 6 lineages not imported: broken noauto split")
+    assert r.returncode == 1, r.stdout + r.stderr  # two lineages skipped
+    assert r.stderr.strip() == ("certbatch: 2 of 6 lineages not imported: broken noauto")
     out = r.stdout
     assert "SKIP    broken: " in out and "broken link" in out
     assert "SKIP    noauto: autorenew = False" in out
-    assert "SKIP    split: configure the challenge of split by hand: its webroot_map has 2 " \
-           "webroots" in out
+    www1, www2 = certbot.base / "www1", certbot.base / "www2"
+    assert f"split: a.split.example b.split.example [ec-p256, http-01 webroot_map " \
+           f"a.split.example={www1} b.split.example={www2}]" in out
     assert "web_site (lineage Web_Site)" in out
     assert "they count as staged" in out
     text = config.read_text()
     assert text.startswith("# my certbatch config\n")  # the operator's text is kept
     assert "ca_bundle: " in text and "# Pebble's TLS" in text
     data = yaml.safe_load(text)
-    assert sorted(data["certificates"]) == ["manual", "sa", "web_site"]
+    assert sorted(data["certificates"]) == ["manual", "sa", "split", "web_site"]
     certs = data["certificates"]
+    assert certs["split"]["challenge"] == {"type": "http-01", "webroot_map": {
+        "a.split.example": str(www1), "b.split.example": str(www2)}}
     assert certs["web_site"]["challenge"] == {"type": "http-01",
                                               "webroot": str(certbot.base / "www1")}
     assert certs["web_site"]["key"] == "rsa-2048"
@@ -251,7 +234,8 @@ def test_status_shows_certbots_serials_and_expiry_and_renew_has_nothing_due(
     r = run(["status", "--json"], config, timeout=60)
     assert r.returncode == 0, r.stderr
     rows = {row["name"]: row for row in json.loads(r.stdout)["certificates"]}
-    for name, lineage in (("sa", "sa"), ("manual", "manual"), ("web_site", "Web_Site")):
+    for name, lineage in (("sa", "sa"), ("manual", "manual"), ("web_site", "Web_Site"),
+                          ("split", "split")):
         cert = certbot.cert(lineage)
         assert int(rows[name]["serial"], 16) == cert.serial_number
         assert rows[name]["not_after"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -264,10 +248,14 @@ def test_status_shows_certbots_serials_and_expiry_and_renew_has_nothing_due(
         assert oct(key.stat().st_mode & 0o777) == "0o600"
     r = run(["check"], config, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
+    www1, www2 = certbot.base / "www1", certbot.base / "www2"
+    assert (f"    webroot {www1}: a.split.example\n    webroot {www2}: b.split.example\n"
+            in r.stdout), r.stdout  # check shows the map
     r = run(["renew", "--json"], config, pebble, timeout=60)
     assert r.returncode == 0, r.stderr
     outcomes = {c["name"]: c["outcome"] for c in json.loads(r.stdout)["certificates"]}
-    assert outcomes == {"sa": "not-due", "manual": "not-due", "web_site": "not-due"}
+    assert outcomes == {"sa": "not-due", "manual": "not-due", "web_site": "not-due",
+                        "split": "not-due"}
 
 
 def test_the_account_is_certbots_and_a_forced_renewal_uses_it(
@@ -303,6 +291,27 @@ def test_the_account_is_certbots_and_a_forced_renewal_uses_it(
         "auth.sh manual.example 0 manual.example,manual.example",
         "auth.sh manual.example 1 manual.example,manual.example"]
     assert len([c for c in calls if c.startswith("cleanup.sh")]) == 2
+
+
+def test_a_webroot_map_lineage_renews_with_each_token_in_its_webroot(
+        imported: tuple[Path, Result], certbot: Certbot, pebble: Any) -> None:
+    """Issue 14: `split` (certbot's -w www1 -d a... -w www2 -d b...) renews under certbatch
+    with each name's token in its own webroot: the web server serves each name from its own
+    folder only, so a token in the other webroot would fail the validation."""
+    config, _ = imported
+    old = certbot.cert("split").serial_number
+    with conftest.serve_by_host(pebble.http_port, _vhosts(certbot)) as seen:
+        r = run(["renew", "--force", "--only", "split", "--json"], config, pebble, timeout=90)
+    assert r.returncode == 0, r.stdout + r.stderr
+    meta = json.loads((config.parent / "state" / "certs" / "split" / "live" / "meta.json")
+                      .read_text())
+    assert int(meta["serial"], 16) != old
+    assert meta["account"] == certbot.regr_uri()
+    answered = {host for host, path, status in seen
+                if status == 200 and path.startswith("/.well-known/acme-challenge/")}
+    assert answered == {"a.split.example", "b.split.example"}
+    for root in (certbot.base / "www1", certbot.base / "www2"):  # cleaned up in both
+        assert [p for p in root.rglob("*") if not p.is_dir()] == []
 
 
 def test_importing_again_changes_nothing_and_existing_names_need_replace(
@@ -356,12 +365,12 @@ def test_importing_again_changes_nothing_and_existing_names_need_replace(
 def test_dry_run_prints_the_yaml_and_writes_nothing(certbot: Certbot, tmp_path: Path) -> None:
     config = tmp_path / "etc" / "certbatch.yaml"  # neither it nor its folder exists
     r = run(["import", "certbot", "--from", str(certbot.le), "--dry-run"], config, timeout=60)
-    assert r.returncode == 1, r.stderr  # the same three lineages would be skipped
+    assert r.returncode == 1, r.stderr  # the same two lineages would be skipped
     assert f"--- {config} would be:" in r.stdout
     yaml_text = r.stdout.split(f"--- {config} would be:\n", 1)[1]
     data = yaml.safe_load(yaml_text)
     assert data["acme"] == {"directory": certbot.pebble.directory_url}
-    assert sorted(data["certificates"]) == ["manual", "sa", "web_site"]
+    assert sorted(data["certificates"]) == ["manual", "sa", "split", "web_site"]
     assert "would write" in r.stdout and "would become certbatch's account" in r.stdout
     assert not (tmp_path / "etc").exists()
     assert sorted(os.listdir(tmp_path)) == []
@@ -619,6 +628,11 @@ Example.COM = /var/www/a
 @pytest.mark.parametrize("params, challenge, problem", [
     ("authenticator = webroot\nwebroot_path = /srv/a,\n[[webroot_map]]\nb.example = /srv/a\n",
      {"type": "http-01", "webroot": "/srv/a"}, None),
+    ("authenticator = webroot\nwebroot_path = /srv/a, /srv/b,\n[[webroot_map]]\n"
+     "a.example = /srv/a\nb.example = /srv/b\n",
+     {"type": "http-01", "webroot_map": {"a.example": "/srv/a", "b.example": "/srv/b"}}, None),
+    ("authenticator = webroot\n[[webroot_map]]\na.example = /srv/a\n", None,
+     "no webroot for b.example in its webroot_map"),
     ("authenticator = standalone\n", {"type": "http-01", "standalone": {}}, None),
     ("authenticator = standalone\nhttp01_port = 8080\nhttp01_address = ::\n",
      {"type": "http-01", "standalone": {"port": 8080, "address": "::"}}, None),

@@ -135,8 +135,9 @@ INTERESTING = [
 
 KNOWN_KEYS = ["acme", "paths", "renewal", "hooks", "logging", "metrics", "defaults",
               "certificates", "type", "domains", "key", "file", "command", "timeout", "env",
-              "webroot", "standalone", "port", "address", "script", "wait", "calls", "eab", "kid",
-              "hmac_key", "directory", "deploy", "targets", "notify", "workers", "provider",
+              "webroot", "webroot_map", "standalone", "port", "address", "script", "wait",
+              "calls", "eab", "kid", "hmac_key", "directory", "deploy", "targets", "notify",
+              "workers", "provider",
               "server", "tsig_key", "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone",
               "follow_cnames", "propagation", "propagation_timeout", "resolver",
               "nameserver_port", "lexicon_provider", "credentials", "credentials_file", "api",

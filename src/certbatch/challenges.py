@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -84,8 +84,8 @@ def make_solver(challenge: ChallengeSettings, name: str) -> Solver:
         assert challenge.standalone_port is not None
         return StandaloneSolver(challenge.standalone_address or "", challenge.standalone_port,
                                 name)
-    if challenge.type == HTTP01 and challenge.webroot is not None:
-        return WebrootSolver(challenge.webroot, name)
+    if challenge.type == HTTP01 and challenge.webroots:
+        return WebrootSolver(challenge.webroot, name, dict(challenge.webroot_map))
     if challenge.type == DNS01 and challenge.script is not None:
         return DnsScriptSolver(challenge.script, name,
                                per_certificate=challenge.calls == "per-certificate",
@@ -101,8 +101,9 @@ def setup_problem(challenge: ChallengeSettings) -> str | None:
     """What is wrong with a certificate's challenge setup that can be seen without the
     network (None: nothing). Found at run time it fails that certificate alone; `check`
     lists it."""
-    if challenge.webroot is not None:
-        return webroot_problem(challenge.webroot)
+    if challenge.webroots:
+        problems = [p for p in map(webroot_problem, challenge.webroots) if p]
+        return "; ".join(problems) or None
     if challenge.script is not None:
         return script_problem(challenge.script)
     if challenge.provider is not None:
@@ -142,39 +143,51 @@ def webroot_problem(webroot: Path) -> str | None:
 
 
 class WebrootSolver:
-    """Write ``<webroot>/.well-known/acme-challenge/<token>`` files for a web server to serve."""
+    """Write ``<webroot>/.well-known/acme-challenge/<token>`` files for a web server to serve;
+    each name's token under its own webroot (`webroot_map`), else under `webroot`."""
 
-    def __init__(self, webroot: Path, name: str) -> None:
+    def __init__(self, webroot: Path | None, name: str,
+                 webroot_map: Mapping[str, Path] | None = None) -> None:
         self.webroot = webroot
+        self.webroot_map = dict(webroot_map or {})
         self.name = name
         self._files: list[Path] = []
         self._created_dirs: list[Path] = []  # deepest last
 
-    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
-        if not responses:
-            return
-        problem = webroot_problem(self.webroot)
-        if problem:  # never create the webroot itself: a typo would publish nowhere
-            raise ChallengeError(problem)
-        folder = self.webroot / WELL_KNOWN
-        with _webroot_lock:
-            try:
-                self._make_dirs(folder)
-                for resp in responses:
-                    path = folder / _check_token(resp.token)
-                    self._files.append(path)
-                    atomic_write(path, resp.key_authorization.encode("ascii"), 0o644)
-                    log.debug("%s: http-01 token for %s written to %s", self.name,
-                              resp.domain, path)
-            except OSError as exc:
-                raise ChallengeError(f"cannot write http-01 token in {folder}: "
-                                     f"{exc.strerror or exc}") from exc
-        log.info("%s: %d http-01 token(s) published in %s", self.name, len(responses), folder)
+    def _root(self, domain: str) -> Path:
+        root = self.webroot_map.get(domain.lower(), self.webroot)
+        if root is None:  # the config loader makes sure every name has one
+            raise ChallengeError(f"no http-01 webroot for {domain}")
+        return root
 
-    def _make_dirs(self, folder: Path) -> None:
+    def prepare(self, responses: Sequence[ChallengeResponse], deadline: float) -> None:
+        by_root: dict[Path, list[ChallengeResponse]] = {}
+        for resp in responses:
+            by_root.setdefault(self._root(resp.domain), []).append(resp)
+        for root in by_root:
+            problem = webroot_problem(root)
+            if problem:  # never create the webroot itself: a typo would publish nowhere
+                raise ChallengeError(problem)
+        for root, group in by_root.items():
+            folder = root / WELL_KNOWN
+            with _webroot_lock:
+                try:
+                    self._make_dirs(root, folder)
+                    for resp in group:
+                        path = folder / _check_token(resp.token)
+                        self._files.append(path)
+                        atomic_write(path, resp.key_authorization.encode("ascii"), 0o644)
+                        log.debug("%s: http-01 token for %s written to %s", self.name,
+                                  resp.domain, path)
+                except OSError as exc:
+                    raise ChallengeError(f"cannot write http-01 token in {folder}: "
+                                         f"{exc.strerror or exc}") from exc
+            log.info("%s: %d http-01 token(s) published in %s", self.name, len(group), folder)
+
+    def _make_dirs(self, root: Path, folder: Path) -> None:
         missing = []
         for parent in [folder, *folder.parents]:
-            if parent == self.webroot or parent.exists():
+            if parent == root or parent.exists():
                 break
             missing.append(parent)
         for path in reversed(missing):

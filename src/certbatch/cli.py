@@ -734,6 +734,17 @@ def _provider_text(ch: config_mod.ChallengeSettings) -> str:
     return f"{where}, key {s.tsig_key} {s.tsig_algorithm}, {secret}"
 
 
+def _webroot_lines(cert: config_mod.CertificateSettings) -> list[str]:
+    """check: with a webroot_map, each webroot and the names it serves (certificate order)."""
+    ch = cert.challenge
+    if not ch.webroot_map:
+        return []
+    names: dict[Path | None, list[str]] = {}
+    for domain in cert.domains:
+        names.setdefault(ch.webroot_for(domain), []).append(domain)
+    return [f"    webroot {root}: {' '.join(ds)}" for root, ds in names.items()]
+
+
 def _propagation_text(ch: config_mod.ChallengeSettings) -> str:
     if ch.propagation != "check":
         return ""
@@ -832,12 +843,15 @@ def check(ctx: click.Context, online: bool) -> int:
         ch = cert.challenge
         wait = f", wait {ch.wait:g}s" if ch.wait else ""
         how = ch.type + (
+            " webroot_map" if ch.webroot_map else
             f" webroot {ch.webroot}" if ch.webroot else
             f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
             f" script {ch.script} ({ch.calls}{wait}{_propagation_text(ch)})" if ch.script else
             f" provider {ch.provider} ({_provider_text(ch)}{wait}{_propagation_text(ch)})")
         profile = f", profile {cert.profile}" if cert.profile else ""
         say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
+        for line in _webroot_lines(cert):
+            say(line)
         if cert.deploy:
             say(f"    deploy: {_command_text(cert.deploy)}")
         setup = setup_problem(ch)  # fails this certificate alone when it renews

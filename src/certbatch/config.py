@@ -102,10 +102,23 @@ class ChallengeSettings:
     propagation_timeout: float = 120.0
     resolver: tuple[str, int] | None = None  # for CNAME/SOA/NS lookups; None: the system's
     nameserver_port: int = 53  # where the propagation check asks authoritative servers
+    # http-01: (domain, webroot) pairs of `webroot_map`; `webroot` serves the names not in it.
+    webroot_map: tuple[tuple[str, Path], ...] = ()
 
     @property
     def standalone(self) -> bool:
         return self.standalone_port is not None
+
+    def webroot_for(self, domain: str) -> Path | None:
+        """The http-01 webroot of `domain`: its own in `webroot_map`, else `webroot`."""
+        return dict(self.webroot_map).get(domain.lower(), self.webroot)
+
+    @property
+    def webroots(self) -> tuple[Path, ...]:
+        """Every http-01 webroot, each once: `webroot` first, then the map's in its order."""
+        roots = ([self.webroot] if self.webroot is not None else []) + \
+            [root for _, root in self.webroot_map]
+        return tuple(dict.fromkeys(roots))
 
 
 @dataclass(frozen=True)
@@ -215,13 +228,13 @@ _FILE_KEYS = ("file",)
 _DEFAULTS_KEYS = ("key", "challenge", "deploy")
 _CERT_KEYS = ("domains", "key", "challenge", "deploy", "profile")
 _CHALLENGE_KEYS = {
-    "http-01": ("type", "webroot", "standalone"),
+    "http-01": ("type", "webroot", "webroot_map", "standalone"),
     "dns-01": ("type", "script", "provider", "wait", "calls", "follow_cnames", "propagation",
                "propagation_timeout", "resolver", "nameserver_port", "server", "tsig_key",
                "tsig_secret", "tsig_secret_file", "tsig_algorithm", "zone", "lexicon_provider",
                "credentials", "credentials_file", "api", "accounts_file"),
 }
-_ANY_CHALLENGE_KEYS = ("type", "webroot", "standalone", *_CHALLENGE_KEYS["dns-01"][1:])
+_ANY_CHALLENGE_KEYS = (*_CHALLENGE_KEYS["http-01"], *_CHALLENGE_KEYS["dns-01"][1:])
 DNS_CALLS = ("per-record", "per-certificate")
 DNS_PROVIDERS = ("rfc2136", "lexicon", "acme-dns")  # see docs/dns.md
 DNS_PROPAGATION = ("check", "none")
@@ -871,16 +884,22 @@ class _Checker:
 
     def http01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
         has_webroot = m.get("webroot") is not None
+        has_map = m.get("webroot_map") is not None
         has_standalone = m.get("standalone") is not None
-        if has_webroot and has_standalone:
-            self.fail(key, "http-01 takes 'webroot' or 'standalone', not both")
-        if not has_webroot and not has_standalone:
+        if (has_webroot or has_map) and has_standalone:
+            self.fail(key, f"http-01 takes '{'webroot' if has_webroot else 'webroot_map'}' or"
+                           " 'standalone', not both")
+        if not has_webroot and not has_map and not has_standalone:
             self.fail(f"{key}.webroot", "missing: http-01 needs 'webroot' (the web server's"
                                         " document root) or 'standalone'")
-        if has_webroot:
-            # Whether it exists is checked when a certificate needs it (and by `check`).
-            webroot = self.resolve(self.string(m["webroot"], f"{key}.webroot"))
-            return ChallengeSettings(type="http-01", webroot=webroot)
+        if has_webroot or has_map:
+            # Whether they exist is checked when a certificate needs them (and by `check`);
+            # whether the map covers every name, by the certificate (a default may be shared).
+            webroot = self.resolve(self.string(m["webroot"], f"{key}.webroot")) \
+                if has_webroot else None
+            webroot_map = self.webroot_map(m["webroot_map"], f"{key}.webroot_map") \
+                if has_map else ()
+            return ChallengeSettings(type="http-01", webroot=webroot, webroot_map=webroot_map)
         where = f"{key}.standalone"
         if not isinstance(m["standalone"], dict):
             self.fail(where, f"expected a mapping like {{port: 80, address: 0.0.0.0}},"
@@ -896,6 +915,24 @@ class _Checker:
             self.fail(f"{where}.address",
                       f"must be an IP address such as 0.0.0.0 or ::, got {_short(address)}")
         return ChallengeSettings(type="http-01", standalone_address=address, standalone_port=port)
+
+    def webroot_map(self, raw: Any, key: str) -> tuple[tuple[str, Path], ...]:
+        """http-01 `webroot_map`: domain -> the webroot that serves it (certbot's name)."""
+        if not isinstance(raw, dict) or not raw:
+            self.fail(key, "expected a mapping of domain names to webroots, like"
+                           " {www.example.org: /var/www/www}, got"
+                           f" {'an empty mapping' if raw == {} else _describe(raw)}")
+        out: dict[str, Path] = {}
+        for name, root in raw.items():
+            where = _join(key, name)
+            domain = self.domain(name, where)
+            if domain.startswith("*."):
+                self.fail(where, f"wildcard {domain!r} needs a dns-01 challenge; http-01 cannot"
+                                 " validate it")
+            if domain in out:
+                self.fail(where, f"duplicate domain {domain!r}")
+            out[domain] = self.resolve(self.string(root, where))
+        return tuple(out.items())
 
     def dns01(self, m: dict[Any, Any], key: str) -> ChallengeSettings:
         # Whether the script exists and runs is checked when it is needed (and by `check`): one
@@ -1098,10 +1135,28 @@ class _Checker:
                 if d.startswith("*."):
                     self.fail(f"{key}.domains[{i}]", f"wildcard {d!r} needs a dns-01 challenge"
                                                       f" (this certificate uses {challenge.type})")
+        if challenge.webroot_map:
+            self.webroot_cover(challenge, domains, key, own=m.get("challenge") is not None)
         deploy = d_deploy if m.get("deploy") is None else self.command(m["deploy"], f"{key}.deploy")
         profile = self.profile(m, key) or d_profile
         return CertificateSettings(name=name, domains=domains, key=key_type, challenge=challenge,
                                    deploy=deploy, profile=profile)
+
+    def webroot_cover(self, challenge: ChallengeSettings, domains: tuple[str, ...], key: str,
+                      own: bool) -> None:
+        """Every name of the certificate has a webroot; the certificate's own map names only
+        its names (a typo would send a name to the default webroot)."""
+        where = f"{key}.challenge.webroot_map" if own else "defaults.challenge.webroot_map"
+        for i, d in enumerate(domains):
+            if challenge.webroot_for(d) is None:
+                self.fail(where if own else f"{key}.domains[{i}]",
+                          f"no webroot for {d!r}{'' if own else ' in ' + where}: add it to the"
+                          " map, or give 'webroot' as the default for the names it leaves out")
+        if own:
+            for d, _ in challenge.webroot_map:
+                if d not in domains:
+                    self.fail(_join(where, d), f"{d!r} is not a domain of this certificate"
+                                               f" ({', '.join(domains)})")
 
     def domains(self, raw: Any, key: str) -> tuple[str, ...]:
         if raw is None:
@@ -1116,15 +1171,20 @@ class _Checker:
         first_index: dict[str, int] = {}
         for i, value in enumerate(raw):
             where = f"{key}[{i}]"
-            if not isinstance(value, str):
-                self.fail(where, f"expected a domain name (string), got {_describe(value)}")
-            name = value.lower()
-            if not (name.isascii() and len(name) <= 253 and _DOMAIN_RE.fullmatch(name)
-                    and not name.rpartition(".")[2].isdigit()
-                    and not (name.startswith("*.") and name.count(".") < 2)):
-                self.fail(where, _domain_problem(name if name.isascii() else value))
+            name = self.domain(value, where)
             if name in first_index:
                 self.fail(where, f"duplicate domain {name!r} (also at index {first_index[name]})")
             first_index[name] = i
             out.append(name)
         return tuple(out)
+
+    def domain(self, value: Any, where: str) -> str:
+        """One certificate name, lowercase; a wildcard is `*.` and at least two labels."""
+        if not isinstance(value, str):
+            self.fail(where, f"expected a domain name (string), got {_describe(value)}")
+        name = value.lower()
+        if not (name.isascii() and len(name) <= 253 and _DOMAIN_RE.fullmatch(name)
+                and not name.rpartition(".")[2].isdigit()
+                and not (name.startswith("*.") and name.count(".") < 2)):
+            self.fail(where, _domain_problem(name if name.isascii() else value))
+        return name

@@ -2,9 +2,9 @@
 
 What maps (see docs/import-certbot.md for the table): domains from the certificate itself; the
 key type from the private key (so the first `renew` does not reissue); `webroot_path` and
-`webroot_map` -> http-01 webroot when every name has the same one; `standalone` -> http-01
-standalone; `manual` with an auth hook and dns-01 -> a dns-01 script that runs certbot's hooks;
-`dns-rfc2136` -> the rfc2136 provider; `preferred_profile`/`required_profile` -> profile.
+`webroot_map` -> http-01 webroot, or webroot_map when the names have several; `standalone` ->
+http-01 standalone; `manual` with an auth hook and dns-01 -> a dns-01 script that runs certbot's
+hooks; `dns-rfc2136` -> the rfc2136 provider; `preferred_profile`/`required_profile` -> profile.
 Anything else is a note, a hook suggestion, or a `challenge_problem` (configure it by hand).
 """
 
@@ -157,13 +157,10 @@ def _challenge(m: Mapped, name: str, conf: RenewalConf, domains: tuple[str, ...]
                 m.challenge_problem = by_hand + f"no webroot for {domain} in its webroot_map"
                 return
             roots[domain] = root
-        if len(set(roots.values())) != 1:
-            listed = ", ".join(f"{d} -> {r}" for d, r in roots.items())
-            m.challenge_problem = by_hand + (f"its webroot_map has {len(set(roots.values()))} "
-                                             f"webroots ({listed}) and certbatch has one per "
-                                             f"certificate")
-            return
-        m.entry["challenge"] = {"type": "http-01", "webroot": next(iter(roots.values()))}
+        if len(set(roots.values())) == 1:
+            m.entry["challenge"] = {"type": "http-01", "webroot": next(iter(roots.values()))}
+        else:  # each name under its own webroot, as certbot had it
+            m.entry["challenge"] = {"type": "http-01", "webroot_map": roots}
     elif auth == "standalone":
         standalone: dict[str, Any] = {}
         port = conf.get("http01_port")

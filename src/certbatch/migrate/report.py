@@ -56,6 +56,8 @@ def _lineage_lines(lp: LineagePlan) -> list[str]:
 def _challenge(ch: Any) -> str:
     if not isinstance(ch, dict):
         return ""
+    if ch.get("webroot_map"):
+        return "http-01 webroot_map " + " ".join(f"{d}={r}" for d, r in ch["webroot_map"].items())
     if ch.get("webroot"):
         return f"http-01 webroot {ch['webroot']}"
     if "standalone" in ch:
