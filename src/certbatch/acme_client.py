@@ -205,6 +205,43 @@ class AcmeClient:
             return None
         return cert_id
 
+    def revoke(self, cert_pem: bytes, reason: int, key_pem: bytes | None = None,
+               name: str = "acme", deadline: float | None = None) -> None:
+        """Revoke a certificate (RFC 8555 section 7.6) with the CRL reason code `reason`.
+
+        Signed with the account (kid), or with `key_pem`, the certificate's own private key (a
+        jwk header: proof of holding the key, what keyCompromise calls for). The account must
+        be stored already: a new one could not revoke what another ordered. Not retried after
+        a network error (the request may have been processed). AcmeError carries the CA's
+        problem type, e.g. ``...:alreadyRevoked``.
+        """
+        deadline = time.monotonic() + 120 if deadline is None else deadline
+        with _acme_errors(name):
+            try:
+                cert = x509.load_pem_x509_certificate(cert_pem)
+            except ValueError as exc:
+                raise AcmeError(f"the certificate to revoke does not parse: {exc}") from None
+            if key_pem is None:
+                if self.accounts.load_account(self.settings.directory) is None:
+                    raise AcmeError(f"no ACME account for {self.settings.directory} in the "
+                                    f"state folder: nothing to sign the revocation with")
+                self._connect(name, deadline)
+                account, key = self._current_account, None
+            else:
+                self._get_directory(name, deadline)
+                account, key = None, _jwk_from_pem(key_pem, "the certificate's private key")
+            try:
+                url = self._current_directory["revokeCert"]
+            except KeyError:
+                raise AcmeError(f"the CA's directory {self.settings.directory} offers no "
+                                f"revokeCert") from None
+            log.info("%s: revoking serial %x (reason %d), signed with %s", name,
+                     cert.serial_number, reason,
+                     f"account {account.uri}" if account else "the certificate's key")
+            with _Conn(self, name, deadline, account, key=key) as conn:
+                conn.request("POST", url, messages.Revocation(certificate=cert, reason=reason))
+            log.info("%s: revoked", name)
+
     # -- directory and account -------------------------------------------------------------------
 
     def connect(self) -> None:
@@ -842,11 +879,12 @@ def _stored_account(name: str, stored: tuple[bytes, str | None]) -> _Account | N
     return _Account(key, alg, regr)
 
 
-def _jwk_from_pem(key_pem: bytes) -> tuple[jose.JWK, jose.JWASignature]:
+def _jwk_from_pem(key_pem: bytes, what: str = "the stored ACME account key"
+                  ) -> tuple[jose.JWK, jose.JWASignature]:
     try:
         private = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
-        raise AcmeError(f"the stored ACME account key is unreadable: {exc}") from None
+        raise AcmeError(f"{what} is unreadable: {exc}") from None
     if isinstance(private, rsa.RSAPrivateKey):
         return jose.JWKRSA(key=private), jose.RS256
     if isinstance(private, ec.EllipticCurvePrivateKey):

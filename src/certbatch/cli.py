@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from . import config as config_mod
-from . import interrupt
+from . import interrupt, retire
 from .errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -934,6 +934,104 @@ def check(ctx: click.Context, online: bool) -> int:
     for p in problems:
         err(f"certbatch: problem: {p}")
     return EXIT_FAILURE if problems else EXIT_OK
+
+
+@cli.command(epilog="""\b
+Exit codes:
+  0   revoked (also when the CA had revoked it already: it says so)
+  1   the CA refused (its message is printed) or could not be reached
+  2   unknown name, never issued, or a usage or configuration error
+  75  another certbatch run holds the lock (try later)""")
+@common_options
+@click.argument("name")
+@click.option("--reason", type=click.Choice(list(retire.REASONS)), default="unspecified",
+              show_default=True,
+              help="The revocation reason; keyCompromise signs the request with the "
+                   "certificate's own key instead of the account.")
+@click.option("--no-renew", is_flag=True,
+              help="Leave it revoked: the next renew replaces it only when it is due.")
+@click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
+@click.pass_context
+def revoke(ctx: click.Context, name: str, reason: str, no_renew: bool, wait: float) -> int:
+    """Revoke the live certificate NAME at the CA; the next renew replaces it."""
+    from .runner import run_lock
+
+    settings = load_settings(ctx)
+    with run_lock(settings.paths.state, wait):
+        done = retire.revoke(settings, name, reason, renew=not no_renew)
+    what = f"{done.name}: serial {done.serial}"
+    if done.already:
+        line = f"{what} was already revoked at the CA ({done.detail or 'alreadyRevoked'})"
+    else:
+        line = f"{what} revoked at the CA (reason {done.reason}, signed with the " \
+               f"{done.signed_with})"
+    if not done.configured:
+        line += f"; {done.name} is not in the config, so it is not renewed " \
+                f"(`certbatch remove {done.name}` retires it)"
+    elif done.renew:
+        line += "; the next `certbatch renew` replaces it"
+    else:
+        due = f" ({done.due_at:%Y-%m-%d %H:%M}Z)" if done.due_at else ""
+        line += f"; --no-renew: it stays live, revoked, until it is due{due}"
+    if not _opt(ctx, "quiet"):
+        out(line)
+    log.info("%s", line)
+    return EXIT_OK
+
+
+@cli.command(epilog="""\b
+Exit codes:
+  0   removed
+  1   something could not be deleted (named), or no confirmation given
+  2   the name is still in the config, nothing has that name, no terminal
+      to confirm on and no --yes, or a folder is not certbatch's own
+  75  another certbatch run holds the lock (try later)""")
+@common_options
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (needed without a "
+                                          "terminal).")
+@click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
+@click.pass_context
+def remove(ctx: click.Context, name: str, yes: bool, wait: float) -> int:
+    """Retire certificate NAME, no longer in the config: delete its state folder (keys
+    included), its pending spool entry and its name in the target ledgers."""
+    from .runner import run_lock
+
+    settings = load_settings(ctx)
+    plan = retire.plan_removal(settings, name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"remove {name} deletes its keys and certificates: confirm with "
+                             f"--yes (there is no terminal to ask on)")
+        out(f"certbatch remove {name} deletes:")
+        for line in _removal_lines(plan):
+            out(f"  {line}")
+        if not click.confirm(f"Remove {name}?", default=False):
+            err("certbatch: nothing removed")
+            return EXIT_FAILURE
+    with run_lock(settings.paths.state, wait):
+        done = retire.remove(settings, name)
+    line = f"{name}: removed ({'; '.join(_removal_lines(done))})"
+    if not _opt(ctx, "quiet"):
+        out(line)
+    log.info("%s", line)
+    return EXIT_OK
+
+
+def _removal_lines(plan: retire.Removal) -> list[str]:
+    lines = []
+    if plan.state_folder is not None:
+        live = f"live certificate serial {plan.serial}, expires {plan.not_after:%Y-%m-%d}" \
+            if plan.serial else "no readable live certificate"
+        lines.append(f"{plan.state_folder} ({live}; every version and key)")
+    if plan.pending is not None:
+        lines.append(f"{plan.pending} (staged, not applied by every target yet)")
+    if plan.targets:
+        lines.append(f"its entry in the ledger of target{'s' * (len(plan.targets) > 1)} "
+                     f"{', '.join(plan.targets)}")
+    return lines
 
 
 @cli.group("acme-dns")

@@ -14,7 +14,7 @@ from .config import CertificateSettings
 from .store import CertStatus, StoredCert
 
 ISSUE = "issue"  # never issued
-REISSUE = "reissue"  # domains, key type or profile changed, or the live files are damaged
+REISSUE = "reissue"  # domains, key type or profile changed, live files damaged, or revoked
 RENEW = "renew"  # due by the renewal rule
 FORCE = "force"  # --force
 RESTAGE = "restage"  # renewed earlier, deploy hooks failed: stage again without a new order
@@ -173,6 +173,10 @@ def _order_reason(cert: CertificateSettings, stored: StoredCert, status: CertSta
     """The decision if the stored certificate needs a new order, else None."""
     if stored.damaged:
         return Decision(REISSUE, f"live files damaged ({stored.damaged})", due_at, basis)
+    if status.revoked_renew and status.revoked_serial == stored.serial:
+        when = f" {status.revoked_at:%Y-%m-%d %H:%M}Z" if status.revoked_at else ""
+        why = f" ({status.revoked_reason})" if status.revoked_reason else ""
+        return Decision(REISSUE, f"revoked{when}{why}", due_at, basis)
     if set(stored.domains) != set(cert.domains):
         added = sorted(set(cert.domains) - set(stored.domains))
         removed = sorted(set(stored.domains) - set(cert.domains))

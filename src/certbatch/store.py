@@ -127,8 +127,15 @@ class CertStatus:
     next_attempt: dt.datetime | None = None
     # What the CA's renewal info (ARI) last said about the live certificate (see ari.py).
     ari: AriState | None = None
+    # The serial `certbatch revoke` last revoked at the CA, when, and the reason's name;
+    # `revoked_renew`: the next run renews it (renewal.decide) while that serial is live.
+    revoked_serial: str | None = None
+    revoked_at: dt.datetime | None = None
+    revoked_reason: str | None = None
+    revoked_renew: bool = False
 
-    _TIMES = ("last_attempt", "last_success", "rate_limited_until", "next_attempt")
+    _TIMES = ("last_attempt", "last_success", "rate_limited_until", "next_attempt",
+              "revoked_at")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -476,6 +476,26 @@ class Spool:
         with self._locked():
             self.ledgers.forget(target, name)
 
+    def retire(self, name: str) -> tuple[bool, list[str]]:
+        """Drop every trace of a certificate that is gone from the config (`certbatch remove`):
+        its pending entry (no target gets it any more) and its name in every ledger. Returns
+        whether a pending entry was removed, and the targets whose ledger named it. Copies in
+        applied/ stay until that batch is pruned. Raises UnsafePath for an entry that is not
+        certbatch's own (nothing is deleted through a link)."""
+        if not NAME_RE.match(name):
+            raise ValueError(f"invalid certificate name {name!r}")
+        with self._locked():
+            entry = self.pending_dir / name
+            had_entry = os.path.lexists(entry)
+            if had_entry:
+                safefs.check_dir(entry)
+                remove(entry)
+                fsync_dir(self.pending_dir)
+            targets = [t for t in self.ledgers.known() if name in self.ledgers.load(t).applied]
+            for target in targets:
+                self.ledgers.forget(target, name)
+            return had_entry, targets
+
     def target_states(self, targets: Sequence[Target]) -> list[TargetState]:
         """Each target's ledger and what waits for it. Doesn't lock: a snapshot for display."""
         entries = self.pending()
