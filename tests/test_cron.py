@@ -495,7 +495,7 @@ def test_check_reports_a_folder_its_parent_does_not_let_us_create(tmp_path):
     import encodings.utf_8_sig  # noqa: F401 - imported before dropping root (config reading)
     import tempfile
 
-    from certbatch import cli, hooks, store  # noqa: F401 - likewise
+    from certbatch import cli, config_cache, hooks, store  # noqa: F401 - likewise
 
     top = Path(tempfile.mkdtemp(prefix="certbatch-check-"))
     try:

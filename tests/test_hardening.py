@@ -211,7 +211,8 @@ def test_waiter_relocks_a_lock_file_replaced_while_it_waited(tmp_path):
         holder.kill()
         holder.wait()
         assert waiter.acquire(timeout=5)
-        assert os.stat(lock).st_ino == os.fstat(waiter._fd).st_ino  # type: ignore[arg-type]
+        fds = waiter._proc.fds
+        assert fds is not None and os.stat(lock).st_ino == os.fstat(fds[1]).st_ino
         waiter.release()
     finally:
         if holder.poll() is None:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import os
 import shutil
 import stat
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from . import safefs
 from .faults import point
+from .locks import SharedLock
 
 
 def ensure_root(path: Path) -> Path:
@@ -174,128 +172,19 @@ def remove_leftovers(folder: Path, levels: int = 1) -> None:
             remove_leftovers(path, levels - 1)
 
 
-def _flock(fd: int, deadline: float | None, poll: float) -> bool:
-    """flock `fd` exclusively, polling until `deadline` (None: forever); False if not got."""
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        time.sleep(poll)
+class FileLock(SharedLock):
+    """An exclusive lock on a lock file that is never deleted (the run lock): a
+    locks.SharedLock that is only ever taken exclusively, with all it guarantees (two flocks,
+    the file still at its path, the holder's PID in it, released by the kernel when the holder
+    dies, threads of one process queued)."""
 
-
-class FileLock:
-    """An exclusive lock on a lock file that is never deleted, also exclusive between threads.
-
-    Two flocks make it: one on the lock file's folder and one on the file itself. The folder's
-    cannot be escaped by deleting or replacing the file (a second run that made a new file
-    there still waits for the folder); the file's names the holder: its PID is written into it
-    so a waiting process can say who it waits for. Threads of one process first queue on a
-    process-wide threading.Lock per path (flock would exclude them too, as each opens the file
-    anew, but by polling). The kernel drops the flocks when the holder dies, so a killed
-    process never blocks the next one.
-    """
-
-    _thread_locks: dict[str, threading.Lock] = {}
-    _guard = threading.Lock()
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        with self._guard:
-            key = os.path.realpath(path)  # never raises, unlike resolve() on a symlink loop
-            self._tlock = self._thread_locks.setdefault(key, threading.Lock())
-        self._fd: int | None = None
-        self._dir_fd: int | None = None
-
-    def acquire(self, timeout: float | None = None, poll: float = 0.05) -> bool:
-        """Take the lock; wait at most `timeout` seconds (None: forever, 0: don't wait).
-
-        The file is opened without following a link and must be a regular file of ours; it is
-        never truncated (a link planted in its place could point anywhere). After the flock,
-        the path must still name the file we locked: if it was removed or replaced meanwhile,
-        start over.
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if not self._tlock.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
-            return False
-        try:
-            fds = self._lock_both(deadline, poll)
-        except BaseException:
-            self._tlock.release()
-            raise
-        if fds is None:
-            self._tlock.release()
-            return False
-        self._dir_fd, self._fd = fds
-        # Best effort (a full disk must not stop a run): the PID only names the holder.
-        with contextlib.suppress(OSError):
-            os.pwrite(self._fd, f"{os.getpid():<20}\n".encode(), 0)
-        return True
-
-    def _lock_both(self, deadline: float | None, poll: float) -> tuple[int, int] | None:
-        """(folder fd, file fd), both flock'ed, the file still at its path; None after the
-        deadline."""
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if not _flock(dir_fd, deadline, poll):
-                os.close(dir_fd)
-                return None
-            while True:
-                fd = safefs.open_file(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-                try:
-                    if not _flock(fd, deadline, poll):
-                        os.close(fd)
-                        os.close(dir_fd)
-                        return None
-                    if self._still_at_path(fd):
-                        return dir_fd, fd
-                except BaseException:
-                    os.close(fd)
-                    raise
-                os.close(fd)  # removed or replaced while we waited: lock the file there now
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(dir_fd)
-            raise
-
-    def _still_at_path(self, fd: int) -> bool:
-        try:
-            st = os.stat(self.path, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        held = os.fstat(fd)
-        return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
-
-    def release(self) -> None:
-        if self._fd is None or self._dir_fd is None:
-            return
-        fd, dir_fd, self._fd, self._dir_fd = self._fd, self._dir_fd, None, None
-        try:
-            with contextlib.suppress(OSError):
-                os.pwrite(fd, b" " * 20 + b"\n", 0)  # no holder now
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-            os.close(dir_fd)
-            self._tlock.release()
-
-    def holder_pid(self) -> int | None:
-        """The PID written by the current holder, if any (best effort)."""
-        try:
-            text = safefs.read_text(self.path).strip()
-        except Exception:  # noqa: BLE001 - best effort: a name for a message
-            return None
-        return int(text) if text.isdigit() else None
+    def acquire(self, timeout: float | None = None, poll: float = 0.05,  # type: ignore[override]
+                shared: bool = False) -> bool:
+        """Take the lock exclusively; wait at most `timeout` seconds (None: forever, 0: don't
+        wait)."""
+        return super().acquire(timeout, shared=False, poll=poll)
 
     @contextlib.contextmanager
-    def held(self, timeout: float | None = None) -> Iterator[None]:
-        if not self.acquire(timeout):
-            raise TimeoutError(f"could not lock {self.path}")
-        try:
+    def held(self, timeout: float | None = None, shared: bool = False) -> Iterator[None]:
+        with super().held(timeout, shared=False):
             yield
-        finally:
-            self.release()
