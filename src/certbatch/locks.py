@@ -2,7 +2,8 @@
 
 The spool's lock (`<spool>/.lock`): stagings hold it shared, so the deploy hooks of different
 certificates run side by side; recovery, `forget` and the notify phase hold it exclusively, so
-they never see half a staging. The run lock stays an exclusive fsutil.FileLock.
+they never see half a staging. The run lock (fsutil.FileLock) is one only ever taken
+exclusively.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class _Process:
 
 
 class SharedLock:
-    """Shared or exclusive; otherwise what fsutil.FileLock guarantees.
+    """A lock on a lock file, shared or exclusive, between threads and processes.
 
     Two flocks make it: one on the lock file's folder, one on the file. The folder's cannot be
     escaped by deleting or replacing the file; after the flocks, the path must still name the
