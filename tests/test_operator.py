@@ -232,3 +232,133 @@ def test_status_words_a_failed_renewal_and_status_name_tells_everything(tmp_path
 
     unknown = run(["status", "nope"], cfg, pebble)
     assert unknown.returncode == 2 and "nope" in unknown.stderr
+
+
+# -- check --online self-tests http-01 webroots (a real nginx) ------------------------------------
+
+class _WebrootNginx:
+    """The real nginx of the nginx tests (nginx_server.NginxServer) serving `webroot` over
+    plain HTTP on a free port on 127.0.0.1, and on `extra_port` too (80: where the CA, and so
+    `check --online`, connects)."""
+
+    def __init__(self, workdir: Path, webroot: Path, extra_port: int | None = None) -> None:
+        from nginx_server import NginxServer, _q
+
+        class Server(NginxServer):
+            def _config(self) -> str:
+                w = self.workdir
+                extra = f"listen 127.0.0.1:{extra_port};" if extra_port else ""
+                user = "user root root;\n" if os.geteuid() == 0 else ""
+                return f"""{user}daemon on;
+worker_processes 1;
+pid {_q(self.pid_file)};
+error_log {_q(self.error_log)} notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log {_q(w / 'access.log')};
+    client_body_temp_path {_q(w / 'tmp' / 'body')};
+    proxy_temp_path {_q(w / 'tmp' / 'proxy')};
+    fastcgi_temp_path {_q(w / 'tmp' / 'fastcgi')};
+    uwsgi_temp_path {_q(w / 'tmp' / 'uwsgi')};
+    scgi_temp_path {_q(w / 'tmp' / 'scgi')};
+    server {{
+        listen 127.0.0.1:{self.port};
+        {extra}
+        server_name localhost;
+        location /.well-known/acme-challenge/ {{ root {_q(webroot)}; default_type text/plain; }}
+    }}
+}}
+"""
+
+        self.server = Server(workdir, workdir, [])
+
+    def __enter__(self):
+        return self.server.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.stop()
+
+
+def _http01(webroot: Path) -> dict:
+    return {"type": "http-01", "webroot": str(webroot)}
+
+
+def _nginx_or_skip() -> None:
+    import pytest
+    from nginx_server import NGINX_BIN
+
+    if not os.access(NGINX_BIN, os.X_OK):
+        pytest.skip("nginx is not installed")
+
+
+def test_webroot_probe_ok_wrong_webroot_and_unreachable_name(tmp_path):
+    """The core: each name's result, the file's path and URL; the probe files are removed."""
+    from certbatch import config
+    from certbatch.webroot_probe import OK, PROBLEM, WARNING, probe_all
+
+    _nginx_or_skip()
+    served, wrong = tmp_path / "www", tmp_path / "elsewhere"
+    served.mkdir()
+    wrong.mkdir()
+    (wrong / ".well-known").mkdir()  # already there: kept
+    cfg = write_config(tmp_path, _Unreachable(tmp_path), {
+        "good": {"domains": ["localhost"], "challenge": _http01(served)},
+        "wrong": {"domains": ["localhost"], "challenge": _http01(wrong)},
+        "far": {"domains": ["no-such-name.invalid"], "challenge": _http01(served)},
+        "dns": {"domains": ["d.example.com"]}})  # dns-01: not probed
+    settings = config.load(cfg)
+    with _WebrootNginx(tmp_path / "nginx", served) as nginx:
+        results = probe_all(list(settings.certificates.values()), timeout=3, port=nginx.port)
+    by_name = {cert.name: res for cert, res in results}
+    assert sorted(by_name) == ["far", "good", "wrong"]
+    (good,), (bad,), (far,) = by_name["good"], by_name["wrong"], by_name["far"]
+    assert isinstance(good, type(bad))
+    assert good.level == OK and good.path.parent == served / ".well-known" / "acme-challenge"
+    assert good.url == f"http://localhost:{nginx.port}/.well-known/acme-challenge/" \
+                       f"{good.path.name}"
+    assert bad.level == PROBLEM and "HTTP 404" in bad.detail and str(wrong) in bad.detail
+    assert bad.path.parent == wrong / ".well-known" / "acme-challenge"
+    assert far.level == WARNING and "cannot reach its own name" in far.detail
+    # always removed, and the folders certbatch made with them; a folder that was there stays
+    assert sorted(p.name for p in served.iterdir()) == []
+    assert sorted(str(p.relative_to(wrong)) for p in wrong.rglob("*")) == [".well-known"]
+
+
+def test_check_online_reports_each_name_with_path_and_url(tmp_path, pebble):
+    """The command, by the names as the CA would fetch them (port 80 on 127.0.0.1)."""
+    import pytest
+
+    _nginx_or_skip()
+    served, wrong = tmp_path / "www", tmp_path / "elsewhere"
+    served.mkdir()
+    wrong.mkdir()
+    cfg = write_config(tmp_path, pebble, {
+        "good": {"domains": ["localhost"], "challenge": _http01(served)},
+        "far": {"domains": ["no-such-name.invalid"], "challenge": _http01(served)}})
+    try:
+        nginx_cm = _WebrootNginx(tmp_path / "nginx", served, extra_port=80)
+        nginx_cm.__enter__()
+    except RuntimeError as exc:  # port 80 taken on this machine
+        pytest.skip(f"nginx cannot listen on 127.0.0.1:80: {exc}")
+    try:
+        ok = run(["check", "--online"], cfg, pebble)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert re.search(r"^http-01 good localhost: ok, the probe file came back: "
+                         r"http://localhost/\.well-known/acme-challenge/[\w-]+ \(file "
+                         + re.escape(str(served)) + r"/\.well-known/acme-challenge/[\w-]+\)$",
+                         ok.stdout, re.M), ok.stdout
+        assert re.search(r"^certbatch: warning: far: http-01 no-such-name\.invalid: this host "
+                         r"cannot reach its own name .*http://no-such-name\.invalid/", ok.stderr,
+                         re.M), ok.stderr
+        # the same name through a webroot nginx does not serve: a problem, exit 1
+        cfg = write_config(tmp_path, pebble, {
+            "good": {"domains": ["localhost"], "challenge": _http01(wrong)}})
+        bad = run(["check", "--online"], cfg, pebble)
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert re.search(r"^certbatch: problem: good: http-01 localhost: HTTP 404 Not Found: "
+                         r"the web server does not serve " + re.escape(str(wrong)) +
+                         r" for localhost: http://localhost/\.well-known/acme-challenge/[\w-]+ "
+                         r"\(file " + re.escape(str(wrong)), bad.stderr, re.M), bad.stderr
+    finally:
+        nginx_cm.__exit__(None, None, None)
+    assert list(served.iterdir()) == [] and list(wrong.iterdir()) == []

@@ -777,6 +777,33 @@ def _probe_dns(settings: config_mod.Settings, say: Callable[[str], None]) -> lis
     return problems
 
 
+def _probe_webroots(settings: config_mod.Settings, say: Callable[[str], None]) -> list[str]:
+    """check --online: each http-01 webroot serves a probe file by each name; one line per
+    domain, with the file's path and the URL. A name this host cannot reach is a warning (the
+    CA, from outside, may); a wrong answer is a problem, returned."""
+    from .webroot_probe import OK, WARNING, probe_all
+
+    problems = []
+    for cert, results in probe_all(list(settings.certificates.values())):
+        if isinstance(results, CertbatchError):
+            if isinstance(results, Interrupted):
+                raise results
+            say(f"http-01 {cert.name}: FAILED: {results}")
+            problems.append(f"{cert.name}: http-01 probe: {results}")
+            continue
+        for p in results:
+            where = f"{p.url} (file {p.path})"
+            if p.level == OK:
+                say(f"http-01 {cert.name} {p.domain}: ok, {p.detail}: {where}")
+            elif p.level == WARNING:
+                say(f"http-01 {cert.name} {p.domain}: UNREACHABLE from here: {where}")
+                err(f"certbatch: warning: {cert.name}: http-01 {p.domain}: {p.detail}: {where}")
+            else:
+                say(f"http-01 {cert.name} {p.domain}: FAILED: {where}")
+                problems.append(f"{cert.name}: http-01 {p.domain}: {p.detail}: {where}")
+    return problems
+
+
 def _live_problem(store: Any, name: str) -> str | None:
     """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
     try:
@@ -804,8 +831,9 @@ def _cron_advice(settings: config_mod.Settings, store: Any, name: str) -> str | 
 
 @cli.command()
 @common_options
-@click.option("--online", is_flag=True, help="Also fetch the ACME directory, and try each "
-              "DNS provider once (add, see and remove a probe TXT value).")
+@click.option("--online", is_flag=True, help="Also fetch the ACME directory, try each "
+              "DNS provider once (add, see and remove a probe TXT value), and self-test each "
+              "http-01 webroot (write a probe file, fetch it by each name, remove it).")
 @click.pass_context
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
@@ -931,6 +959,7 @@ def check(ctx: click.Context, online: bool) -> int:
         except OSError as exc:  # e.g. acme.ca_bundle cannot be read
             problems.append(f"acme directory: {os_error_message(exc)}")
         problems += _probe_dns(settings, say)
+        problems += _probe_webroots(settings, say)
     for p in problems:
         err(f"certbatch: problem: {p}")
     return EXIT_FAILURE if problems else EXIT_OK
