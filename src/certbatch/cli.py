@@ -319,8 +319,8 @@ def cli() -> None:
 @click.option("--no-notify", is_flag=True,
               help="Stage renewed certificates but leave the notify phase to `run-hook`.")
 @click.option("--jitter", type=click.FloatRange(0), default=None, metavar="SECONDS",
-              help="Sleep a random 0..SECONDS before the first ACME request, only if something "
-                   "is due (default: renewal.jitter, 0).")
+              help="Sleep a random 0..SECONDS before taking the run lock, only if something "
+                   "needs an order (default: renewal.jitter, 0).")
 @click.option("--wait", "wait", type=click.FloatRange(0), default=0, metavar="SECONDS",
               help="Wait up to SECONDS for another run's lock instead of exiting with 75.")
 @click.option("--json", "as_json", is_flag=True,
