@@ -230,6 +230,16 @@ def test_remove_never_follows_a_symlink_nor_takes_a_path(tmp_path, pebble):
     assert result.returncode == 2
     assert "symlink" in result.stderr
     assert (outside / "precious").exists() and (certs / "evil").is_symlink()
+    pending = tmp_path / "spool" / "pending"
+    pending.mkdir(parents=True, mode=0o700)
+    (tmp_path / "spool").chmod(0o700)
+    (pending / "evil").symlink_to(outside)
+    (certs / "evil").unlink()
+    (certs / "evil").mkdir(mode=0o700)  # deleted only if everything else may be
+    result = run(["remove", "evil", "--yes"], config, pebble, timeout=TIMEOUT)
+    assert result.returncode == 2
+    assert f"{pending / 'evil'}: is a symlink" in result.stderr
+    assert (certs / "evil").is_dir() and (outside / "precious").exists()
     for name in ("../outside", "a/b", ".hidden"):
         result = run(["remove", name, "--yes"], config, pebble, timeout=TIMEOUT)
         assert result.returncode == 2

@@ -185,6 +185,9 @@ def plan_removal(settings: Settings, name: str) -> Removal:
             serial, not_after = stored.serial, stored.not_after
     spool = _spool(settings)
     pending = spool.pending_dir / name
+    if os.path.lexists(pending):  # refused before anything is deleted
+        safefs.check_dir(spool.pending_dir)
+        safefs.check_dir(pending)
     targets = [t for t in spool.ledgers.known() if name in spool.ledgers.load(t).applied]
     removal = Removal(name, folder if os.path.lexists(folder) else None, serial, not_after,
                       pending if os.path.lexists(pending) else None, targets)
