@@ -249,7 +249,7 @@ def test_quiet_verbose_and_status_json(tmp_path, pebble):
     ok = run(["renew", "-q", "--only", "good", "--force", "--no-notify"], cfg, pebble)
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
 
-    # status --json: the fields the README documents, for an issued and a failed certificate,
+    # status --json: the fields docs/report.md documents, for an issued and a failed certificate,
     # and the certificate left pending by --no-notify
     status = run(["status", "--json"], cfg, pebble)
     assert status.returncode == 0 and status.stderr == ""
@@ -287,10 +287,11 @@ def test_quiet_verbose_and_status_json(tmp_path, pebble):
 
 
 def readme_status_fields() -> set[str]:
-    """The per-certificate fields the README's "JSON report" section lists for status --json."""
-    text = " ".join((REPO / "README.md").read_text().split())
+    """The per-certificate fields docs/report.md's "JSON report" section lists for status
+    --json."""
+    text = " ".join((REPO / "docs" / "report.md").read_text().split())
     m = re.search(r"`certbatch status --json` prints.*?per certificate,(.*?)\.(?: |$)", text)
-    assert m, "README no longer documents status --json fields"
+    assert m, "docs/report.md no longer documents status --json fields"
     fields = set(re.findall(r"`([a-z_]+)`", m.group(1)))
     assert len(fields) >= 10, fields
     return fields

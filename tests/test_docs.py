@@ -3,13 +3,15 @@
 - docs/batch.schema.json and docs/ledger.schema.json describe the files a real spool writes (a
   target's kept batch.json, the applied/ record, every kind of ledger), and every schema in docs/
   uses only keywords that the validators here check (or pure annotations);
-- the README's configuration reference lists every `hooks` key the loader accepts, and its
-  Metrics table every metric certbatch writes;
+- docs/configuration.md lists every `hooks` key the loader accepts, and docs/metrics.md every
+  metric certbatch writes;
 - docs/hooks.md's variable tables list exactly the CERTBATCH_* variables hooks are handed;
 - every relative link in README.md and docs/*.md points at a file that exists, and at a heading
   that exists when it has an anchor;
 - the YAML examples of the hooks documentation load as configuration;
-- docs/certbatch.1 is what scripts/manpage.py makes of the commands today.
+- README.md stays a first read (short, linking every page of docs/), no long paragraph is written
+  twice across README.md and docs/*.md, and docs/certbatch.1 is what scripts/manpage.py makes of
+  the commands today.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 README = REPO / "README.md"
 HOOKS_MD = DOCS / "hooks.md"
+CONFIG_MD = DOCS / "configuration.md"
+METRICS_MD = DOCS / "metrics.md"
 
 # JSON Schema keywords: those check_schema (tests/test_cli.py) checks, those `validate` below adds,
 # and annotations that check nothing. A schema using anything else would promise a check that no
@@ -211,23 +215,22 @@ def test_documented_examples_match_the_files(tmp_path: Path) -> None:
 
 # -- (b), (c), (d): keys, metrics and variables are documented -----------------------------------
 
-def test_every_hooks_key_is_in_the_readme_configuration_reference() -> None:
-    reference = section(README.read_text(), "## Configuration reference")
-    table = section(reference, "### `hooks` (optional)")
+def test_every_hooks_key_is_in_the_configuration_reference() -> None:
+    table = section(CONFIG_MD.read_text(), "## `hooks` (optional)")
     for key in config._HOOKS_KEYS:
         assert f"| `{key}` |" in table, key
     for key in config._TARGET_KEYS:
         assert f"| `targets.<name>.{key}` |" in table, key
 
 
-def test_every_metric_is_in_the_readme(tmp_path: Path) -> None:
+def test_every_metric_is_in_the_metrics_page(tmp_path: Path) -> None:
     settings = Settings(path=tmp_path / "certbatch.yaml",
                         acme=AcmeSettings(directory="https://ca.example/dir"))
     report = RunReport(started_at=dt.datetime.now(dt.timezone.utc))
     text = metrics.render(settings, Store(tmp_path / "state"), report, now=0.0)
     names = re.findall(r"^# TYPE (\S+) ", text, re.M)
     assert len(names) >= 12 and all(n.startswith("certbatch_") for n in names), names
-    table = section(README.read_text(), "## Metrics")
+    table = METRICS_MD.read_text()
     for name in names:
         assert f"| `{name}` |" in table, name
 
@@ -313,7 +316,33 @@ def test_hooks_yaml_examples_load(doc: Path, tmp_path: Path) -> None:
         assert settings.hooks.targets or settings.hooks.notify, example
 
 
-# -- the man page follows the commands -------------------------------------------------------------
+# -- the README is a first read; nothing is said twice; the man page follows the commands ---------
+
+def test_the_readme_is_short_and_links_every_page() -> None:
+    text = README.read_text()
+    assert len(text.splitlines()) <= 330, "README.md is the first read: move details to docs/"
+    first = text.split("\n## ")[0]
+    assert "bash scripts/demo.sh" in first and "bash scripts/test.sh" in first
+    linked = {link.partition("#")[0] for link in links(README)}
+    for page in sorted(DOCS.glob("*.md")):
+        assert f"docs/{page.name}" in linked, f"README.md does not link docs/{page.name}"
+
+
+def paragraphs(path: Path) -> list[str]:
+    """Prose paragraphs and table rows of a Markdown file, whitespace-normalised."""
+    text = without_code_blocks(path.read_text())
+    found = [" ".join(p.split()) for p in re.split(r"\n\s*\n", text)]
+    found += [" ".join(line.split()) for line in text.splitlines() if line.startswith("|")]
+    return [p for p in found if len(p) >= 160 and not p.startswith("|---")]
+
+
+def test_no_long_paragraph_is_written_twice() -> None:
+    seen: dict[str, str] = {}
+    for doc in [README, *sorted(DOCS.glob("*.md"))]:
+        for para in set(paragraphs(doc)):
+            assert para not in seen, f"{doc.name} repeats {seen[para]}: {para[:80]}..."
+            seen[para] = doc.name
+
 
 def test_the_man_page_is_generated_from_the_commands() -> None:
     spec = importlib.util.spec_from_file_location("manpage", REPO / "scripts" / "manpage.py")

@@ -171,8 +171,8 @@ def render(*, email: str | None, domains: tuple[str, ...], webroot: str | None,
     other_name = "production" if staging else "staging (untrusted certificates, high limits)"
     if dns_script:
         challenge = ("  # dns-01: the script adds and removes _acme-challenge TXT records\n"
-                     "  # (`<script> add|remove <domain> <record-name> <value>`; README, "
-                     "docs/configuration.md).\n"
+                     "  # (`<script> add|remove <domain> <record-name> <value>`; "
+                     "docs/challenges.md).\n"
                      "  challenge:\n"
                      "    type: dns-01\n"
                      f"    script: {_yaml_str(dns_script)}\n"

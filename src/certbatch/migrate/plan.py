@@ -370,7 +370,7 @@ def _compose(plan: Plan, config: ExistingConfig) -> None:
             else:
                 text = yamltext.new_file(
                     [f"certbatch configuration, made by `certbatch import certbot` from "
-                     f"{plan.source}", "Reference: the README's Configuration reference."],
+                     f"{plan.source}", "Reference: docs/configuration.md in certbatch's source."],
                     {"acme": {"directory": plan.directory}}, entries)
         except yamltext.TextEditError as exc:
             raise UsageError(f"{plan.config_path}: cannot add the certificates: {exc}; add "
