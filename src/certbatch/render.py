@@ -236,8 +236,8 @@ def last_result_text(row: dict[str, Any]) -> str:
     result, error, at = row["last_result"], row["last_error"], row.get("last_attempt")
     if not result:
         return "-"
-    if result in ("error", "unreadable"):
-        return f"cannot read its state: {error}"
+    if result in ("error", "unreadable"):  # its state cannot be read (report.py)
+        return f"{result}: {error}"
     still_live = f"; the certificate from {row['not_before'][:10]} is still live" \
         if row.get("serial") and row.get("not_before") else ""
     if result == "failed":
