@@ -114,8 +114,9 @@ def render() -> str:
         "\\fI/etc/certbatch/hooks\\fR",
         "The default state, spool and hooks folders (\\fBpaths\\fR in the config).",
         ".SH SEE ALSO",
-        "README.md and docs/ in certbatch's source: configuration.md, renewal.md, hooks.md, "
-        "dns.md, state.md, report.md, metrics.md, safety.md, import\\-certbot.md.",
+        "README.md and docs/ in certbatch's source: configuration.md, renewal.md, "
+        "challenges.md, dns.md, hooks.md, report.md, metrics.md, state.md, safety.md, "
+        "import\\-certbot.md, revoke\\-remove.md.",
     ]
     return "\n".join(lines) + "\n"
 
