@@ -92,6 +92,17 @@ def test_dns_script_and_wildcards(tmp_path: Path) -> None:
     assert cert.challenge.script == Path("/etc/certbatch/dns-01.sh")
 
 
+def test_relative_paths_on_the_command_line_are_taken_from_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    init.run(Path("etc/a.yaml"), webroot="www")
+    init.run(Path("etc/b.yaml"), dns_script="dns.sh")
+    (a,) = config.load(tmp_path / "etc" / "a.yaml").certificates.values()
+    (b,) = config.load(tmp_path / "etc" / "b.yaml").certificates.values()
+    assert a.challenge.webroot == tmp_path / "www"  # not etc/www
+    assert b.challenge.script == tmp_path / "dns.sh"
+
+
 def test_system_paths_for_a_config_in_etc_certbatch(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     etc = tmp_path / "etc" / "certbatch"

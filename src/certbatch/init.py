@@ -64,6 +64,10 @@ def run(config_path: Path, *, email: str | None = None, domains: tuple[str, ...]
         raise UsageError("--webroot and --dns-script exclude each other: a certificate proves "
                          "its names one way (give one)")
     config_path = Path(os.path.abspath(config_path))
+    # Given on the command line, relative to the working directory; in the config a relative
+    # path would be relative to the config's folder: write them absolute.
+    webroot = os.path.abspath(webroot) if webroot else None
+    dns_script = os.path.abspath(dns_script) if dns_script else None
     if os.path.lexists(config_path):
         raise UsageError(f"{config_path} exists; certbatch init never replaces a config "
                          f"(edit it, or give another path with --config)")
