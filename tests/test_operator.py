@@ -362,3 +362,24 @@ def test_check_online_reports_each_name_with_path_and_url(tmp_path, pebble):
     finally:
         nginx_cm.__exit__(None, None, None)
     assert list(served.iterdir()) == [] and list(wrong.iterdir()) == []
+
+
+def test_the_live_display_prints_each_failure_cause_once():
+    import io
+
+    from certbatch import render
+    from certbatch.renewal import Decision
+    from certbatch.runner import CertResult
+
+    stream = io.StringIO()
+    progress = render.RichProgress(stream)
+    results = [CertResult(f"c{i}", (f"c{i}.example.com",), Decision("renew", "due"))
+               for i in range(4)]
+    progress.planned(results)
+    for i, r in enumerate(results):
+        r.outcome, r.error = "failed", "CA down" if i < 3 else "own problem"
+        progress.finished(r)
+    progress.stop()
+    text = stream.getvalue()
+    assert text.count("CA down") == 1 and "c0: failed: CA down" in text
+    assert "c3: failed: own problem" in text and progress.failed == 4

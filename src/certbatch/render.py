@@ -423,6 +423,7 @@ class RichProgress(Progress):
         self.task: Any = None
         self.current: list[str] = []
         self.failed = 0
+        self.causes: set[str | None] = set()  # the errors printed so far
 
     def planned(self, results: Sequence[CertResult]) -> None:
         total = sum(1 for r in results if r.decision.does_work)
@@ -449,8 +450,12 @@ class RichProgress(Progress):
             self.current.remove(result.name)
         if result.failed:
             self.failed += 1
-            self.console.print(Text(f"{result.name}: {result.outcome}: {result.error}",
-                                    style="red"))
+            # One line per cause: an unreachable CA fails every order with the same text;
+            # the bar counts them, the table after the run lists each.
+            if result.error not in self.causes:
+                self.causes.add(result.error)
+                self.console.print(Text(f"{result.name}: {result.outcome}: {result.error}",
+                                        style="red"))
         self.bar.advance(self.task)
         self._refresh()
 
