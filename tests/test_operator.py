@@ -383,3 +383,47 @@ def test_the_live_display_prints_each_failure_cause_once():
     text = stream.getvalue()
     assert text.count("CA down") == 1 and "c0: failed: CA down" in text
     assert "c3: failed: own problem" in text and progress.failed == 4
+
+
+def test_webroot_probe_uses_each_names_webroot_of_a_webroot_map(tmp_path):
+    from certbatch import config
+    from certbatch.webroot_probe import OK, PROBLEM, probe_all
+
+    _nginx_or_skip()
+    served, other = tmp_path / "www", tmp_path / "other"
+    served.mkdir()
+    other.mkdir()
+    cfg = write_config(tmp_path, _Unreachable(tmp_path), {
+        "right": {"domains": ["localhost"], "challenge": {
+            "type": "http-01", "webroot_map": {"localhost": str(served)}}},
+        "wrong": {"domains": ["localhost"], "challenge": {
+            "type": "http-01", "webroot": str(served),
+            "webroot_map": {"localhost": str(other)}}}})
+    settings = config.load(cfg)
+    with _WebrootNginx(tmp_path / "nginx", served) as nginx:
+        results = dict((c.name, r) for c, r in probe_all(
+            list(settings.certificates.values()), timeout=3, port=nginx.port))
+    (right,), (wrong,) = results["right"], results["wrong"]
+    assert right.level == OK and right.path.parent == served / ".well-known/acme-challenge"
+    assert wrong.level == PROBLEM and wrong.path.parent == other / ".well-known/acme-challenge"
+    assert list(served.iterdir()) == [] and list(other.iterdir()) == []
+
+
+def test_status_name_shows_each_targets_ledger(tmp_path, pebble):
+    cfg = write_config(tmp_path, pebble, {"t": {"domains": ["st-target.example.com"]}})
+    hook = tmp_path / "hooks" / "notify.d" / "10-ok"
+    hook.write_text("#!/bin/sh\nexit 0\n")
+    hook.chmod(0o755)
+    first = run(["renew"], cfg, pebble)
+    assert first.returncode == 0, first.stderr
+    later = tmp_path / "hooks" / "notify.d" / "20-new"  # a target added since
+    later.write_text("#!/bin/sh\nexit 0\n")
+    later.chmod(0o755)
+    text = run(["status", "t"], cfg, pebble).stdout
+    assert "pending: no\n" in text
+    assert "target 10-ok: has the live certificate\n" in text, text
+    assert "target 20-new: has nothing of it yet\n" in text, text
+    js = json.loads(run(["status", "t", "--json"], cfg, pebble).stdout)["certificate"]
+    serial = json.loads((tmp_path / "state/certs/t/live/meta.json").read_text())["serial"]
+    assert [(t["target"], t["applied_serial"], t["has_live"]) for t in js["targets"]] == [
+        ("10-ok", serial, True), ("20-new", None, False)]
