@@ -67,6 +67,14 @@ def test_an_unreachable_ca_is_one_line_and_the_summary_comes_last_with_2_to_1(tm
     assert lines[-1].startswith("7 certificates: 7 failed ("), lines
     assert lines.index(errors[0]) < len(lines) - 1
 
+    # -v: the log lines on stderr come before the summary too
+    proc = subprocess.run([sys.executable, "-m", "certbatch", "renew", "-v", "--force", "-c",
+                           str(cfg)], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("INFO renew: finished") for line in lines), lines
+    assert lines[-1].startswith("7 certificates: 7 failed ("), lines
+
     # --json: stdout is the report alone, every certificate with its own error
     js = run(["renew", "--json", "--force"], cfg, ca)
     data = json.loads(js.stdout)

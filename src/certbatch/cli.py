@@ -388,6 +388,9 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     if metrics_error:
         err(f"certbatch: {metrics_error}")
         exit_code = EXIT_FAILURE
+    counts = render.summary_counts(report)
+    log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, exit_code,
+             ", ".join(f"{v} {k}" for k, v in counts.items()) or "no certificates")
     sys.stderr.flush()
     if as_json:
         out(render.dumps(render.report_to_dict(report)))
@@ -396,9 +399,6 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     elif not quiet and (report.changed or verbose):
         for line in render.summary_lines(report, verbose):
             out(line)
-    counts = render.summary_counts(report)
-    log.info("renew: finished in %.1f s, exit code %d (%s)", report.duration, exit_code,
-             ", ".join(f"{v} {k}" for k, v in counts.items()) or "no certificates")
     return exit_code
 
 
