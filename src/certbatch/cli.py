@@ -987,7 +987,7 @@ def revoke(ctx: click.Context, name: str, reason: str, no_renew: bool, wait: flo
     from .runner import run_lock
 
     settings = load_settings(ctx)
-    with run_lock(settings.paths.state, wait):
+    with run_lock(settings.paths.state, wait, "revoke"):
         done = retire.revoke(settings, name, reason, renew=not no_renew)
     what = f"{done.name}: serial {done.serial}"
     if done.already:
@@ -1040,7 +1040,7 @@ def remove(ctx: click.Context, name: str, yes: bool, wait: float) -> int:
         if not click.confirm(f"Remove {name}?", default=False):
             err("certbatch: nothing removed")
             return EXIT_FAILURE
-    with run_lock(settings.paths.state, wait):
+    with run_lock(settings.paths.state, wait, "remove"):
         done = retire.remove(settings, name)
     line = f"{name}: removed ({'; '.join(_removal_lines(done))})"
     if not _opt(ctx, "quiet"):

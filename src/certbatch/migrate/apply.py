@@ -45,7 +45,7 @@ def apply(plan: Plan, now: dt.datetime | None = None) -> Applied:
     if not (account or plan.config_text is not None
             or any(lp.writes_state for lp in plan.lineages)):
         return done  # nothing to write: not even the lock file
-    with run_lock(plan.state):
+    with run_lock(plan.state, 0, "import certbot"):
         store = Store(plan.state)
         store.check()
         if plan.config_text is not None:  # what the new entries name, before the state
