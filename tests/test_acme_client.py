@@ -347,7 +347,8 @@ def test_unreachable_ca(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("header, expected", [
     ("3600", "delta"),
-    ("Wed, 21 Oct 2065 07:28:00 GMT", dt.datetime(2065, 10, 21, 7, 28, tzinfo=dt.timezone.utc)),
+    ("Wed, 21 Oct 2026 07:28:00 GMT", dt.datetime(2026, 10, 21, 7, 28, tzinfo=dt.timezone.utc)),
+    ("Wed, 21 Oct 2065 07:28:00 GMT", "a year"),  # capped: never held back for ever
     (None, None),
 ])
 def test_rate_limited_new_order(proxy: FaultProxy, pebble: PebbleInstance,
@@ -365,6 +366,11 @@ def test_rate_limited_new_order(proxy: FaultProxy, pebble: PebbleInstance,
         assert err.value.retry_after is not None
         delta = err.value.retry_after - before
         assert dt.timedelta(seconds=3590) < delta < dt.timedelta(seconds=3610)
+    elif expected == "a year":
+        assert err.value.retry_after is not None
+        delta = err.value.retry_after - before
+        assert dt.timedelta(days=366) - dt.timedelta(seconds=10) < delta \
+            <= dt.timedelta(days=366, seconds=10)
     else:
         assert err.value.retry_after == expected
     assert proxy.count("POST", "/order-plz") == 1  # not retried

@@ -460,8 +460,9 @@ def test_cron_advice() -> None:
 
 # -- review fixes: odd answers from the CA ------------------------------------------------------
 
-@pytest.mark.parametrize("value", ["99999999999999", "\u00b2", "1e9", "-5",
-                                   "Fri, 01 Feb 99999 10:00:00 GMT", "\x00"])
+@pytest.mark.parametrize("value", [
+    "99999999999999", "\u00b2", "1e9", "-5", "9" * 5000, "Fri, 01 Feb 99999 10:00:00 GMT",
+    "Fri, 31 Dec 9999 23:59:59 GMT", "\x00"])
 def test_retry_after_values_never_raise(value: str) -> None:
     from certbatch.retry_after import parse_retry_after
 

@@ -76,6 +76,25 @@ def test_a_cache_anyone_else_could_write_is_not_read(tmp_path, cache, loads):
     assert len(loads) == 3
 
 
+def test_commands_that_write_nothing_never_write_the_cache(tmp_path, cache, loads):
+    path = big_config(tmp_path)
+    config_cache.load_cached(path, write=False)
+    assert not cache.exists()  # status, check and dry runs: no writes at all
+    config_cache.load_cached(path)
+    config_cache.load_cached(path, write=False)
+    assert len(loads) == 2  # ... but they read it
+
+
+def test_a_spool_that_became_the_state_folder_is_refused_even_from_the_cache(tmp_path, cache,
+                                                                                loads):
+    (tmp_path / "state").mkdir()
+    path = big_config(tmp_path, extra="paths: {state: ./state, spool: ./spool}\n")
+    config_cache.load_cached(path)
+    (tmp_path / "spool").symlink_to("state")  # one folder: the two locks would be one
+    with pytest.raises(ConfigError, match="paths.spool"):
+        config_cache.load_cached(path)
+
+
 def test_the_ca_bundle_is_checked_even_from_the_cache(tmp_path, cache, loads):
     bundle = tmp_path / "ca.pem"
     bundle.write_text("")

@@ -92,6 +92,20 @@ def test_dns_script_and_wildcards(tmp_path: Path) -> None:
     assert cert.challenge.script == Path("/etc/certbatch/dns-01.sh")
 
 
+def test_a_long_first_domain_still_names_the_certificate(tmp_path: Path) -> None:
+    long = ".".join(["a" * 40, "b" * 40, "example.org"])  # a valid name of 93 characters
+    init.run(tmp_path / "c.yaml", domains=(long,), webroot=str(tmp_path))
+    (cert,) = config.load(tmp_path / "c.yaml").certificates.values()
+    assert cert.name == long[:64].rstrip(".-") and cert.domains == (long,)
+
+
+def test_the_cron_line_names_certbatch_by_its_full_path(tmp_path: Path) -> None:
+    """cron's PATH is /usr/bin:/bin: a bare `certbatch` in /usr/local/bin would never run."""
+    result = init.run(tmp_path / "c.yaml", webroot=str(tmp_path))
+    program = result.cron_line.split()[6]
+    assert program.startswith("/") and os.access(program, os.X_OK), result.cron_line
+
+
 def test_relative_paths_on_the_command_line_are_taken_from_the_working_directory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

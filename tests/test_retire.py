@@ -290,3 +290,40 @@ def test_remove_asks_on_a_terminal(tmp_path, pebble):
     code, output = _on_a_terminal(["remove", "old", "-c", str(config)], "y")
     assert code == 0, output
     assert "old: removed" in output and not folder.exists()
+
+
+def test_remove_that_cannot_delete_the_pending_key_fails_and_keeps_the_state(tmp_path,
+                                                                             monkeypatch):
+    """The spool goes first: a pending entry that cannot be deleted (an immutable file, EIO)
+    is an error naming it, and the state folder stays, so a second `remove` finishes."""
+    from test_store import save
+
+    from certbatch import config as config_mod
+    from certbatch import retire
+    from certbatch.errors import StoreError
+    from certbatch.spool import spool as spool_mod
+    from certbatch.store import Store
+
+    class NoCA:
+        directory_url = "https://127.0.0.1:9/dir"
+        ca_bundle = tmp_path / "ca.pem"
+
+    (tmp_path / "ca.pem").write_text("")
+    cfg = write_config(tmp_path, NoCA(), {"keep": {"domains": ["keep.example"]}})
+    save(Store(tmp_path / "state"), "0a")  # certificate "site", no longer configured
+    pending = tmp_path / "spool" / "pending" / "site"
+    pending.mkdir(parents=True, mode=0o700)
+    (pending / "privkey.pem").write_text("KEY")
+    settings = config_mod.load(cfg)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(spool_mod.shutil, "rmtree", refuse)
+    with pytest.raises(StoreError, match="not all deleted"):
+        retire.remove(settings, "site")
+    assert (tmp_path / "state" / "certs" / "site").is_dir()  # kept: nothing half-forgotten
+    assert not pending.exists()  # no target gets it any more, even so
+    monkeypatch.undo()
+    retire.remove(settings, "site")
+    assert not (tmp_path / "state" / "certs" / "site").exists()

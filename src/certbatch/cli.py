@@ -86,7 +86,7 @@ def load_settings(ctx: click.Context) -> config_mod.Settings:
     from .config_cache import load_cached
 
     try:
-        settings = load_cached(path)
+        settings = load_cached(path, write=not _writes_nothing(ctx))
     except ConfigError as exc:
         if exc.key or exc.problem != "file not found":
             raise
@@ -315,7 +315,7 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True,
               help="Print the decision for each certificate; no network, no writes.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
-              help="Certificates issued in parallel (default: renewal.workers, 4).")
+              help="Certificates issued in parallel (default: renewal.workers, 16).")
 @click.option("--no-notify", is_flag=True,
               help="Stage renewed certificates but leave the notify phase to `run-hook`.")
 @click.option("--jitter", type=click.FloatRange(0), default=None, metavar="SECONDS",

@@ -303,6 +303,17 @@ def load(path: Path | str) -> Settings:
     return _Checker(file, abs_path.parent).settings(data, abs_path)
 
 
+def outside_changed(settings: Settings) -> bool:
+    """Whether what the loader checks outside the config file no longer holds for `settings`:
+    the CA bundle is a file, state and spool are two folders (config_cache loads the file
+    anew then, and the loader says what is wrong). Keep in step with _Checker.acme/paths."""
+    bundle = settings.acme.ca_bundle
+    if bundle is not None and not os.path.isfile(bundle):
+        return True
+    paths = settings.paths
+    return os.path.realpath(paths.state) == os.path.realpath(paths.spool)
+
+
 def loads(text: str, path: Path | str) -> Settings:
     """Validate a config text as if it were the file `path` (relative paths are taken from its
     folder): for a config about to be written (certbatch import)."""

@@ -25,7 +25,7 @@ import pickle
 from pathlib import Path
 
 from . import __version__, safefs
-from .config import Settings, load
+from .config import Settings, load, outside_changed
 
 log = logging.getLogger("certbatch.config")
 
@@ -56,8 +56,10 @@ def _rules() -> str:
         return "unknown"
 
 
-def load_cached(path: Path) -> Settings:
-    """config.load(path), from the cache when the file is unchanged (see the module doc)."""
+def load_cached(path: Path, write: bool = True) -> Settings:
+    """config.load(path), from the cache when the file is unchanged (see the module doc).
+    `write=False`: a command that writes nothing (status, check, a dry run) reads the cache
+    but never creates or updates it."""
     abs_path = os.path.abspath(path)
     try:
         with open(abs_path, "rb") as fh:
@@ -72,7 +74,7 @@ def load_cached(path: Path) -> Settings:
     if cached is not None:
         return cached
     settings = load(path)
-    if len(settings.certificates) >= CACHE_FROM:
+    if write and len(settings.certificates) >= CACHE_FROM:
         _write(entry, key, settings)
     return settings
 
@@ -91,9 +93,7 @@ def _read(entry: Path, key: tuple[object, ...]) -> Settings | None:
     except Exception as exc:  # noqa: BLE001 - a cache: anything wrong means "load the file"
         log.info("ignoring the config cache %s: %s", entry, exc)
         return None
-    # The one thing the loader checks outside the config file itself.
-    bundle = settings.acme.ca_bundle
-    if bundle is not None and not os.path.isfile(bundle):
+    if outside_changed(settings):  # e.g. the spool became a link to the state folder
         return None  # load() says what is wrong
     return settings
 

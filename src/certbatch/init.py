@@ -22,6 +22,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -109,9 +111,19 @@ def run(config_path: Path, *, email: str | None = None, domains: tuple[str, ...]
     commands = [f"certbatch{with_config} check --online",
                 f"certbatch{with_config} renew --dry-run",
                 f"certbatch{with_config} renew"]
-    cron = (f"17 3,15 * * *   root   certbatch -c {shlex.quote(str(config_path))} renew "
+    # cron's PATH is /usr/bin:/bin: the line names certbatch by its full path
+    cron = (f"17 3,15 * * *   root   {_program()} -c {shlex.quote(str(config_path))} renew "
             f"--jitter 3600")
     return InitResult(config_path, folders, commands, cron, notes)
+
+
+def _program() -> str:
+    """How cron can start this certbatch: the full path of the `certbatch` on PATH, else this
+    Python running the package."""
+    found = shutil.which("certbatch")
+    if found:
+        return shlex.quote(os.path.abspath(found))
+    return f"{shlex.quote(sys.executable)} -m certbatch"
 
 
 def _make_parents(folder: Path) -> None:
@@ -153,9 +165,9 @@ def _write_new(path: Path, text: str) -> None:
 
 
 def _certificate_name(domains: tuple[str, ...]) -> str:
-    """The first domain, without a wildcard's `*.`, lowercased (a valid certificate name for
-    any valid domain of up to 64 characters; the loader says so otherwise)."""
-    return domains[0].lower().removeprefix("*.")
+    """The first domain, without a wildcard's `*.`, lowercased, cut to the 64 characters a
+    certificate name may have (without a trailing dot or hyphen)."""
+    return domains[0].lower().removeprefix("*.")[:64].rstrip(".-")
 
 
 def _yaml_str(value: str) -> str:

@@ -117,7 +117,8 @@ def revoke(settings: Settings, name: str, reason: str = "unspecified", renew: bo
         status.revoked_reason = None if already else reason
     status.revoked_serial = stored.serial
     status.revoked_renew = renew and cert is not None
-    store.save_status(name, status)
+    # synced: after a power cut nothing could tell the next run to replace the revoked one
+    store.save_status(name, status, durable=True)
     due_at = None
     if cert is not None and not renew:
         due_at, _ = renewal.next_renewal(stored, status, settings.renewal.before_expiry,
@@ -204,10 +205,12 @@ def remove(settings: Settings, name: str) -> Removal:
 
     removal = plan_removal(settings, name)
     store = Store(settings.paths.state)
-    if removal.state_folder is not None:
-        _remove_folder(removal.state_folder)
+    # The spool first: a failure or a crash after it leaves a state folder that a second
+    # `remove` deletes, never a pending entry the next notify would hand the targets again.
     if removal.pending is not None or removal.targets:
         _spool(settings).retire(name)
+    if removal.state_folder is not None:
+        _remove_folder(removal.state_folder)
     store.index.save(keep=settings.certificates)  # drops the entry of every name not configured
     return removal
 

@@ -16,12 +16,14 @@ def parse_retry_after(value: str | None, now: dt.datetime | None = None
     now = now or dt.datetime.now(dt.timezone.utc)
     value = value.strip()
     if value.isascii() and value.isdigit():  # "²".isdigit() is true too
-        # capped: a CA's absurd number must not overflow the date (a year is plenty)
-        return now + dt.timedelta(seconds=min(int(value), MAX_SECONDS))
+        # capped: a CA's absurd number must not overflow the date or int() (a year is plenty)
+        seconds = MAX_SECONDS if len(value) > 10 else min(int(value), MAX_SECONDS)
+        return now + dt.timedelta(seconds=seconds)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000" in the date means UTC without saying so
         when = when.replace(tzinfo=dt.timezone.utc)
-    return when.astimezone(dt.timezone.utc)
+    # a date in 9999 must not hold a certificate back for ever (see the seconds above)
+    return min(when.astimezone(dt.timezone.utc), now + dt.timedelta(seconds=MAX_SECONDS))

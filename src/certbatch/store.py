@@ -396,17 +396,18 @@ class Store:
             log.warning("%s: ignoring unreadable %s", name, self.cert_dir(name) / "status.json")
             return CertStatus()
 
-    def save_status(self, name: str, status: CertStatus) -> None:
+    def save_status(self, name: str, status: CertStatus, durable: bool = False) -> None:
         """Replace status.json atomically, without fsync (2 of a renewal's fsyncs): a power cut
         may lose the last status, which costs only work done again: a restage (deploy hooks
         and targets apply the same certificate once more), a backoff or rate limit forgotten
         (the CA is asked again), renewal info fetched again. An unreadable status is ignored
-        (see status()). The certificate itself is stored durably."""
+        (see status()). The certificate itself is stored durably. `durable`: fsync it, for a
+        record nothing could rebuild (a revocation that the next run must act on)."""
         self._dir("certs", name)
         path = self.cert_dir(name) / "status.json"
         data = status.to_dict()
         atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o600,
-                     durable=False)
+                     durable=durable)
         try:
             self.index.put_status(name, os.lstat(path), data)
         except OSError:

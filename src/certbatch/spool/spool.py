@@ -489,8 +489,17 @@ class Spool:
             had_entry = os.path.lexists(entry)
             if had_entry:
                 safefs.check_dir(entry)
-                remove(entry)
-                fsync_dir(self.pending_dir)
+                # Aside first (no target sees it after this rename), then deleted; whatever
+                # cannot be deleted is an error naming it, not a silent leftover key.
+                grave = self.staging.dir / f"{name}.retired.tmp"
+                try:
+                    remove(grave)
+                    os.rename(entry, grave)
+                    fsync_dir(self.pending_dir)
+                    shutil.rmtree(grave)
+                except OSError as exc:
+                    raise StoreError(f"pending entry {entry} not all deleted: "
+                                     f"{os_error_message(exc)}") from exc
             targets = [t for t in self.ledgers.known() if name in self.ledgers.load(t).applied]
             for target in targets:
                 self.ledgers.forget(target, name)
