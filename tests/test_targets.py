@@ -325,6 +325,13 @@ def test_target_env_reaches_the_hook_and_cannot_override_certbatch(tmp_path, peb
     assert result.returncode == 2
     assert result.stderr == (f"certbatch: error: {bad}: hooks.targets.envy.env.CERTBATCH_NAMES: "
                              "CERTBATCH_NAMES is set by certbatch itself\n")
+    # a value that is not a string is refused without being shown (env often holds tokens)
+    bad = write_config(tmp_path / "bad2", pebble, certs("e1"), hooks={"targets": {
+        "envy": {"command": "true", "env": {"TOKEN": 1.2345e300}}}})
+    result = run(["check"], bad, pebble)
+    assert (result.returncode, result.stderr) == (
+        2, f"certbatch: error: {bad}: hooks.targets.envy.env.TOKEN: expected a string, got a "
+           f"number (quote it)\n")
 
 
 def test_target_settings_for_a_notify_d_file_and_clashes(tmp_path, pebble):

@@ -857,7 +857,8 @@ class _Checker:
             if name in RESERVED_ENV:
                 self.fail(where, f"{name} is set by certbatch itself")
             if isinstance(value, bool) or not isinstance(value, (str, int)):
-                self.fail(where, f"expected a string, got {_describe(value)} (quote it)")
+                # only the kind: a hook's env often carries a token
+                self.fail(where, f"expected a string, got {_kind(value)} (quote it)")
             text = str(value)
             if "\0" in text:
                 self.fail(where, "must not contain a NUL character")
