@@ -360,22 +360,23 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
                 out(line)
         return EXIT_OK
     metrics_error = None
-    _jitter_sleep(settings, settings.renewal.jitter if jitter is None else jitter, force, only)
+    delay = settings.renewal.jitter if jitter is None else jitter
     try:
+        # With a jitter, the run stops after its decisions when something needs an order,
+        # then sleeps without the lock (a manual renew or run-hook meanwhile is never blocked
+        # by a sleeping cron run) and runs again; a run with nothing to order reads once.
         with run_lock(settings.paths.state, wait, "renew"):
             report = runner.renew(force=force, only=only, workers=workers, notify=not no_notify,
-                                  jitter=0)
-            metrics_path = metrics_file or settings.metrics_file
-            if metrics_path:
-                from . import metrics
-                try:
-                    metrics.write(Path(metrics_path), settings, runner.store, report)
-                except OSError as exc:
-                    # The renewals are done: report them, then fail the run (exit 1).
-                    where = f" ({exc.filename})" if exc.filename else ""
-                    metrics_error = (f"cannot write metrics file {metrics_path}: "
-                                     f"{exc.strerror}{where}")
-                    log.error("%s", metrics_error)
+                                  jitter=0, defer_orders=delay > 0)
+            if not report.deferred:
+                metrics_error = _write_metrics(settings, runner, report, metrics_file)
+        if report.deferred:
+            _jitter_sleep(delay, sum(c.decision.needs_order for c in report.certificates))
+            runner = Runner(settings, progress)  # a store of its own: the state is read again
+            with run_lock(settings.paths.state, wait, "renew"):
+                report = runner.renew(force=force, only=only, workers=workers,
+                                      notify=not no_notify, jitter=0)
+                metrics_error = _write_metrics(settings, runner, report, metrics_file)
     finally:
         if progress:
             progress.stop()
@@ -400,30 +401,6 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
         for line in render.summary_lines(report, verbose):
             out(line)
     return exit_code
-
-
-def _jitter_sleep(settings: config_mod.Settings, jitter: float, force: bool,
-                  only: tuple[str, ...]) -> None:
-    """cron's random delay, slept before the run lock is taken (a manual `renew` or `run-hook`
-    meanwhile is never blocked by a sleeping cron run), and only when a read-only pass over
-    the state finds a certificate that needs an order. SIGTERM, SIGINT, SIGHUP end the sleep
-    at once (interrupt.py: nothing is held yet, so the command exits with 128 + the signal)."""
-    if jitter <= 0:
-        return
-    import random
-    import time
-
-    from .runner import Runner
-
-    # A Runner of its own: the run's store must read the state afresh after the sleep.
-    plan = Runner(settings).renew(force=force, only=only, dry_run=True)
-    due = [c.name for c in plan.certificates if c.decision.needs_order]
-    if not due:
-        return
-    pause = random.uniform(0, jitter)
-    log.info("jitter: sleeping %.1f s before taking the run lock (%d certificate%s to order)",
-             pause, len(due), "s" * (len(due) != 1))
-    time.sleep(pause)
 
 
 def _read_problem(folder: Path) -> str | None:
