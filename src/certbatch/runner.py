@@ -107,6 +107,9 @@ class RunReport:
     pending_after: int = 0  # entries left in the spool after the run
     targets: list[TargetState] = field(default_factory=list)  # after the notify phase
     interrupted: int | None = None  # the signal that stopped the run, if one did
+    # renew(defer_orders=True) found certificates to order and did nothing else: the caller
+    # sleeps its jitter without the run lock, then runs again
+    deferred: bool = False
 
     @property
     def failures(self) -> list[CertResult]:
@@ -229,8 +232,14 @@ class Runner:
 
     def renew(self, *, force: bool = False, only: Sequence[str] = (), dry_run: bool = False,
               workers: int | None = None, notify: bool = True, jitter: float | None = None,
-              sleep: Callable[[float], object] = interrupt.wait) -> RunReport:
+              sleep: Callable[[float], object] = interrupt.wait,
+              defer_orders: bool = False) -> RunReport:
         """Renew what is due, stage it, and run the notify phase once.
+
+        `defer_orders`: when some certificate needs an order, stop after the decisions (renewal
+        info refreshed and saved, nothing else done) with `report.deferred`; the caller sleeps
+        its jitter without the run lock and runs again (a run with nothing to order reads the
+        state once, under the lock, and goes on as usual).
 
         Interrupted (a signal, see interrupt.py): certificates not started yet are not started
         (and keep their status: they are due next run), the ones in flight fail with
@@ -287,6 +296,15 @@ class Runner:
                     self.store.save_status(cert.name, status)
                 except OSError as exc:
                     log.error("%s: could not save status: %s", cert.name, exc)
+        if defer_orders and not dry_run and any(r.decision.needs_order for _, r, _, _ in work):
+            for cert, _, _, status in work:  # what renewal info said, kept for the next pass
+                if cert.name in ari_changed:
+                    with contextlib.suppress(OSError):
+                        self.store.save_status(cert.name, status)
+            self.store.index.save(keep=self.settings.certificates)
+            report.deferred = True
+            report.duration = time.monotonic() - t0
+            return report
         self._tell(self.progress.planned, report.certificates)
         if dry_run:
             report.duration = time.monotonic() - t0
