@@ -403,6 +403,39 @@ def renew(ctx: click.Context, force: bool, only: tuple[str, ...], dry_run: bool,
     return exit_code
 
 
+def _jitter_sleep(jitter: float, due: int) -> None:
+    """cron's random delay, slept without the run lock (a manual `renew` or `run-hook`
+    meanwhile is never blocked by a sleeping cron run), once a first pass under the lock found
+    `due` certificates to order. SIGTERM, SIGINT, SIGHUP end the sleep at once (nothing is
+    held, so the command exits with 128 + the signal)."""
+    import random
+    import time
+
+    pause = random.uniform(0, jitter)
+    log.info("jitter: sleeping %.1f s before taking the run lock (%d certificate%s to order)",
+             pause, due, "s" * (due != 1))
+    time.sleep(pause)
+
+
+def _write_metrics(settings: config_mod.Settings, runner: Any, report: Any,
+                   metrics_file: str | None) -> str | None:
+    """Write the metrics file if one is asked for; the error line if it cannot be written
+    (the renewals are done: they are reported, then the run fails, exit 1)."""
+    metrics_path = metrics_file or settings.metrics_file
+    if not metrics_path:
+        return None
+    from . import metrics
+
+    try:
+        metrics.write(Path(metrics_path), settings, runner.store, report)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        error = f"cannot write metrics file {metrics_path}: {exc.strerror}{where}"
+        log.error("%s", error)
+        return error
+    return None
+
+
 def _read_problem(folder: Path) -> str | None:
     """Why a command that only reads cannot read `folder` (`<path>: <what>`), or None; a
     folder that does not exist yet is fine (nothing was stored there yet)."""
