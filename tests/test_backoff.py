@@ -158,3 +158,25 @@ def test_503_on_a_poll_with_a_long_retry_after_is_not_waited_out(
         issue(client, [unique("busy")], standalone(pebble))
     assert err.value.status == 503 and err.value.retry_after is not None
     assert fault.hits == 1  # not retried: the wait is far past RETRY_AFTER_WAIT_MAX
+
+
+def test_status_shows_the_next_attempt_while_held_back() -> None:
+    """NEXT RENEWAL is the backoff's end (or the CA's Retry-After), not "-", while held back."""
+    from certbatch import renewal
+    from certbatch.config import CertificateSettings, ChallengeSettings
+    from certbatch.store import CertStatus, StoredCert
+
+    now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    cert = CertificateSettings("www", ("www.example",), "ec-p256",
+                               ChallengeSettings("http-01", standalone_port=80))
+    stored = StoredCert("www", "v1", Path("/nonexistent"), ("www.example",), "ec-p256", "0a",
+                        now - dt.timedelta(days=80), now + dt.timedelta(days=10),
+                        now - dt.timedelta(days=80))
+    backoff = CertStatus(staged_version="v1", failed_orders=2,
+                         next_attempt=now + dt.timedelta(minutes=10))
+    d = renewal.decide(cert, stored, backoff, now, None)
+    assert (d.action, d.due_at, d.basis) == (renewal.BACKOFF, backoff.next_attempt, "backoff")
+    limited = CertStatus(staged_version="v1", rate_limited_until=now + dt.timedelta(hours=1))
+    d = renewal.decide(cert, stored, limited, now, None, force=True)
+    assert (d.action, d.due_at, d.basis) == (renewal.RATE_LIMITED, limited.rate_limited_until,
+                                             "rate-limit")

@@ -58,7 +58,7 @@ def _backoff(status: CertStatus, now: dt.datetime) -> Decision | None:
               f"{status.next_attempt:%Y-%m-%d %H:%M}Z, or now with renew --force")
     if status.last_error:
         reason += f" (last error: {status.last_error})"
-    return Decision(BACKOFF, reason)
+    return Decision(BACKOFF, reason, status.next_attempt, BASIS_BACKOFF)
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,8 @@ class Decision:
 BASIS_ARI = "ARI"  # the CA's renewal window (RFC 9773)
 BASIS_BEFORE_EXPIRY = "before_expiry"  # renewal.before_expiry
 BASIS_LIFETIME = "lifetime"  # a third of the lifetime left (half for short-lived ones)
+BASIS_BACKOFF = "backoff"  # held back after failed orders: the next attempt
+BASIS_RATE_LIMIT = "rate-limit"  # held back by the CA's Retry-After
 
 
 def next_renewal(stored: StoredCert, status: CertStatus, before_expiry: dt.timedelta | None,
@@ -143,7 +145,8 @@ def decide(cert: CertificateSettings, stored: StoredCert | None, status: CertSta
     stored in `status` (renewal.ari)."""
     limited = status.rate_limited_until is not None and status.rate_limited_until > now
     rate_limited = Decision(RATE_LIMITED, f"rate-limited by the CA until "
-                            f"{status.rate_limited_until:%Y-%m-%d %H:%M}Z") if limited else None
+                            f"{status.rate_limited_until:%Y-%m-%d %H:%M}Z",
+                            status.rate_limited_until, BASIS_RATE_LIMIT) if limited else None
     # A rate limit wins over the backoff (even with --force); --force skips the backoff.
     held = rate_limited or (None if force else _backoff(status, now))
     if stored is None:
