@@ -94,6 +94,10 @@ def test_revoke_with_the_account_then_renew_replaces_it(tmp_path, pebble):
 
     plan = run(["renew", "--dry-run"], config, pebble, timeout=TIMEOUT)
     assert "reissue" in plan.stdout and "revoked" in plan.stdout and "(superseded)" in plan.stdout
+    detail = run(["status", "site"], config, pebble, timeout=TIMEOUT).stdout.splitlines()
+    assert any(line.startswith(f"revoked: the live certificate (serial {serial}) on ")
+               and line.endswith(", reason superseded; the next `certbatch renew` replaces it")
+               for line in detail), detail
 
     result = run(["renew"], config, pebble, timeout=TIMEOUT)
     assert result.returncode == 0, result.stderr
@@ -102,6 +106,9 @@ def test_revoke_with_the_account_then_renew_replaces_it(tmp_path, pebble):
     assert ca_status(pebble, new)["Status"] == "Valid"
     plan = run(["renew", "--dry-run"], config, pebble, timeout=TIMEOUT)
     assert "skip" in plan.stdout and "revoked" not in plan.stdout
+    detail = run(["status", "site"], config, pebble, timeout=TIMEOUT).stdout
+    assert f"revoked: an earlier certificate (serial {serial})" in detail
+    assert "replaced since" in detail
 
 
 def test_key_compromise_is_signed_with_the_certificate_key_and_no_renew_keeps_it(tmp_path,

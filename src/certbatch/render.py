@@ -348,6 +348,14 @@ def detail_lines(d: dict[str, Any]) -> list[str]:
                      f"{_minute(d['next_attempt'])} (`renew --force` orders now)")
     if d["rate_limited_until"]:
         lines.append(f"rate-limited by the CA until {_minute(d['rate_limited_until'])}")
+    r = d.get("revoked")
+    if r:
+        what = "the live certificate" if r["live"] else "an earlier certificate"
+        then = ("the next `certbatch renew` replaces it" if r["renew"] and r["live"] else
+                "not replaced before it is due (--no-renew)" if r["live"] else "replaced since")
+        reason = f", reason {r['reason']}" if r["reason"] else ""
+        lines.append(f"revoked: {what} (serial {r['serial']}) on {_minute(r['at'])}{reason}; "
+                     f"{then}")
     p = d.get("pending")
     lines.append("pending: no" if p is None else
                  f"pending: serial {p['serial']}, staged {_minute(p['staged_at'])} in "

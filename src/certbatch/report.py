@@ -128,6 +128,11 @@ def status_detail(settings: Settings, name: str, now: dt.datetime | None = None
     }
     detail["key_type"] = cert.key
     detail["staged_version"] = status.staged_version
+    # certbatch revoke: which serial, when, why, and whether the next run replaces it
+    detail["revoked"] = None if status.revoked_serial is None else {
+        "serial": status.revoked_serial, "at": _ts(status.revoked_at),
+        "reason": status.revoked_reason, "renew": status.revoked_renew,
+        "live": stored is not None and stored.serial == status.revoked_serial}
     ari = status.ari
     detail["ari"] = None if ari is None else {
         **ari.to_dict(), "about_live": stored is not None and ari.serial == stored.serial}
