@@ -1,7 +1,8 @@
 """The documentation matches the code.
 
-- docs/batch.schema.json and docs/ledger.schema.json describe the files a real spool writes (a
-  target's kept batch.json, the applied/ record, every kind of ledger), and every schema in docs/
+- docs/batch.schema.json, docs/ledger.schema.json and docs/meta.schema.json describe the files a
+  real spool writes (an entry's meta.json, a target's kept batch.json, the applied/ record,
+  every kind of ledger), and every schema in docs/
   uses only keywords that the validators here check (or pure annotations);
 - docs/configuration.md lists every `hooks` key the loader accepts, and docs/metrics.md every
   metric certbatch writes;
@@ -178,6 +179,13 @@ def test_batch_and_ledger_files_match_their_schemas(tmp_path: Path) -> None:
     assert record["target"] is None and record["names"] == names
     assert record["failed_names"] == []
     ledger("60-fails")
+
+    # Every staged entry's meta.json (what hooks read) passes docs/meta.schema.json.
+    for entry in spool.pending():
+        validate(json.loads((entry.folder / "meta.json").read_text()), schema("meta.schema.json"))
+    for name in names:
+        validate(json.loads((spool.root / "applied" / again.batch_id / name / "meta.json")
+                            .read_text()), schema("meta.schema.json"))
 
     # A target that never succeeded, and applied serials of several certificates.
     assert spool.stage(cert("api", serial="0f", version="v2")).ok
