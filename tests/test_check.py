@@ -134,15 +134,15 @@ def test_check_as_a_user_who_may_not_read_the_hooks(top):
 def test_check_and_status_never_print_an_acme_dns_password(tmp_path):
     """The api's user:password@ (refused by the loader, yet never printed) and the accounts
     file's password stay out of `check` and `status`."""
-    from certbatch import cli, config
+    from certbatch import checks, config
 
     secret = "pw-SECRET-0d6f2a"
     ch = config.ChallengeSettings(type="dns-01", provider="acme-dns",
                                   acme_dns=config.AcmeDnsSettings(
                                       api=f"https://certbatch:{secret}@auth.example.org",
                                       accounts_file=Path("/etc/certbatch/acme-dns.json")))
-    assert cli._provider_text(ch) == ("api https://auth.example.org, accounts in "
-                                      "/etc/certbatch/acme-dns.json")
+    assert checks.provider_text(ch) == ("api https://auth.example.org, accounts in "
+                                        "/etc/certbatch/acme-dns.json")
     accounts = tmp_path / "acme-dns.json"
     accounts.write_text(f'{{"a.example.org": {{"username": "u", "password": "{secret}", '
                         f'"subdomain": "s", "fulldomain": "s.auth.example.org"}}}}')
@@ -180,3 +180,30 @@ def test_check_shows_a_webroot_map_and_a_missing_webroot_of_it_as_a_problem(tmp_
                                   f"does not exist"]
     status = run(["status"], cfg)
     assert status.returncode == 0, status.stderr
+
+
+def test_check_is_a_core_function_that_returns_data(tmp_path):
+    """`check` and the run-hook dry-run plans are core functions returning data that cli.py
+    renders (in the order found: `on_item` sees each line and warning at once); the core,
+    these included, never imports click."""
+    import subprocess
+    import sys
+
+    from certbatch import checks, config
+
+    code = ("import sys\n"
+            "from certbatch import checks, plans, report, runner\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'click'))\n")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True)
+    assert imported.stdout.strip() == "[]"
+
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"web": {"domains": ["web.example.com"]}})
+    (tmp_path / "hooks/notify.d/apply").write_text("#!/bin/sh\n")  # not executable
+    seen: list[checks.CheckItem] = []
+    report = checks.run_check(config.load(cfg), on_item=seen.append)
+    assert seen == report.items and report.warnings == []
+    assert report.lines[:2] == [f"config: {cfg} (ok)", "acme directory: https://127.0.0.1:9/dir"]
+    assert "  web: web.example.com [ec-p256, dns-01 script" in "\n".join(report.lines)
+    assert not report.ok
+    assert [p.split(": ")[0] for p in report.problems] == [str(tmp_path / "hooks/notify.d/apply")]

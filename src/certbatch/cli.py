@@ -7,7 +7,6 @@ or the notify phase failed; 2 usage or configuration error; 75 another run holds
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import io
 import logging
@@ -16,12 +15,13 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from . import config as config_mod
 from . import interrupt, retire
+from .checks import read_problems as _read_problems  # renew, status: light to import
 from .errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -33,6 +33,10 @@ from .errors import (
     exit_code_for,
     os_error_message,
 )
+
+if TYPE_CHECKING:
+    from .hooks import HookCommand
+    from .plans import DeployPlan, NotifyPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("certbatch.cli")
@@ -436,37 +440,6 @@ def _write_metrics(settings: config_mod.Settings, runner: Any, report: Any,
     return None
 
 
-def _read_problem(folder: Path) -> str | None:
-    """Why a command that only reads cannot read `folder` (`<path>: <what>`), or None; a
-    folder that does not exist yet is fine (nothing was stored there yet)."""
-    try:
-        st = os.stat(folder)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:  # a symlink loop, a parent we may not enter, a file as a parent
-        return os_error_message(exc, folder)
-    if not stat.S_ISDIR(st.st_mode):
-        return f"{folder}: not a folder"
-    try:
-        with os.scandir(folder) as entries:
-            next(entries, None)
-    except OSError as exc:
-        return os_error_message(exc, folder)
-    return None
-
-
-def _read_problems(*trees: list[Path]) -> list[str]:
-    """`_read_problem` of each tree (a folder, then folders in it): its first problem, if any."""
-    problems = []
-    for tree in trees:
-        for folder in tree:
-            why = _read_problem(folder)
-            if why:
-                problems.append(why)
-                break
-    return problems
-
-
 def _cannot_read(problems: list[str]) -> int:
     for p in problems:
         err(f"certbatch: error: {p}")
@@ -563,8 +536,10 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
     else:
         runner.select_targets(runner.targets(), only_targets)
     if dry_run:
-        lines = deploy_plan(runner, deploy) if deploy else notify_plan(runner, only_targets,
-                                                                      all_live)
+        from .plans import deploy_plan, notify_plan
+
+        lines = _deploy_plan_lines(deploy_plan(runner, deploy)) if deploy else \
+            _notify_plan_lines(notify_plan(runner, only_targets, all_live))
         for line in lines:
             out(line)
         return EXIT_OK
@@ -600,14 +575,7 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
     return EXIT_FAILURE if failures or not outcome.ok else EXIT_OK
 
 
-def _command_text(spec: str | tuple[str, ...]) -> str:
-    """A config hook command as an operator would type it (a list shell-quoted, not a tuple)."""
-    import shlex
-
-    return spec if isinstance(spec, str) else shlex.join(spec)
-
-
-def _hook_lines(commands: list[Any], env: dict[str, str], none: str) -> list[str]:
+def _hook_lines(commands: list[HookCommand], env: dict[str, str], none: str) -> list[str]:
     """Each hook a dry run would run, with the CERTBATCH_* variables it would get."""
     if not commands:
         return [none]
@@ -622,221 +590,47 @@ def _env_lines(env: dict[str, str]) -> list[str]:
     return [f"      {k}={v}" for k, v in sorted(env.items())]
 
 
-def notify_plan(runner: Any, only: tuple[str, ...] = (), all_live: bool = False) -> list[str]:
-    from .spool.env import notify_env
-
-    pending = runner.spool.pending()
-    targets = runner.targets()
+def _notify_plan_lines(plan: NotifyPlan) -> list[str]:
+    if plan.nothing_pending:
+        return ["nothing pending"]
     lines = []
-    if all_live:
-        live = [n for n in runner.settings.certificates if runner.store.current(n) is not None
-                and n not in {p.name for p in pending}]
-        lines.append(f"would forget what {only[0]} has applied and stage again "
+    if plan.restage_for is not None:
+        live = plan.restage
+        lines.append(f"would forget what {plan.restage_for} has applied and stage again "
                      f"{len(live)} live certificate{'s' * (len(live) != 1)} that "
                      f"{'are' if len(live) != 1 else 'is'} not pending: {' '.join(live)}")
-    elif not pending:
-        return ["nothing pending"]
-    if pending:
-        lines.append(f"batch of {len(pending)} pending certificate"
-                     f"{'s' * (len(pending) != 1)}:")
-    for p in pending:
-        files = " ".join(sorted(f.name for f in p.folder.iterdir())) if p.folder.exists() else ""
+    if plan.pending:
+        lines.append(f"batch of {len(plan.pending)} pending certificate"
+                     f"{'s' * (len(plan.pending) != 1)}:")
+    for item in plan.pending:
+        p = item.entry
         lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
                      f"serial {p.serial}")
-        lines.append(f"    {p.folder}: {files}")
-    if not targets:
+        lines.append(f"    {p.folder}: {' '.join(item.files)}")
+    if not plan.has_targets:
         return lines + ["no notify targets (hooks/notify.d/ is empty, no hooks.targets or "
                         "hooks.notify): the batch would be marked applied as is"]
-    for state in runner.spool.target_states(targets):
-        t = state.target
-        if only and t.name not in only:
-            continue
+    for t in plan.targets:
         if t.problem:
             lines.append(f"target {t.name}: CANNOT RUN: {t.problem}")
-            continue
-        names = state.waiting if not all_live else sorted(
-            set(state.waiting) | set(live))
-        if not names:
+        elif not t.names or t.command is None:
             lines.append(f"target {t.name}: nothing to apply (it has every pending entry)")
-            continue
-        lines.append(f"target {t.name}: would run {' '.join(t.command.argv)} "
-                     f"(timeout {t.timeout:g} s) with {len(names)} certificate"
-                     f"{'s' * (len(names) != 1)}: {' '.join(names)}")
-        folder = runner.spool.ledgers.folder(t.name)
-        env = {**t.env, **notify_env(runner.spool.root, t.name, folder, names, [])}
-        lines.extend(_env_lines(env))
+        else:
+            lines.append(f"target {t.name}: would run {' '.join(t.command.argv)} "
+                         f"(timeout {t.timeout:g} s) with {len(t.names)} certificate"
+                         f"{'s' * (len(t.names) != 1)}: {' '.join(t.names)}")
+            lines.extend(_env_lines(t.env))
     return lines
 
 
-def deploy_plan(runner: Any, name: str) -> list[str]:
-
-    stored = runner.store.current(name)
+def _deploy_plan_lines(plan: DeployPlan) -> list[str]:
+    stored = plan.stored
     if stored is None:
-        return [f"{name}: not issued yet, nothing to stage"]
-    cert = runner.settings.certificates[name]
-    lines = [f"would stage {name} (serial {stored.serial}, expires {stored.not_after:%Y-%m-%d}) "
-             f"from {stored.folder}"]
-    stage_dir = runner.settings.paths.spool / ".staging" / f"{name}.<token>.tmp"
-    env = runner.spool.deploy_env(name, stored.domains, stage_dir)
-    commands = runner.spool.deploy_commands(runner.deploy_hooks(cert))
-    return lines + _hook_lines(commands, env, "no deploy hooks found (files are copied into "
-                                              "the spool only)")
-
-
-def _check_folder(label: str, path: Path) -> tuple[str, str | None]:
-    """What `check` says about the state, spool or hooks folder, and the problem with it (None:
-    fine). State and spool must be folders certbatch can write, or create; hooks one it can
-    read (a missing one is fine: no hooks)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        if label == "hooks":
-            return "missing (no hooks will run)", None
-        # It will be created below its nearest existing parent, which must be writable.
-        for parent in path.parents:
-            try:
-                os.stat(parent)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                why = os_error_message(exc, parent)
-                return (f"CANNOT be created: {why}",
-                        f"{label} folder {path} cannot be created: {why}")
-            if os.access(parent, os.W_OK | os.X_OK):
-                break
-            return (f"CANNOT be created: {parent} is not writable",
-                    f"{label} folder {path} cannot be created: {parent} is not writable")
-        return "will be created", None
-    except OSError as exc:  # a symlink loop, a parent we may not enter, a file as a parent
-        why = os_error_message(exc, path)
-        return f"CANNOT be used: {why}", f"{label} folder {why}"
-    if not stat.S_ISDIR(st.st_mode):
-        return "NOT A FOLDER", f"{label} folder {path} is not a folder"
-    unreadable = _read_problem(path)
-    if unreadable:
-        return f"exists, NOT READABLE: {unreadable}", f"{label} folder {unreadable}"
-    if label != "hooks" and not os.access(path, os.W_OK | os.X_OK):
-        return "exists, NOT WRITABLE", f"{label} folder {path} is not writable"
-    if label != "hooks":
-        from . import safefs
-        from .errors import UnsafePath
-        try:
-            safefs.check_root(path)
-        except UnsafePath as exc:
-            return f"exists, NOT SAFE: {exc.why}", f"{label} folder {exc}"
-    return "exists", None
-
-
-def _provider_text(ch: config_mod.ChallengeSettings) -> str:
-    """The provider's settings for `check`, never its secret."""
-    lx, adns, s = ch.lexicon, ch.acme_dns, ch.rfc2136
-    if lx is not None:
-        creds = (f"credentials in {lx.credentials_file}" if lx.credentials_file else
-                 f"credentials inline ({', '.join(k for k, _ in lx.credentials or ())})")
-        return f"{lx.provider}, zone {lx.zone or '(SOA lookup)'}, {creds}"
-    if adns is not None:
-        from .dns.acmedns import _public  # the loader refuses user:password@; never print one
-        return f"api {_public(adns.api)}, accounts in {adns.accounts_file}"
-    if s is None:
-        return "-"
-    where = f"server {s.server[0]}:{s.server[1]}, zone {s.zone or '(SOA lookup)'}"
-    secret = f"secret in {s.tsig_secret_file}" if s.tsig_secret_file else "secret inline"
-    return f"{where}, key {s.tsig_key} {s.tsig_algorithm}, {secret}"
-
-
-def _webroot_lines(cert: config_mod.CertificateSettings) -> list[str]:
-    """check: with a webroot_map, each webroot and the names it serves (certificate order)."""
-    ch = cert.challenge
-    if not ch.webroot_map:
-        return []
-    names: dict[Path | None, list[str]] = {}
-    for domain in cert.domains:
-        names.setdefault(ch.webroot_for(domain), []).append(domain)
-    return [f"    webroot {root}: {' '.join(ds)}" for root, ds in names.items()]
-
-
-def _propagation_text(ch: config_mod.ChallengeSettings) -> str:
-    if ch.propagation != "check":
-        return ""
-    resolver = f", resolver {ch.resolver[0]}:{ch.resolver[1]}" if ch.resolver else ""
-    return f", propagation check {ch.propagation_timeout:g}s{resolver}"
-
-
-def _probe_dns(settings: config_mod.Settings, say: Callable[[str], None]) -> list[str]:
-    """check --online: each certificate with a DNS provider adds, sees and removes a probe
-    TXT value; one line per certificate, the problems returned."""
-    import time
-
-    from .dns.solver import probe
-
-    problems = []
-    for cert in settings.certificates.values():
-        if cert.challenge.provider is None:
-            continue
-        deadline = time.monotonic() + min(settings.renewal.deadline,
-                                          cert.challenge.propagation_timeout + 30)
-        try:
-            result = probe(cert.challenge, cert.name, cert.domains, deadline)
-        except CertbatchError as exc:  # ChallengeError, DeadlineExceeded, Interrupted
-            if isinstance(exc, Interrupted):
-                raise
-            say(f"dns-01 {cert.name}: FAILED: {exc}")
-            problems.append(f"{cert.name}: dns-01 probe: {exc}")
-        else:
-            say(f"dns-01 {cert.name}: {result}")
-    return problems
-
-
-def _probe_webroots(settings: config_mod.Settings, say: Callable[[str], None]) -> list[str]:
-    """check --online: each http-01 webroot serves a probe file by each name; one line per
-    domain, with the file's path and the URL. A name this host cannot reach is a warning (the
-    CA, from outside, may); a wrong answer is a problem, returned."""
-    from .webroot_probe import OK, WARNING, probe_all
-
-    problems = []
-    for cert, results in probe_all(list(settings.certificates.values())):
-        if isinstance(results, CertbatchError):
-            if isinstance(results, Interrupted):
-                raise results
-            say(f"http-01 {cert.name}: FAILED: {results}")
-            problems.append(f"{cert.name}: http-01 probe: {results}")
-            continue
-        for p in results:
-            where = f"{p.url} (file {p.path})"
-            if p.level == OK:
-                say(f"http-01 {cert.name} {p.domain}: ok, {p.detail}: {where}")
-            elif p.level == WARNING:
-                say(f"http-01 {cert.name} {p.domain}: UNREACHABLE from here: {where}")
-                err(f"certbatch: warning: {cert.name}: http-01 {p.domain}: {p.detail}: {where}")
-            else:
-                say(f"http-01 {cert.name} {p.domain}: FAILED: {where}")
-                problems.append(f"{cert.name}: http-01 {p.domain}: {p.detail}: {where}")
-    return problems
-
-
-def _live_problem(store: Any, name: str) -> str | None:
-    """What is wrong with a certificate's live files, fully checked (None: fine or none yet)."""
-    try:
-        stored = store.current(name, verify=True)
-    except CertbatchError as exc:
-        return f"CANNOT be read: {exc}"
-    except OSError as exc:
-        return f"CANNOT be read: {os_error_message(exc)}"
-    if stored is not None and stored.damaged:
-        return f"DAMAGED ({stored.damaged}): the next `certbatch renew` reissues it"
-    return None
-
-
-def _cron_advice(settings: config_mod.Settings, store: Any, name: str) -> str | None:
-    """How often cron must run for a short-lived live certificate (None: daily is plenty)."""
-    from .renewal import cron_advice
-
-    with contextlib.suppress(CertbatchError, OSError):  # _live_problem has said why
-        stored = store.current(name)
-        if stored is not None:
-            return cron_advice(stored.not_before, stored.not_after,
-                               settings.renewal.before_expiry)
-    return None
+        return [f"{plan.name}: not issued yet, nothing to stage"]
+    lines = [f"would stage {plan.name} (serial {stored.serial}, expires "
+             f"{stored.not_after:%Y-%m-%d}) from {stored.folder}"]
+    return lines + _hook_lines(plan.commands, plan.env, "no deploy hooks found (files are "
+                                                        "copied into the spool only)")
 
 
 @cli.command()
@@ -847,132 +641,22 @@ def _cron_advice(settings: config_mod.Settings, store: Any, name: str) -> str | 
 @click.pass_context
 def check(ctx: click.Context, online: bool) -> int:
     """Validate the config and show certificates, hooks and paths; non-zero on any problem."""
-    from .challenges import setup_problem
-    from .dns.secrets import exposure_warnings
-    from .hooks import scan
-    from .targets import resolve
+    from .checks import CheckItem, run_check
 
     settings = load_settings(ctx)
-    problems: list[str] = []
     say = _silent if _opt(ctx, "quiet") else out  # -q: the problems only (on stderr)
-    for warning in exposure_warnings(settings):
-        err(f"certbatch: warning: {warning}")
-    say(f"config: {settings.path} (ok)")
-    say(f"acme directory: {settings.acme.directory}")
-    hooks_ok = state_ok = True
-    for label, path in (("state", settings.paths.state), ("spool", settings.paths.spool),
-                        ("hooks", settings.paths.hooks)):
-        state, problem = _check_folder(label, path)
-        if problem:
-            problems.append(problem)
-            hooks_ok = hooks_ok and label != "hooks"
-            state_ok = state_ok and label != "state"
-        say(f"{label}: {path} ({state})")
-    log_file = _opt(ctx, "log_file") or settings.log_file
-    if log_file:
-        log_problem = ctx.meta.get(_LOG_PROBLEM)
-        say(f"log file: {log_file} ({'CANNOT be opened' if log_problem else 'ok'})")
-        if log_problem:
-            problems.append(log_problem)
-    say(f"certificates: {len(settings.certificates)}")
-    from .store import Store
-    store = Store(settings.paths.state)  # one: its index is read once, not per certificate
-    for cert in settings.certificates.values():
-        ch = cert.challenge
-        wait = f", wait {ch.wait:g}s" if ch.wait else ""
-        how = ch.type + (
-            " webroot_map" if ch.webroot_map else
-            f" webroot {ch.webroot}" if ch.webroot else
-            f" standalone {ch.standalone_address}:{ch.standalone_port}" if ch.standalone else
-            f" script {ch.script} ({ch.calls}{wait}{_propagation_text(ch)})" if ch.script else
-            f" provider {ch.provider} ({_provider_text(ch)}{wait}{_propagation_text(ch)})")
-        profile = f", profile {cert.profile}" if cert.profile else ""
-        say(f"  {cert.name}: {' '.join(cert.domains)} [{cert.key}{profile}, {how}]")
-        for line in _webroot_lines(cert):
-            say(line)
-        if cert.deploy:
-            say(f"    deploy: {_command_text(cert.deploy)}")
-        setup = setup_problem(ch)  # fails this certificate alone when it renews
-        if setup:
-            say(f"    challenge: CANNOT work: {setup}")
-            problems.append(f"{cert.name}: {setup}")
-        live_problem = _live_problem(store, cert.name) if state_ok else None
-        if live_problem:
-            say(f"    live: {live_problem}")
-            problems.append(f"{cert.name}: {live_problem}")
-        advice = _cron_advice(settings, store, cert.name) \
-            if state_ok and not live_problem else None
-        if advice:
-            err(f"certbatch: warning: {cert.name}: {advice}")
-    notify_ok = hooks_ok
-    for phase in ("deploy.d", "notify.d"):
-        folder = settings.paths.hooks / phase
-        if not hooks_ok:
-            say(f"{phase}: not looked at (the hooks folder cannot be read)")
-            continue
-        try:
-            files = scan(folder)
-        except OSError as exc:  # a symlink loop, a file, a folder we may not read
-            why = os_error_message(exc, folder)
-            say(f"{phase}: CANNOT be read: {why}")
-            problems.append(f"{phase} folder {why}")
-            notify_ok = notify_ok and phase != "notify.d"
-            continue
-        n_run = sum(f.state == "run" for f in files)
-        say(f"{phase}: {n_run} hook{'s' * (n_run != 1)} will run ({folder})")
-        for f in files:
-            if f.state == "run":
-                say(f"  {f.name} (executable)")
-            elif f.state == "skip":
-                say(f"  {f.name} (skipped: {f.why})")
-            else:
-                say(f"  {f.name} (PROBLEM: {f.why})")
-                problems.append(f"{f.path}: {f.why}")
-    targets = []
-    try:
-        if notify_ok:
-            targets = resolve(settings.paths.hooks, settings.hooks, settings.path)
-    except OSError as exc:  # notify.d changed since it was read above
-        notify_ok = False
-        problems.append(f"notify.d folder {os_error_message(exc)}")
-    if not notify_ok:
-        say("notify targets: unknown (notify.d cannot be read)")
-    else:
-        say(f"notify targets: {len(targets)} (at most {settings.hooks.notify_workers} at a "
-            f"time)" if targets else "notify targets: none (a batch is marked applied without "
-                                     "running anything)")
-    for t in targets:
-        env = f", env {' '.join(sorted(t.env))}" if t.env else ""
-        how = f"CANNOT RUN: {t.problem}" if t.problem or t.command is None else (
-            f"{_command_text(t.command.argv)} [timeout {t.timeout:g} s{env}]")
-        say(f"  {t.name}: {how}")
-        if t.problem and t.problem not in problems:  # e.g. a file name no target can have
-            problems.append(t.problem)
-    if online:
-        from .acme_client import AcmeClient
-        from .store import Store
-        try:
-            client = AcmeClient(settings.acme, Store(settings.paths.state))
-            meta = client.directory_info()
-            say(f"acme directory reachable: {meta}")
-            offered = client.profiles()
-            say(f"acme profiles: {len(offered)}" if offered else
-                "acme profiles: none offered (the CA's default applies)")
-            for name, description in sorted(offered.items()):
-                say(f"  {name}: {' '.join(description.split()) or '-'}")
-            for cert in settings.certificates.values():
-                refused = cert.profile and client.profile_problem(cert.profile)
-                if refused:
-                    problems.append(f"{cert.name}: profile: {refused}")
-        except CertbatchError as exc:
-            problems.append(f"acme directory: {exc}")
-        except OSError as exc:  # e.g. acme.ca_bundle cannot be read
-            problems.append(f"acme directory: {os_error_message(exc)}")
-        problems += _probe_dns(settings, say)
-        problems += _probe_webroots(settings, say)
-    for p in problems:
+
+    def show(item: CheckItem) -> None:  # as found: the online probes take a while
+        if item.kind == "warning":
+            err(f"certbatch: warning: {item.text}")
+        else:
+            say(item.text)
+
+    report = run_check(settings, online, log_file=_opt(ctx, "log_file") or settings.log_file,
+                       log_problem=ctx.meta.get(_LOG_PROBLEM), on_item=show)
+    for p in report.problems:
         err(f"certbatch: problem: {p}")
-    return EXIT_FAILURE if problems else EXIT_OK
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 @cli.command(epilog="""\b

@@ -54,7 +54,7 @@ from ..store import Store, iso
 from ..targets import Target, resolve
 from .apply import Batch, TargetOutcome, apply_all
 from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
-from .env import batch_document, deploy_env
+from .env import batch_document, deploy_env, notify_env
 from .ledger import Ledger, Ledgers
 from .staging import Staging, remove, sync_tree
 
@@ -164,6 +164,17 @@ class Spool:
     def deploy_env(self, cert_name: str, domains: Sequence[str],
                    stage_dir: Path) -> dict[str, str]:
         return deploy_env(self.root, cert_name, domains, stage_dir)
+
+    def deploy_folder_shown(self, cert_name: str) -> Path:
+        """Where a staging of `cert_name` would run its deploy hooks, for a dry run to show
+        (the random part of the name as ``<token>``)."""
+        return self.staging.work_folder_shown(cert_name)
+
+    def target_env(self, target: Target, names: Sequence[str]) -> dict[str, str]:
+        """What `target` would get to apply `names` (its own env, then certbatch's variables),
+        for a dry run to show."""
+        return {**target.env, **notify_env(self.root, target.name,
+                                           self.ledgers.folder(target.name), names, [])}
 
     def default_targets(self) -> list[Target]:
         """The notify.d files as targets, with this spool's timeout (no config entries)."""

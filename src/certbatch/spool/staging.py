@@ -117,8 +117,18 @@ class Staging:
         self.pending_dir = root / "pending"
         self.prepare_lock = root / ".prepare.lock"
 
+    def folder(self, name: str, tok: str, state: str) -> Path:
+        """The work folder ``<name>.<tok>.<state>`` (state: one of STATES)."""
+        return self.dir / f"{name}.{tok}.{state}"
+
     def work_folder(self, name: str) -> Path:
-        return self.dir / f"{name}.{token()}.tmp"
+        """A new folder for a staging of `name` to fill (not created here)."""
+        return self.folder(name, token(), "tmp")
+
+    def work_folder_shown(self, name: str) -> Path:
+        """The folder a staging of `name` would fill, its random part shown as ``<token>``:
+        where a dry run says the deploy hooks would run."""
+        return self.folder(name, "<token>", "tmp")
 
     @contextlib.contextmanager
     def preparing(self) -> Iterator[None]:
@@ -190,7 +200,7 @@ class Staging:
         is complete: recovery would commit it."""
         tok = work.name[len(name) + 1:-len(".tmp")]
         point("staging.hooks-done")
-        os.rename(work, self.dir / f"{name}.{tok}.ready")
+        os.rename(work, self.folder(name, tok, "ready"))
         point("staging.ready")
         return tok
 
@@ -206,8 +216,8 @@ class Staging:
 
     def commit(self, name: str, tok: str) -> None:
         """Make .staging/<name>.<tok>.ready the pending entry of `name` (see module doc)."""
-        ready = self.dir / f"{name}.{tok}.ready"
-        old = self.dir / f"{name}.{tok}.old"
+        ready = self.folder(name, tok, "ready")
+        old = self.folder(name, tok, "old")
         target = self.pending_dir / name
         if target.exists():
             self.check_replaceable(name)  # before the first rename: nothing is half done
@@ -272,16 +282,16 @@ class Staging:
                     idle = self._nobody_preparing()
                 if idle:
                     log.warning("spool: discarding unfinished staging of %s", cert)
-                    remove(self.dir / f"{cert}.{tok}.tmp")
+                    remove(self.folder(cert, tok, "tmp"))
             if "ready" in states:
                 log.warning("spool: completing interrupted staging of %s", cert)
                 try:
                     self.commit(cert, tok)
                 except UnsafePath as exc:  # never replaces a foreign entry; never wedges
                     log.error("spool: discarding the staging of %s: %s", cert, exc)
-                    remove(self.dir / f"{cert}.{tok}.ready")
+                    remove(self.folder(cert, tok, "ready"))
             elif "old" in states:
-                old = self.dir / f"{cert}.{tok}.old"
+                old = self.folder(cert, tok, "old")
                 target = self.pending_dir / cert
                 if target.exists():
                     remove(old)
