@@ -60,17 +60,18 @@ class TsigKey:
         return dns.tsig.Key(self.name, self.secret, dns.tsig.HMAC_SHA256)
 
 
-@dataclass
-class Named:
-    """A running named: `address`, `port`, `zones` (absolute names); `stop()` at the end."""
+class ServerProcess:
+    """What a DNS server started by the tests has in common (named, pdns_server): asking it
+    directly, waiting for a zone, its log, stopping it. Subclasses are dataclasses with
+    `address`, `port`, `workdir`, `proc` and `_log`, and name their PROGRAM and LOG_NAME."""
 
+    PROGRAM = "server"
+    LOG_NAME = "server.log"
     address: str
     port: int
-    zones: list[str]
-    key: TsigKey
     workdir: Path
-    proc: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None
+    _log: IO[bytes] | None
 
     @property
     def hostport(self) -> str:
@@ -82,6 +83,55 @@ class Named:
         response = dns.query.tcp(query, self.address, port=self.port, timeout=5)
         return {b"".join(r.strings).decode() for rrset in response.answer  # type: ignore[attr-defined]
                 if rrset.rdtype == dns.rdatatype.TXT for r in rrset}
+
+    def wait_for_soa(self, zone: str, deadline: float) -> None:
+        """Until the server answers the SOA of `zone` (RuntimeError with its log if it exits
+        or `deadline`, a time.monotonic() value, passes)."""
+        while True:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"{self.PROGRAM} exited with status {self.proc.returncode}:"
+                                   f"\n{self.logs()}")
+            with contextlib.suppress(Exception):
+                response = dns.query.udp(dns.message.make_query(zone, "SOA"), self.address,
+                                         port=self.port, timeout=0.5)
+                if response.rcode() == dns.rcode.NOERROR and response.answer:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.PROGRAM} does not serve {zone} in time:\n"
+                                   f"{self.logs()}")
+            time.sleep(0.05)
+
+    def logs(self, tail: int = 40) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join((self.workdir / self.LOG_NAME).read_text(
+                errors="replace").splitlines()[-tail:])
+        return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self._log is not None:
+            self._log.close()
+
+
+@dataclass
+class Named(ServerProcess):
+    """A running named: `address`, `port`, `zones` (absolute names); `stop()` at the end."""
+
+    address: str
+    port: int
+    zones: list[str]
+    key: TsigKey
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+    PROGRAM = "named"
+    LOG_NAME = "named.log"
 
     def set_txt(self, zone: str, name: str, values: set[str]) -> None:
         """Replace the TXT set at `name` (no values: delete it), signed with the TSIG key."""
@@ -101,23 +151,6 @@ class Named:
             absolute = name.derelativize(z.origin).to_text().lower()
             out[absolute] = frozenset(b"".join(r.strings).decode() for r in rdataset)  # type: ignore[attr-defined]
         return out
-
-    def logs(self, tail: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join((self.workdir / "named.log").read_text(
-                errors="replace").splitlines()[-tail:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
 
 
 def free_port(addresses: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")) -> int:
@@ -182,28 +215,11 @@ key "{key.name}" {{ algorithm hmac-sha256; secret "{key.secret}"; }};
     deadline = time.monotonic() + START_TIMEOUT
     try:
         for zone in zones:
-            _wait_for_soa(server, zone, deadline)
+            server.wait_for_soa(zone, deadline)
     except BaseException:
         server.stop()
         raise
     return server
-
-
-def _wait_for_soa(server: Named, zone: str, deadline: float) -> None:
-    assert server.proc is not None
-    while True:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"named exited with status {server.proc.returncode}:\n"
-                               f"{server.logs()}")
-        with contextlib.suppress(Exception):
-            response = dns.query.udp(dns.message.make_query(zone, "SOA"), server.address,
-                                     port=server.port, timeout=0.5)
-            if response.rcode() == dns.rcode.NOERROR and response.answer:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"named does not serve {zone} after {START_TIMEOUT} s:\n"
-                               f"{server.logs()}")
-        time.sleep(0.05)
 
 
 def zone_file(zone: str, nameservers: dict[str, str], extra: str = "") -> str:

@@ -20,12 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-import dns.message
-import dns.query
-import dns.rcode
-import dns.rdatatype
 import requests
-from dns_servers import free_port
+from dns_servers import ServerProcess, free_port
 
 PDNS = "/usr/sbin/pdns_server"
 SCHEMAS = ("/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql",
@@ -47,7 +43,7 @@ def schema_file() -> str | None:
 
 
 @dataclass
-class Pdns:
+class Pdns(ServerProcess):
     """A running pdns_server: DNS at `address`:`port`, the API at `api_url` with `api_key`."""
 
     address: str
@@ -57,10 +53,8 @@ class Pdns:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     _log: IO[bytes] | None = field(default=None, repr=False)
-
-    @property
-    def hostport(self) -> str:
-        return f"{self.address}:{self.port}"
+    PROGRAM = "pdns_server"
+    LOG_NAME = "pdns.log"
 
     def api(self, method: str, path: str, **kwargs: object) -> requests.Response:
         response = requests.request(method, f"{self.api_url}/api/v1/servers/localhost{path}",
@@ -82,29 +76,6 @@ class Pdns:
         self.api("POST", "/zones", json={"name": zone, "kind": "Native", "nameservers": []})
         self.api("PATCH", f"/zones/{zone}", json={"rrsets": rrsets})
 
-    def txt(self, name: str) -> set[str]:
-        """The TXT values this server answers for `name`."""
-        response = dns.query.tcp(dns.message.make_query(name, "TXT"), self.address,
-                                 port=self.port, timeout=5)
-        return {b"".join(r.strings).decode() for rrset in response.answer  # type: ignore[attr-defined]
-                if rrset.rdtype == dns.rdatatype.TXT for r in rrset}
-
-    def logs(self, tail: int = 40) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join((self.workdir / "pdns.log").read_text(
-                errors="replace").splitlines()[-tail:])
-        return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self._log is not None:
-            self._log.close()
 
 
 def start_pdns(workdir: Path, zones: dict[str, dict[str, str]]) -> Pdns:
@@ -150,7 +121,7 @@ security-poll-suffix=
         _wait_for_api(server, time.monotonic() + START_TIMEOUT)
         for zone, nameservers in zones.items():
             server.create_zone(zone, nameservers)
-            _wait_for_soa(server, zone, time.monotonic() + START_TIMEOUT)
+            server.wait_for_soa(zone, time.monotonic() + START_TIMEOUT)
     except BaseException:
         server.stop()
         raise
@@ -169,18 +140,5 @@ def _wait_for_api(server: Pdns, deadline: float) -> None:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"pdns_server's API does not answer after {START_TIMEOUT} s:\n"
-                               f"{server.logs()}")
-        time.sleep(0.05)
-
-
-def _wait_for_soa(server: Pdns, zone: str, deadline: float) -> None:
-    while True:
-        with contextlib.suppress(Exception):
-            response = dns.query.udp(dns.message.make_query(zone, "SOA"), server.address,
-                                     port=server.port, timeout=0.5)
-            if response.rcode() == dns.rcode.NOERROR and response.answer:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"pdns_server does not serve {zone} after {START_TIMEOUT} s:\n"
                                f"{server.logs()}")
         time.sleep(0.05)
