@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 DNS_SCRIPT = REPO / "hooks" / "dns" / "challtestsrv.sh"
 
 
+class NoCA:
+    """Stands in for a Pebble instance in configs whose CA must not be, or cannot be,
+    contacted: nobody listens on 127.0.0.1:`port` (9, discard: connection refused)."""
+
+    def __init__(self, folder: Path, port: int = 9) -> None:
+        self.directory_url = f"https://127.0.0.1:{port}/dir"
+        self.ca_bundle = folder / "ca.pem"
+        self.ca_bundle.write_text("")
+        self.ca_bundle.chmod(0o644)
+
+    def env(self) -> dict[str, str]:
+        return {}
+
+
 def dns01(script: Path = DNS_SCRIPT, **extra: Any) -> dict[str, Any]:
     return {"type": "dns-01", "script": str(script), **extra}
 

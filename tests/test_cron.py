@@ -21,7 +21,7 @@ import termios
 import time
 from pathlib import Path
 
-from cli_helpers import DNS_SCRIPT, REPO, dns01, live, run, write_config
+from cli_helpers import DNS_SCRIPT, REPO, NoCA, dns01, live, run, write_config
 
 TIMESTAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d"
 LOG_LINE = re.compile(rf"^({TIMESTAMP}) \d+ (DEBUG|INFO|WARNING|ERROR|CRITICAL) [a-z_.]+: (.*)$")
@@ -353,7 +353,7 @@ def test_log_file_has_every_step_and_no_secrets(tmp_path, pebble_factory):
 
 
 def test_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path):
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {"s": {"domains": ["s.example.com"]}})
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"s": {"domains": ["s.example.com"]}})
     result = run(["--log-file", str(tmp_path / "no" / "such" / "dir.log"), "renew"], cfg)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1 and "--log-file" in result.stderr
@@ -421,18 +421,6 @@ def test_jitter_only_when_something_is_due(tmp_path, pebble):
 
 # -- certbatch check -----------------------------------------------------------------------------
 
-class _Unreachable:
-    """Stands in for a Pebble instance in configs whose CA must not be (or cannot be) contacted."""
-
-    def __init__(self, tmp_path: Path, port: int = 9) -> None:
-        self.directory_url = f"https://127.0.0.1:{port}/dir"
-        self.ca_bundle = tmp_path / "ca.pem"
-        self.ca_bundle.write_text("")
-
-    def env(self) -> dict[str, str]:
-        return {}
-
-
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -440,7 +428,7 @@ def closed_port() -> int:
 
 
 def test_check_lists_certificates_hooks_and_paths(tmp_path):
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {
+    cfg = write_config(tmp_path, NoCA(tmp_path), {
         "web": {"domains": ["web.example.com", "www.example.com"]},
         "api": {"domains": ["api.example.com"], "deploy": "/bin/true"},
     })
@@ -479,7 +467,7 @@ def test_check_lists_certificates_hooks_and_paths(tmp_path):
 
 
 def test_check_quiet_prints_only_problems(tmp_path):
-    down = _Unreachable(tmp_path, closed_port())
+    down = NoCA(tmp_path, closed_port())
     cfg = write_config(tmp_path, down, {"web": {"domains": ["web.example"]}})
     ok = run(["-q", "check"], cfg)
     assert (ok.returncode, ok.stdout, ok.stderr) == (0, "", "")
@@ -506,7 +494,7 @@ def test_check_reports_a_folder_its_parent_does_not_let_us_create(tmp_path):
         locked.chmod(0o555)
         anyone = top / "anyone"
         anyone.mkdir()
-        cfg = write_config(top, _Unreachable(top), {"web": {"domains": ["web.example"]}},
+        cfg = write_config(top, NoCA(top), {"web": {"domains": ["web.example"]}},
                            paths={"state": str(locked / "state"),
                                   "spool": str(anyone / "spool"),
                                   "hooks": str(top / "hooks")})
@@ -559,7 +547,7 @@ def test_check_online(tmp_path, pebble):
     assert result.returncode == 0, result.stderr
     assert f"acme directory reachable: {pebble.directory_url}" in result.stdout
 
-    down = _Unreachable(tmp_path, closed_port())
+    down = NoCA(tmp_path, closed_port())
     cfg = write_config(tmp_path / "down", down, {"s": {"domains": ["s.example.com"]}})
     result = run(["check", "--online"], cfg, timeout=60)
     assert result.returncode == 1
@@ -570,7 +558,7 @@ def test_check_online(tmp_path, pebble):
 
 
 def test_check_invalid_config_is_one_line_exit_2(tmp_path):
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {"s": {"domains": ["s.example.com"]}},
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"s": {"domains": ["s.example.com"]}},
                        renewal={"workers": 0})
     result = run(["check"], cfg)
     assert result.returncode == 2

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_helpers import run
+from cli_helpers import NoCA, run, write_config
 
 
 def test_a_missing_config_says_where_certbatch_looked(tmp_path: Path) -> None:
@@ -28,14 +28,7 @@ def test_a_missing_config_says_where_certbatch_looked(tmp_path: Path) -> None:
 
 
 def test_a_dry_run_writes_nothing_not_even_the_log_file(tmp_path: Path) -> None:
-    from cli_helpers import write_config
-
-    class NoCA:
-        directory_url = "https://127.0.0.1:9/dir"
-        ca_bundle = tmp_path / "ca.pem"
-
-    (tmp_path / "ca.pem").write_text("")
-    cfg = write_config(tmp_path, NoCA(), {"web": {"domains": ["web.example.com"]}},
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"web": {"domains": ["web.example.com"]}},
                        logging={"file": "./certbatch.log"})
     log = tmp_path / "certbatch.log"
     for args in (["renew", "--dry-run"], ["run-hook", "--dry-run"]):

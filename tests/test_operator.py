@@ -13,21 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from cli_helpers import run, write_config
+from cli_helpers import NoCA, run, write_config
 
 from certbatch.errors import LockBusy
-
-
-class _Unreachable:
-    """A CA nobody listens for (port 9, discard: connection refused on 127.0.0.1)."""
-
-    def __init__(self, tmp_path: Path, port: int = 9) -> None:
-        self.directory_url = f"https://127.0.0.1:{port}/dir"
-        self.ca_bundle = tmp_path / "ca.pem"
-        self.ca_bundle.write_text("")
-
-    def env(self) -> dict[str, str]:
-        return {}
 
 
 def certbatch(args: list[str], cfg: Path, **kwargs: object) -> subprocess.Popen[str]:
@@ -50,7 +38,7 @@ def wait_until(what: str, check, proc: subprocess.Popen[str] | None = None,
 # -- one line per failure cause, the summary last -------------------------------------------------
 
 def test_an_unreachable_ca_is_one_line_and_the_summary_comes_last_with_2_to_1(tmp_path):
-    ca = _Unreachable(tmp_path)
+    ca = NoCA(tmp_path)
     cfg = write_config(tmp_path, ca, {f"c{i}": {"domains": [f"c{i}.example.com"]}
                                       for i in range(7)})
     env = dict(os.environ)
@@ -105,7 +93,7 @@ def test_failure_lines_group_identical_errors_and_keep_distinct_ones():
 # -- the jitter sleep comes before the run lock; exit 75 names the holder ------------------------
 
 def test_a_sleeping_cron_run_blocks_nobody_and_sigterm_ends_its_sleep(tmp_path):
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {"j": {"domains": ["j.example.com"]}})
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"j": {"domains": ["j.example.com"]}})
     log = tmp_path / "cron.log"
     sleeper = certbatch(["renew", "--jitter", "600", "--log-file", str(log)], cfg,
                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
@@ -137,7 +125,7 @@ with run_lock(Path(sys.argv[1]), 0, "renew"):
 
 
 def test_exit_75_says_which_command_holds_the_lock_and_since_when(tmp_path):
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {"j": {"domains": ["j.example.com"]}})
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"j": {"domains": ["j.example.com"]}})
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "state")],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -309,7 +297,7 @@ def test_webroot_probe_ok_wrong_webroot_and_unreachable_name(tmp_path):
     served.mkdir()
     wrong.mkdir()
     (wrong / ".well-known").mkdir()  # already there: kept
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {
+    cfg = write_config(tmp_path, NoCA(tmp_path), {
         "good": {"domains": ["localhost"], "challenge": _http01(served)},
         "wrong": {"domains": ["localhost"], "challenge": _http01(wrong)},
         "far": {"domains": ["no-such-name.invalid"], "challenge": _http01(served)},
@@ -401,7 +389,7 @@ def test_webroot_probe_uses_each_names_webroot_of_a_webroot_map(tmp_path):
     served, other = tmp_path / "www", tmp_path / "other"
     served.mkdir()
     other.mkdir()
-    cfg = write_config(tmp_path, _Unreachable(tmp_path), {
+    cfg = write_config(tmp_path, NoCA(tmp_path), {
         "right": {"domains": ["localhost"], "challenge": {
             "type": "http-01", "webroot_map": {"localhost": str(served)}}},
         "wrong": {"domains": ["localhost"], "challenge": {

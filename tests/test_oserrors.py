@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_helpers import REPO, live, probe_hook, probe_lines, run, write_config
+from cli_helpers import REPO, NoCA, live, probe_hook, probe_lines, run, write_config
 
 NOBODY = 65534
 
@@ -39,19 +39,6 @@ def need(reason: str) -> None:
     if os.environ.get("CERTBATCH_REQUIRE_PEBBLE") == "1" and os.geteuid() == 0:
         pytest.fail(reason)
     pytest.skip(reason)
-
-
-class NoCA:
-    """Stands in for a Pebble instance in configs of tests that never contact the CA."""
-
-    def __init__(self, folder: Path) -> None:
-        self.directory_url = "https://127.0.0.1:9/dir"
-        self.ca_bundle = folder / "ca.pem"
-        self.ca_bundle.write_text("")
-        self.ca_bundle.chmod(0o644)
-
-    def env(self) -> dict[str, str]:
-        return {}
 
 
 @contextlib.contextmanager

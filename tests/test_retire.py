@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from cli_helpers import live, probe_hook, run, write_config
+from cli_helpers import NoCA, live, probe_hook, run, write_config
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from test_renewal import STAGED, T0, cert, stored
@@ -311,12 +311,7 @@ def test_remove_that_cannot_delete_the_pending_key_fails_and_keeps_the_state(tmp
     from certbatch.spool import spool as spool_mod
     from certbatch.store import Store
 
-    class NoCA:
-        directory_url = "https://127.0.0.1:9/dir"
-        ca_bundle = tmp_path / "ca.pem"
-
-    (tmp_path / "ca.pem").write_text("")
-    cfg = write_config(tmp_path, NoCA(), {"keep": {"domains": ["keep.example"]}})
+    cfg = write_config(tmp_path, NoCA(tmp_path), {"keep": {"domains": ["keep.example"]}})
     save(Store(tmp_path / "state"), "0a")  # certificate "site", no longer configured
     pending = tmp_path / "spool" / "pending" / "site"
     pending.mkdir(parents=True, mode=0o700)
