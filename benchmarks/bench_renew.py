@@ -551,6 +551,12 @@ class Benchmark:
         processes = max(calls.get("execve", 0) - 1, 0)
         say(f"   {fsyncs} fsyncs, {processes} processes started, for {n} certificates "
             f"(the run's own: a few fsyncs for the disk probes and the batch)")
+        from certbatch.fsutil import ordered_journal
+
+        say("   the work folder's file system " + (
+            "commits its journal in order: 9 per certificate expected" if
+            ordered_journal(self.workdir) else "has no journal known to commit in order "
+            "(btrfs, ext4 without one, tmpfs, ...): 11 per certificate expected"))
         self.rows.append(Row("  fsyncs per certificate", n, None, ratio=f"{fsyncs / n:.1f}",
                              target="<= 9", ok=fsyncs / n <= 9, per_cert=False))
         self.rows.append(Row("  processes per certificate", n, None,

@@ -45,6 +45,58 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_PROC, _SYS = "/proc", "/sys"  # tests point these at fakes
+_ordered: dict[int, bool] = {}  # st_dev -> ordered_journal's answer, asked once per device
+
+
+def ordered_journal(*paths: Path) -> bool:
+    """Whether all of `paths` are on one file system whose journal commits metadata changes in
+    the order they were made: xfs, or ext3/ext4 with a journal. There an fsync returns only
+    once every change made before it is durable too (ext4: its jbd2 transaction and all earlier
+    ones; xfs: the log up to it), so a folder's fsync that a later fsync of the same step
+    follows adds nothing. False whenever unsure: btrfs (an fsync persists what it syncs, not
+    the changes before it), ext2 or ext4 without a journal, tmpfs, NFS, overlayfs, or a /proc
+    or /sys that does not say. See docs/safety.md."""
+    try:
+        devices = {os.stat(p).st_dev for p in paths}
+    except OSError:
+        return False
+    if len(devices) != 1:
+        return False
+    dev = devices.pop()
+    known = _ordered.get(dev)
+    if known is None:
+        known = _ordered[dev] = _journal_orders(dev)
+    return known
+
+
+def _journal_orders(dev: int) -> bool:
+    """ordered_journal for one device: its type from mountinfo; for ext3/4, a journal shows
+    as a data= mode in /proc/fs/ext4/<device>/options (absent without one)."""
+    majmin = f"{os.major(dev)}:{os.minor(dev)}"
+    types = set()
+    try:
+        with open(f"{_PROC}/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                left, sep, right = line.partition(" - ")
+                fields = left.split()
+                if sep and len(fields) > 2 and fields[2] == majmin and right.split():
+                    types.add(right.split()[0])
+    except OSError:
+        return False
+    if types == {"xfs"}:
+        return True
+    if not types or not types <= {"ext3", "ext4"}:
+        return False
+    try:
+        name = os.path.basename(os.path.realpath(f"{_SYS}/dev/block/{majmin}"))
+        with open(f"{_PROC}/fs/ext4/{name}/options", encoding="ascii",
+                  errors="replace") as fh:
+            return any(line.startswith("data=") for line in fh)
+    except OSError:
+        return False
+
+
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, durable: bool = True
                  ) -> None:
     """Replace `path` with `data`: temp file in the same folder, fsync, chmod, rename, fsync folder.

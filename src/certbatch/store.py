@@ -39,6 +39,7 @@ from .fsutil import (
     ensure_dir,
     ensure_root,
     fsync_dir,
+    ordered_journal,
     remove_leftovers,
     write_new,
 )
@@ -352,11 +353,16 @@ class Store:
                     "sizes": {"privkey.pem": len(privkey_pem), "cert.pem": len(cert_pem),
                               "chain.pem": len(chain_pem), "fullchain.pem": len(fullchain_pem)}}
             write_new(tmp / "meta.json", json.dumps(meta, indent=2) + "\n", 0o644)
-            fsync_dir(tmp)
+            # No fsync of the folder itself: each file's fsync made its name durable too (ext4
+            # and xfs commit their journal in order; btrfs logs a new file with its name and
+            # its new folder), and the fsync after the rename covers the folder's new name
+            # (btrfs logs the new folder an entry names). Where the journal commits in order,
+            # even that is left to the fsync of `live`'s folder just after (docs/safety.md).
             point("store.version-written")
             os.rename(tmp, folder)
             point("store.version-renamed")
-            fsync_dir(versions)
+            if not ordered_journal(versions, base):
+                fsync_dir(versions)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -45,6 +45,7 @@ from ..fsutil import (
     ensure_dir,
     ensure_root,
     fsync_dir,
+    ordered_journal,
     remove_leftovers,
     write_new,
 )
@@ -335,7 +336,8 @@ class Spool:
         key stays a copy: it exists nowhere else, and damage done to a pending entry (a person,
         a script) must never reach it. The rest (the key, meta.json, what the hooks wrote or
         changed, and every copy if there is no stored file to link: another file system, no
-        store) is fsync'ed, then the folders.
+        store) is fsync'ed, then the folders; where the journal commits in order, the folders
+        are left to the fsync of pending/ that commits the entry (fsutil.ordered_journal).
         """
         source = self._stored_folder(cert)
         linked: set[str] = set()
@@ -351,7 +353,8 @@ class Spool:
                         _link_same(source / filename, work / filename, data, mode):
                     linked.add(filename)
                     point("staging.linked")
-        sync_tree(work, skip=linked)
+        sync_tree(work, skip=linked,
+                  folders=not ordered_journal(work, self.staging.pending_dir))
 
     def _stored_folder(self, cert: CertFiles) -> Path | None:
         """The store's live version folder of `cert`, if it holds this serial."""

@@ -69,10 +69,11 @@ def remove(path: Path) -> None:
             path.unlink()
 
 
-def sync_tree(top: Path, skip: Collection[str] = ()) -> None:
+def sync_tree(top: Path, skip: Collection[str] = (), folders: bool = True) -> None:
     """fsync every file and folder under `top` (but the files named in `skip` at its top: hard
     links to files synced already): neither certbatch's copies nor what deploy hooks wrote are
-    synced before."""
+    synced before. `folders=False`: the files only, where the journal commits in order and a
+    later fsync makes the folders durable (fsutil.ordered_journal)."""
     for dirpath, _dirs, files in os.walk(top):
         for name in files:
             path = os.path.join(dirpath, name)
@@ -83,7 +84,8 @@ def sync_tree(top: Path, skip: Collection[str] = ()) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        fsync_dir(Path(dirpath))
+        if folders:
+            fsync_dir(Path(dirpath))
 
 
 _name_guard = threading.Lock()
@@ -225,10 +227,11 @@ class Staging:
             point("staging.old-aside")
         os.rename(ready, target)
         point("staging.committed")
-        # One fsync: a rename is one transaction of the file system's journal (ext4, xfs,
-        # btrfs), both folders at once, committed in order; syncing the folder that receives
-        # the entry makes both renames durable. Either is replayed whole or not at all, and
-        # recovery finishes any prefix of them.
+        # One fsync makes the swap durable. ext4 and xfs: a rename is one journal transaction
+        # covering both folders, and the journal commits in order. btrfs: the fsync logs
+        # pending/'s entries and the folders its new entries name (not their content: synced
+        # before, see Spool._seal). Each rename is replayed whole or not at all, and recovery
+        # finishes any prefix of them.
         fsync_dir(self.pending_dir)
         remove(old)
         point("staging.old-removed")
