@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from certbatch import config
+from certbatch import config, config_yaml
 from certbatch.config import (
     DEFAULT_HOOKS,
     DEFAULT_SPOOL,
@@ -911,7 +911,7 @@ def test_config_module_does_not_import_heavy_libraries() -> None:
 def test_uses_libyaml_when_available() -> None:
     if getattr(yaml, "CSafeLoader", None) is None:
         pytest.skip("PyYAML built without libyaml")
-    assert config._BaseLoader is yaml.CSafeLoader
+    assert config_yaml._BaseLoader is yaml.CSafeLoader
 
 
 def test_state_and_spool_must_differ(tmp_path: Path) -> None:

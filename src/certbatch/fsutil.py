@@ -208,13 +208,16 @@ def remove_leftovers(folder: Path, levels: int = 1) -> None:
     except OSError:
         return
     for name in names:
+        leftover = name.startswith(".") and name.endswith(".tmp")
+        if not leftover and levels <= 1:
+            continue  # no lstat: spool/applied/<batch>/ holds thousands of entries
         path = folder / name
         try:
             st = os.lstat(path)
         except OSError:
             continue
         own_dir = stat.S_ISDIR(st.st_mode) and safefs.problem(st) is None
-        if name.startswith(".") and name.endswith(".tmp"):
+        if leftover:
             with contextlib.suppress(OSError):
                 if own_dir:
                     shutil.rmtree(path)

@@ -101,6 +101,8 @@ class Index:
         keep entries for (the configured certificates); others are dropped."""
         from .fsutil import atomic_write
 
+        if self._entries is None and not self.dirty:
+            return  # never read (every certificate was quiet, see digest.py): nothing changed
         entries = self._all()
         if keep is not None:
             wanted = set(keep)

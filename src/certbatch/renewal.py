@@ -204,3 +204,25 @@ def _order_reason(cert: CertificateSettings, stored: StoredCert, status: CertSta
             return Decision(RENEW, ari.describe(status.ari, now), due_at, basis)
         return Decision(RENEW, f"expires {stored.not_after:%Y-%m-%d %H:%M}Z", due_at, basis)
     return None
+
+
+def quiet_until(stored: StoredCert | None, status: CertStatus, decision: Decision,
+                now: dt.datetime, before_expiry: dt.timedelta | None,
+                use_ari: bool = True) -> dt.datetime | None:
+    """Until when `decide` keeps giving `decision` (with the same reason) and `renew` has no
+    renewal info to ask for, if nothing but the clock changes: the first time any comparison
+    they make with `now` turns. None when the certificate needs work, or a look, now.
+
+    Each such comparison is "a stored time <= now" (or <), which turns once, at that time;
+    so the decision holds until the earliest of those times that lies ahead."""
+    if decision.does_work or decision.action == ERROR or stored is None or stored.damaged:
+        return None
+    times = [stored.not_after, status.rate_limited_until, status.next_attempt,
+             next_renewal(stored, status, before_expiry, use_ari)[0]]
+    if use_ari:
+        if now < stored.not_after and ari.needs_check(status.ari, stored.serial, now):
+            return None  # renew asks the CA's renewal info now
+        if status.ari is not None:
+            times += [status.ari.next_check, status.ari.renew_at]
+    ahead = [t for t in times if t is not None and t > now]
+    return min(ahead) if ahead else None

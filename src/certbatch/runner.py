@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from . import ari, interrupt, renewal, safefs
 from .config import CertificateSettings, Settings
+from .digest import Digest, Stamps
 from .errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -55,6 +56,7 @@ NOT_STAGED = "not-staged"  # renewed and stored, but a deploy hook failed
 PLANNED = "planned"  # --dry-run
 BACKOFF = "backoff"  # the last orders failed and the backoff has not passed: no order
 FAILED_OUTCOMES = (FAILED, NOT_STAGED, BACKOFF)
+_QUIET_OUTCOMES = {renewal.RATE_LIMITED: RATE_LIMITED, renewal.BACKOFF: BACKOFF}  # else NOT_DUE
 
 # A 429 without Retry-After: wait this long before asking again.
 DEFAULT_RATE_LIMIT_WAIT = dt.timedelta(hours=1)
@@ -113,7 +115,7 @@ class RunReport:
 
     @property
     def failures(self) -> list[CertResult]:
-        return [c for c in self.certificates if c.failed]
+        return [c for c in self.certificates if c.outcome in FAILED_OUTCOMES]  # (10,000s)
 
     @property
     def notify_failed(self) -> bool:
@@ -255,7 +257,23 @@ class Runner:
             self.preflight()
         work: list[WorkItem] = []
         loaded: list[tuple[CertificateSettings, StoredCert | None, CertStatus]] = []
+        rules = self.settings.renewal
+        # What earlier runs found quiet and is unchanged is taken as it is (digest.py); the
+        # rest gets a full look.
+        digest = None if force else Digest(self.settings.paths.state, rules.before_expiry,
+                                           rules.ari)
+        stamps: dict[str, Stamps | None] = {}
+        now_s = now.timestamp()
         for cert in self.select(only):
+            if digest is not None:
+                cached = digest.lookup(cert, now_s)
+                if cached is not None:
+                    result = CertResult(cert.name, cert.domains, cached[0], serial=cached[1],
+                                        not_after=cached[2], profile=cert.profile)
+                    self._quiet_outcome(result, dry_run)
+                    report.certificates.append(result)
+                    continue
+                stamps[cert.name] = digest.stamps(cert.name)
             try:
                 stored = self.store.current(cert.name)
                 loaded.append((cert, stored, self.store.status(cert.name)))
@@ -266,6 +284,8 @@ class Runner:
                                     error=str(exc), profile=cert.profile)
                 report.certificates.append(result)
                 log.error("%s: %s", cert.name, exc)
+                if digest is not None:
+                    digest.drop(cert.name)
         ari_changed: set[str] = set()
         if not dry_run and not force and self.settings.renewal.ari:
             queries, ari_changed = self._ari_queries(loaded, now)
@@ -280,15 +300,20 @@ class Runner:
             result = CertResult(cert.name, cert.domains, decision, profile=cert.profile)
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
-            if not dry_run and not decision.does_work:
-                result.outcome = {renewal.RATE_LIMITED: RATE_LIMITED,
-                                  renewal.BACKOFF: BACKOFF}.get(decision.action, NOT_DUE)
-                if result.outcome == BACKOFF:
-                    # A failure of this run too (exit 1), with no work done; the status keeps
-                    # the error of the last order.
-                    result.error = decision.reason
+            if not decision.does_work:
+                self._quiet_outcome(result, dry_run)
+            else:
+                log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
             report.certificates.append(result)
-            log.info("%s: %s (%s)", cert.name, decision.action, decision.reason)
+            if digest is not None:
+                if stored is not None and cert.name not in ari_changed:
+                    # (a status written by this run is recorded by the next one)
+                    digest.record(cert, stamps.get(cert.name), decision, stored.serial,
+                                  stored.not_after,
+                                  renewal.quiet_until(stored, status, decision, now,
+                                                      rules.before_expiry, rules.ari))
+                else:
+                    digest.drop(cert.name)
             if decision.does_work:
                 work.append((cert, result, stored, status))
             elif cert.name in ari_changed:  # work items save their status when done
@@ -301,7 +326,7 @@ class Runner:
                 if cert.name in ari_changed:
                     with contextlib.suppress(OSError):
                         self.store.save_status(cert.name, status)
-            self.store.index.save(keep=self.settings.certificates)
+            self._save_caches(digest)
             report.deferred = True
             report.duration = time.monotonic() - t0
             return report
@@ -341,10 +366,28 @@ class Runner:
             report.notify_skipped = "--no-notify"
         with contextlib.suppress(CertbatchError, OSError):
             report.pending_after = len(self.spool.pending())
-        self.store.index.save(keep=self.settings.certificates)
+        self._save_caches(digest)
         report.interrupted = interrupt.signal_number()
         report.duration = time.monotonic() - t0
         return report
+
+    @staticmethod
+    def _quiet_outcome(result: CertResult, dry_run: bool) -> None:
+        """Set the outcome of a certificate with no work to do, and log its decision."""
+        decision = result.decision
+        if not dry_run:
+            result.outcome = _QUIET_OUTCOMES.get(decision.action, NOT_DUE)
+            if result.outcome == BACKOFF:
+                # A failure of this run too (exit 1), with no work done; the status keeps the
+                # error of the last order.
+                result.error = decision.reason
+        log.info("%s: %s (%s)", result.name, decision.action, decision.reason)
+
+    def _save_caches(self, digest: Digest | None) -> None:
+        """Write back the state index and the digest (under the run lock, at a run's end)."""
+        self.store.index.save(keep=self.settings.certificates)
+        if digest is not None:
+            digest.save(keep=self.settings.certificates)
 
     def _run_pool(self, work: Sequence[WorkItem], workers: int) -> None:
         """Process the work items, at most `workers` at a time."""

@@ -229,11 +229,17 @@ class Spool:
         # own now); a crash could also leave it behind.
         remove(self.root / "batch.json")
         # Temp files of a run killed while it wrote a ledger, a target's batch.json or
-        # names, or an applied/ record: every writer there holds this lock. Once per run:
-        # applied/ may hold thousands of entries.
+        # names, or an applied/ record: every writer there holds this lock. Once per run.
+        # Of applied/, only the newest batch can hold one (each notify sweeps before it
+        # makes a new batch), and it may hold thousands of entries: the others are not read.
         if not self._swept:
-            for folder in (self.ledgers.dir, self.applied_dir):
-                remove_leftovers(folder, levels=2)
+            remove_leftovers(self.ledgers.dir, levels=2)
+            remove_leftovers(self.applied_dir)
+            batches = self.applied()
+            newest = self.applied_dir / batches[-1] if batches else None
+            with contextlib.suppress(OSError):
+                if newest is not None and safefs.problem(os.lstat(newest)) is None:
+                    remove_leftovers(newest)
             self._swept = True
 
     # -- staging ----------------------------------------------------------------------------

@@ -1,0 +1,183 @@
+"""What the last full look at each certificate concluded: <state>/digest.json.
+
+A run with nothing due spends most of its time looking at certificates that nothing happened
+to. For each certificate found quiet (not due, nor rate-limited or held back after failed
+orders, with no renewal info to ask for), the run records:
+
+  * the decision and what it was made from: the configured names, key type and profile
+    (`fingerprint`), and the renewal settings (for the whole file);
+  * the inode and change time (ctime) of the certificate's folder, which changes whenever
+    `live` or status.json is replaced (every certbatch write renames), and of the live
+    version's folder, which changes when a file in it is added, removed or renamed; a chmod
+    or chown changes the ctime too, so the ownership checks made by the full look still hold;
+  * `quiet_until`: the first time the decision could change (renewal.quiet_until), or the
+    next full look, whichever comes first. Full looks come back about daily (20 to 28 hours,
+    spread), so what two lstats cannot see (a file of the live version edited in place, the
+    `versions/` folder's owner changed) is found within a day.
+
+The next run takes the recorded decision with two lstats when all of it still holds, and
+looks in full otherwise. A stamp taken less than RACY_NS after the folder changed is not
+recorded: file systems keep coarse times (a clock tick, or a second), and a change in the same
+tick would leave the same ctime. The file is a cache like index.json: never trusted over what
+it describes, written once at the end of a run, atomically and without fsync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import safefs
+from .config import CertificateSettings
+from .renewal import Decision
+
+log = logging.getLogger("certbatch.digest")
+
+FILE = "digest.json"
+FORMAT = 1
+RACY_NS = 2_000_000_000  # see the module docstring
+LOOK_AGAIN = (20 * 3600, 28 * 3600)  # seconds: the next full look, spread over 8 hours
+
+# The fields of one entry (a JSON list: 10,000 of them load in a few ms).
+_FP, _VERSION, _DIR_INO, _DIR_CTIME, _VER_INO, _VER_CTIME, _UNTIL, _ACTION, _REASON, \
+    _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER = range(13)
+
+
+def fingerprint(cert: CertificateSettings) -> str:
+    """What renewal.decide reads from a certificate's settings."""
+    return "\x1f".join((*cert.domains, "", cert.key, cert.profile or ""))
+
+
+@dataclass(frozen=True)
+class Stamps:
+    """Taken before a full look at one certificate."""
+
+    version: str  # the `live` link's text: versions/<version>
+    dir_ino: int
+    dir_ctime: int
+    ver_ino: int
+    ver_ctime: int
+    taken: int  # time.time_ns() when taken
+
+
+_iso = dt.datetime.fromisoformat
+
+
+class Digest:
+    """The digest of one state folder, for one set of renewal settings."""
+
+    def __init__(self, root: Path, before_expiry: dt.timedelta | None, use_ari: bool) -> None:
+        self.path = root / FILE
+        self._certs_dir = os.path.join(root, "certs")
+        self._settings = [before_expiry.total_seconds() if before_expiry else None, use_ari]
+        self._entries: dict[str, list[Any]] | None = None
+        self.dirty = False
+
+    def _all(self) -> dict[str, list[Any]]:
+        if self._entries is None:
+            self._entries = self._load()
+        return self._entries
+
+    def _load(self) -> dict[str, list[Any]]:
+        try:
+            data = json.loads(safefs.read_bytes(self.path))
+            if data.get("format") != FORMAT or not isinstance(data.get("certs"), dict):
+                raise ValueError("not a digest of this format")
+            if data.get("settings") != self._settings:
+                self.dirty = True  # renewal settings changed: every decision is looked at
+                return {}
+            certs: dict[str, list[Any]] = data["certs"]
+            return certs
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # noqa: BLE001 - a cache: anything wrong means "look in full"
+            log.info("ignoring %s (%s): looking at every certificate", self.path, exc)
+            self.dirty = True
+            return {}
+
+    def lookup(self, cert: CertificateSettings, now: float
+               ) -> tuple[Decision, str, dt.datetime] | None:
+        """The recorded (decision, serial, not_after) for `cert` if it still holds at `now`
+        (epoch seconds). Runs for every certificate of every run: kept lean."""
+        entries = self._entries if self._entries is not None else self._all()
+        e = entries.get(cert.name)
+        if e is None:
+            return None
+        try:
+            if now >= e[_UNTIL] or e[_FP] != fingerprint(cert):
+                return None
+            folder = f"{self._certs_dir}/{cert.name}"
+            st = os.lstat(folder)
+            if st.st_ino != e[_DIR_INO] or st.st_ctime_ns != e[_DIR_CTIME]:
+                return None
+            st = os.lstat(f"{folder}/{e[_VERSION]}")
+            if st.st_ino != e[_VER_INO] or st.st_ctime_ns != e[_VER_CTIME]:
+                return None
+            due_at = e[_DUE_AT]
+            return (Decision(e[_ACTION], e[_REASON], due_at and _iso(due_at), e[_BASIS]),
+                    e[_SERIAL], _iso(e[_NOT_AFTER]))
+        except (OSError, TypeError, ValueError, IndexError):
+            return None  # gone, or an entry not of this format: a full look
+
+    def stamps(self, name: str) -> Stamps | None:
+        """Stamp `name`'s folders before a full look (None: no live set, nothing to record)."""
+        folder = f"{self._certs_dir}/{name}"
+        try:
+            taken = time.time_ns()
+            st = os.lstat(folder)
+            version = os.readlink(f"{folder}/live")
+            vst = os.lstat(f"{folder}/{version}")
+        except OSError:
+            return None
+        return Stamps(version, st.st_ino, st.st_ctime_ns, vst.st_ino, vst.st_ctime_ns, taken)
+
+    def record(self, cert: CertificateSettings, stamps: Stamps | None, decision: Decision,
+               serial: str, not_after: dt.datetime, quiet_until: dt.datetime | None) -> None:
+        """Record a quiet decision made from what `stamps` describe (or forget the entry when
+        there is nothing that can be recorded)."""
+        if stamps is None or quiet_until is None \
+                or max(stamps.dir_ctime, stamps.ver_ctime) > stamps.taken - RACY_NS:
+            self.drop(cert.name)
+            return
+        until = min(quiet_until.timestamp(),
+                    stamps.taken / 1e9 + random.uniform(*LOOK_AGAIN))
+        self._all()[cert.name] = [
+            fingerprint(cert), stamps.version, stamps.dir_ino, stamps.dir_ctime,
+            stamps.ver_ino, stamps.ver_ctime, until, decision.action, decision.reason,
+            decision.due_at.isoformat() if decision.due_at else None, decision.basis,
+            serial, not_after.isoformat()]
+        self.dirty = True
+
+    def drop(self, name: str) -> None:
+        if self._all().pop(name, None) is not None:
+            self.dirty = True
+
+    def save(self, keep: Iterable[str]) -> None:
+        """Write the digest if it changed (under the run lock); entries of names not in
+        `keep` (the configured certificates) are dropped."""
+        from .fsutil import atomic_write
+
+        if self._entries is None and not self.dirty:
+            return  # never read: nothing changed
+        entries = self._all()
+        wanted = set(keep)
+        for name in [n for n in entries if n not in wanted]:
+            del entries[name]
+            self.dirty = True
+        if not self.dirty:
+            return
+        data = {"format": FORMAT, "settings": self._settings, "certs": entries}
+        try:
+            atomic_write(self.path, json.dumps(data, separators=(",", ":")), 0o600,
+                         durable=False)
+            self.dirty = False
+        except OSError as exc:  # a cache: the run's work is done without it
+            log.warning("could not write %s: %s", self.path, exc)
