@@ -45,15 +45,19 @@ def cache_dir() -> Path:
 
 
 def _rules() -> str:
-    """The SHA-256 of the validating code (config.py): a changed rule, in a development tree
-    or an upgrade that kept the version number, never serves a result of the old rules."""
+    """The SHA-256 of the validating code (config.py and config_yaml.py's parser, whose module
+    is not imported for this): a changed rule, in a development tree or an upgrade that kept
+    the version number, never serves a result of the old rules."""
     from . import config
 
+    digest = hashlib.sha256()
     try:
-        with open(config.__file__, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest()
+        for name in ("config.py", "config_yaml.py"):
+            with open(os.path.join(os.path.dirname(config.__file__), name), "rb") as fh:
+                digest.update(fh.read())
     except OSError:
         return "unknown"
+    return digest.hexdigest()
 
 
 def load_cached(path: Path, write: bool = True) -> Settings:
