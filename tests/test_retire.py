@@ -224,6 +224,25 @@ def test_remove_deletes_state_pending_ledger_and_index_entries(tmp_path, pebble)
     assert "old" not in json.loads(ledger.read_text())["applied"]
 
 
+def test_remove_deletes_the_copies_in_applied_batches_too(tmp_path, pebble):
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    probe_hook(tmp_path / "hooks" / "notify.d" / "ok", probes)
+    config = issue(tmp_path, pebble, names=("old", "keep"))  # applied: both in applied/<batch>
+    spool = tmp_path / "spool"
+    assert {p.name for p in spool.glob("applied/*/*") if p.is_dir()} == {"old", "keep"}
+    config = write_config(tmp_path, pebble, {"keep": {"domains": ["keep.retire.example"]}})
+    result = run(["remove", "old", "--yes"], config, pebble, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "1 copy in " in result.stdout and "keys included" in result.stdout
+    assert not list(spool.glob("applied/*/old")) and not list(spool.glob(".staging/*"))
+    assert [p.name for p in spool.glob("applied/*/keep")] == ["keep"]
+    assert (next(spool.glob("applied/*/keep")) / "privkey.pem").is_file()
+    # nothing left to remove, anywhere
+    again = run(["remove", "old", "--yes"], config, pebble, timeout=TIMEOUT)
+    assert again.returncode == 2 and "nothing named old" in again.stderr
+
+
 def test_remove_never_follows_a_symlink_nor_takes_a_path(tmp_path, pebble):
     config = write_config(tmp_path, pebble, {"site": {"domains": ["site.retire.example"]}})
     outside = tmp_path / "outside"

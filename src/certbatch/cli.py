@@ -719,7 +719,8 @@ Exit codes:
 @click.pass_context
 def remove(ctx: click.Context, name: str, yes: bool, wait: float) -> int:
     """Retire certificate NAME, no longer in the config: delete its state folder (keys
-    included), its pending spool entry and its name in the target ledgers."""
+    included), its pending spool entry, its copies in the spool's applied batches and its
+    name in the target ledgers."""
     from .runner import run_lock
 
     settings = load_settings(ctx)
@@ -754,6 +755,10 @@ def _removal_lines(plan: retire.Removal) -> list[str]:
     if plan.targets:
         lines.append(f"its entry in the ledger of target{'s' * (len(plan.targets) > 1)} "
                      f"{', '.join(plan.targets)}")
+    if plan.applied:
+        n = len(plan.applied)
+        lines.append(f"{n} cop{'ies' if n > 1 else 'y'} in {plan.applied[0].parent.parent} "
+                     f"(the record of applied batches; keys included)")
     return lines
 
 

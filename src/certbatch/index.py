@@ -46,6 +46,12 @@ class Index:
         self._entries: dict[str, dict[str, Any]] | None = None
         self.dirty = False
 
+    @property
+    def loaded(self) -> bool:
+        """Whether anything read or changed the index yet (a run whose certificates all came
+        from the digest never does: it need not read the index just to save it)."""
+        return self._entries is not None or self.dirty
+
     def _all(self) -> dict[str, dict[str, Any]]:
         if self._entries is None:
             self._entries = self._load()
@@ -101,8 +107,6 @@ class Index:
         keep entries for (the configured certificates); others are dropped."""
         from .fsutil import atomic_write
 
-        if self._entries is None and not self.dirty:
-            return  # never read (every certificate was quiet, see digest.py): nothing changed
         entries = self._all()
         if keep is not None:
             wanted = set(keep)

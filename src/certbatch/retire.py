@@ -160,6 +160,7 @@ class Removal:
     not_after: dt.datetime | None = None
     pending: Path | None = None  # <spool>/pending/<name>, if there is one
     targets: list[str] = field(default_factory=list)  # ledgers that name it
+    applied: list[Path] = field(default_factory=list)  # its copies in <spool>/applied/<batch>/
 
 
 def plan_removal(settings: Settings, name: str) -> Removal:
@@ -190,9 +191,13 @@ def plan_removal(settings: Settings, name: str) -> Removal:
         safefs.check_dir(spool.pending_dir)
         safefs.check_dir(pending)
     targets = [t for t in spool.ledgers.known() if name in spool.ledgers.load(t).applied]
+    applied = spool.applied_copies(name)
+    for copy in applied:
+        safefs.check_dir(copy)
     removal = Removal(name, folder if os.path.lexists(folder) else None, serial, not_after,
-                      pending if os.path.lexists(pending) else None, targets)
-    if removal.state_folder is None and removal.pending is None and not targets:
+                      pending if os.path.lexists(pending) else None, targets, applied)
+    if removal.state_folder is None and removal.pending is None and not targets \
+            and not applied:
         raise UsageError(f"nothing named {name} in {store.root / 'certs'}, "
                          f"{spool.pending_dir} or the target ledgers")
     return removal
@@ -207,7 +212,7 @@ def remove(settings: Settings, name: str) -> Removal:
     store = Store(settings.paths.state)
     # The spool first: a failure or a crash after it leaves a state folder that a second
     # `remove` deletes, never a pending entry the next notify would hand the targets again.
-    if removal.pending is not None or removal.targets:
+    if removal.pending is not None or removal.targets or removal.applied:
         _spool(settings).retire(name)
     if removal.state_folder is not None:
         _remove_folder(removal.state_folder)

@@ -385,7 +385,8 @@ class Runner:
 
     def _save_caches(self, digest: Digest | None) -> None:
         """Write back the state index and the digest (under the run lock, at a run's end)."""
-        self.store.index.save(keep=self.settings.certificates)
+        if self.store.index.loaded:
+            self.store.index.save(keep=self.settings.certificates)
         if digest is not None:
             digest.save(keep=self.settings.certificates)
 

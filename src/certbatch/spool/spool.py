@@ -498,9 +498,9 @@ class Spool:
 
     def retire(self, name: str) -> tuple[bool, list[str]]:
         """Drop every trace of a certificate that is gone from the config (`certbatch remove`):
-        its pending entry (no target gets it any more) and its name in every ledger. Returns
-        whether a pending entry was removed, and the targets whose ledger named it. Copies in
-        applied/ stay until that batch is pruned. Raises UnsafePath for an entry that is not
+        its pending entry (no target gets it any more), its name in every ledger, and its
+        copies in applied/ (keys included). Returns whether a pending entry was removed, and
+        the targets whose ledger named it. Raises UnsafePath for an entry that is not
         certbatch's own (nothing is deleted through a link)."""
         if not NAME_RE.match(name):
             raise ValueError(f"invalid certificate name {name!r}")
@@ -508,22 +508,33 @@ class Spool:
             entry = self.pending_dir / name
             had_entry = os.path.lexists(entry)
             if had_entry:
-                safefs.check_dir(entry)
-                # Aside first (no target sees it after this rename), then deleted; whatever
-                # cannot be deleted is an error naming it, not a silent leftover key.
-                grave = self.staging.dir / f"{name}.retired.tmp"
-                try:
-                    remove(grave)
-                    os.rename(entry, grave)
-                    fsync_dir(self.pending_dir)
-                    shutil.rmtree(grave)
-                except OSError as exc:
-                    raise StoreError(f"pending entry {entry} not all deleted: "
-                                     f"{os_error_message(exc)}") from exc
+                self._delete_entry(entry, name)
             targets = [t for t in self.ledgers.known() if name in self.ledgers.load(t).applied]
             for target in targets:
                 self.ledgers.forget(target, name)
+            for copy in self.applied_copies(name):
+                self._delete_entry(copy, name)
             return had_entry, targets
+
+    def applied_copies(self, name: str) -> list[Path]:
+        """`name`'s entries in the kept applied/ batches, oldest first."""
+        return [self.applied_dir / b / name for b in self.applied()
+                if os.path.lexists(self.applied_dir / b / name)]
+
+    def _delete_entry(self, entry: Path, name: str) -> None:
+        """Delete a pending or applied entry of certbatch's own (UnsafePath otherwise): aside
+        first (no target sees it after this rename), then deleted; whatever cannot be deleted
+        is an error naming it, not a silent leftover key."""
+        safefs.check_dir(entry.parent)
+        safefs.check_dir(entry)
+        grave = self.staging.dir / f"{name}.retired.tmp"
+        try:
+            remove(grave)
+            os.rename(entry, grave)
+            fsync_dir(entry.parent)
+            shutil.rmtree(grave)
+        except OSError as exc:
+            raise StoreError(f"entry {entry} not all deleted: {os_error_message(exc)}") from exc
 
     def target_states(self, targets: Sequence[Target]) -> list[TargetState]:
         """Each target's ledger and what waits for it. Doesn't lock: a snapshot for display."""
