@@ -331,23 +331,27 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
     child_env.update(env)
     start = time.monotonic()
     proc: subprocess.Popen[bytes] | None = None
-    with _running_lock:  # terminate_all either sees this hook or it does not start
-        if interrupt.requested():
-            failed = HookResult(cmd.name, cmd.argv, None, False, 0.0, "",
-                                "not started: certbatch was interrupted", interrupted=True)
+    if interrupt.requested():
+        failed = HookResult(cmd.name, cmd.argv, None, False, 0.0, "",
+                            "not started: certbatch was interrupted", interrupted=True)
+    else:
+        log.info("hook %s: starting %s in %s", cmd.name, " ".join(cmd.argv), cwd)
+        # Started outside _running_lock: 16 workers start their dns and deploy hooks side by
+        # side, not one fork at a time. A stop requested before the hook is in the registry
+        # (terminate_all does not see it) is seen by _wait's first look, which stops it.
+        try:
+            proc = subprocess.Popen(
+                cmd.argv, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                close_fds=True, umask=0o077,  # what a hook creates is private by default
+            )
+        except OSError as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            failed = HookResult(cmd.name, cmd.argv, code, False, time.monotonic() - start,
+                                "", f"cannot run {cmd.argv[0]}: {exc.strerror or exc}")
         else:
-            log.info("hook %s: starting %s in %s", cmd.name, " ".join(cmd.argv), cwd)
-            try:
-                proc = subprocess.Popen(
-                    cmd.argv, cwd=cwd, env=child_env, stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-                    close_fds=True, umask=0o077,  # what a hook creates is private by default
-                )
+            with _running_lock:
                 _running[proc.pid] = None
-            except OSError as exc:
-                code = 127 if isinstance(exc, FileNotFoundError) else 126
-                failed = HookResult(cmd.name, cmd.argv, code, False, time.monotonic() - start,
-                                    "", f"cannot run {cmd.argv[0]}: {exc.strerror or exc}")
     if proc is None:
         _log_result(failed)
         return failed
