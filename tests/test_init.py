@@ -117,6 +117,23 @@ def test_relative_paths_on_the_command_line_are_taken_from_the_working_directory
     assert b.challenge.script == tmp_path / "dns.sh"
 
 
+def test_folders_of_ones_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "etc" / "certbatch.yaml"
+    done = run(["init", "--state", "data/state", "--spool", str(tmp_path / "q"),
+                "--hooks", "hk"], cfg)
+    assert done.returncode == 0, done.stderr
+    paths = config.load(cfg).paths
+    assert (paths.state, paths.spool, paths.hooks) == \
+        (tmp_path / "data" / "state", tmp_path / "q", tmp_path / "hk")  # not below etc/
+    assert mode(tmp_path / "data" / "state") == 0o700 and (tmp_path / "hk" / "notify.d").is_dir()
+    assert f"created {tmp_path / 'q'}/" in done.stdout.splitlines()
+    # state and spool must differ: refused before anything is written
+    refused = run(["init", "--state", "same", "--spool", "same"], tmp_path / "other.yaml")
+    assert refused.returncode == 2 and "paths" in refused.stderr
+    assert not (tmp_path / "other.yaml").exists() and not (tmp_path / "same").exists()
+
+
 def test_system_paths_for_a_config_in_etc_certbatch(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     etc = tmp_path / "etc" / "certbatch"

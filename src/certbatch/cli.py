@@ -886,23 +886,31 @@ Exit codes:
               help="dns-01 through this script instead (adds and removes TXT records).")
 @click.option("--staging", is_flag=True,
               help="Use Let's Encrypt's staging CA (default: production).")
+@click.option("--state", metavar="DIR", default=None,
+              help="The state folder (accounts, keys, certificates) instead of the default.")
+@click.option("--spool", metavar="DIR", default=None,
+              help="The spool folder (what waits for the targets) instead of the default.")
+@click.option("--hooks", metavar="DIR", default=None,
+              help="The hooks folder (deploy.d/, notify.d/) instead of the default.")
 @click.pass_context
 def init(ctx: click.Context, email: str | None, domains: tuple[str, ...], webroot: str | None,
-         dns_script: str | None, staging: bool) -> int:
+         dns_script: str | None, staging: bool, state: str | None, spool: str | None,
+         hooks: str | None) -> int:
     """Write a commented starter config (0600) and create its folders.
 
     The config goes to --config, else $CERTBATCH_CONFIG, else where certbatch looks for it;
     an existing file is never replaced. The state, spool and hooks folders (with deploy.d/
-    and notify.d/) are created 0700: the system ones for a config in /etc/certbatch/,
-    otherwise state/, spool/ and hooks/ beside the config. Nothing else is copied. It then
-    prints the next commands and a cron line. Needs no network.
+    and notify.d/) are created 0700: those given with --state, --spool and --hooks, else the
+    system ones for a config in /etc/certbatch/, otherwise state/, spool/ and hooks/ beside
+    the config. Nothing else is copied. It then prints the next commands and a cron line.
+    Needs no network.
     """
     from . import init as init_mod
 
     setup_logging(ctx, None)
     result = init_mod.run(config_mod.find_config(_opt(ctx, "config")), email=email,
                           domains=domains, webroot=webroot, dns_script=dns_script,
-                          staging=staging)
+                          staging=staging, state=state, spool=spool, hooks=hooks)
     say = _silent if _opt(ctx, "quiet") else out
     say(f"wrote {result.config} (mode 0600)")
     for folder in result.folders:

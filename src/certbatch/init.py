@@ -10,7 +10,7 @@ ours when they exist (fsutil.ensure_root/ensure_dir). No hook script or example 
 Where the folders go: with the config in /etc/certbatch/, the system defaults (/var/lib/certbatch,
 /var/spool/certbatch, /etc/certbatch/hooks); with a config anywhere else, `state/`, `spool/` and
 `hooks/` beside it (a trial setup in a folder of one's own, no root needed), written as paths
-relative to the config's folder.
+relative to the config's folder; --state, --spool and --hooks choose others (written absolute).
 
 The core returns an InitResult; the command layer (cli.py) prints it.
 """
@@ -60,8 +60,10 @@ class InitResult:
 
 def run(config_path: Path, *, email: str | None = None, domains: tuple[str, ...] = (),
         webroot: str | None = None, dns_script: str | None = None,
-        staging: bool = False) -> InitResult:
-    """Write a starter config at `config_path` and create the folders it names."""
+        staging: bool = False, state: str | None = None, spool: str | None = None,
+        hooks: str | None = None) -> InitResult:
+    """Write a starter config at `config_path` and create the folders it names. `state`,
+    `spool`, `hooks`: folders of one's choice instead of the defaults (see the module doc)."""
     if webroot and dns_script:
         raise UsageError("--webroot and --dns-script exclude each other: a certificate proves "
                          "its names one way (give one)")
@@ -73,12 +75,13 @@ def run(config_path: Path, *, email: str | None = None, domains: tuple[str, ...]
     if os.path.lexists(config_path):
         raise UsageError(f"{config_path} exists; certbatch init never replaces a config "
                          f"(edit it, or give another path with --config)")
-    system = config_path.parent == SYSTEM_CONFIG_DIR
-    if system:
-        state, spool, hooks = (str(config_mod.DEFAULT_STATE), str(config_mod.DEFAULT_SPOOL),
-                               str(config_mod.DEFAULT_HOOKS))
+    if config_path.parent == SYSTEM_CONFIG_DIR:
+        defaults = (config_mod.DEFAULT_STATE, config_mod.DEFAULT_SPOOL, config_mod.DEFAULT_HOOKS)
     else:
-        state, spool, hooks = "state", "spool", "hooks"
+        defaults = (Path("state"), Path("spool"), Path("hooks"))
+    # Given ones are relative to the working directory, like --webroot: written absolute.
+    state, spool, hooks = (os.path.abspath(given) if given else str(default)
+                           for given, default in zip((state, spool, hooks), defaults, strict=True))
     text = render(email=email, domains=domains, webroot=webroot, dns_script=dns_script,
                   staging=staging, state=state, spool=spool, hooks=hooks)
     try:
