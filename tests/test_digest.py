@@ -16,7 +16,7 @@ from cli_helpers import NoCA, dns01, write_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from certbatch import ari, config, digest, renewal, runner
+from certbatch import ari, config, digest, metrics, renewal, runner
 from certbatch.store import CertStatus, Store, StoredCert
 
 UTC = dt.timezone.utc
@@ -70,6 +70,25 @@ def test_a_quiet_certificate_is_taken_from_the_digest(tmp_path, no_racy_wait):
     assert second.outcome == runner.NOT_DUE and not second.error
     assert (second.decision, second.serial, second.not_after) == \
         (first.decision, first.serial, first.not_after)
+
+
+def test_metrics_of_a_run_from_the_digest_read_no_store(tmp_path, no_racy_wait, monkeypatch):
+    cfg = make_site(tmp_path, names=("a", "b"))
+    store = Store(tmp_path / "state")
+    for name in ("a", "b"):
+        status = store.status(name)
+        status.last_success = NOW - dt.timedelta(hours=5)
+        store.save_status(name, status)
+    settings = config.load(cfg)
+    expected = metrics.render(settings, Store(tmp_path / "state"),
+                              runner.Runner(settings).renew(notify=False), now=0)
+    report = runner.Runner(settings).renew(notify=False)  # from the digest
+    monkeypatch.setattr(Store, "current", lambda *a, **k: pytest.fail("read the store"))
+    monkeypatch.setattr(Store, "status", lambda *a, **k: pytest.fail("read a status"))
+    text = metrics.render(settings, Store(tmp_path / "state"), report, now=0)
+    assert text.split("certbatch_run_duration")[0] == expected.split("certbatch_run_duration")[0]
+    assert f"certbatch_certificate_last_success_timestamp_seconds{{name=\"a\"}} " \
+           f"{(NOW - dt.timedelta(hours=5)).timestamp():.15g}" in text
 
 
 @pytest.mark.parametrize("change", ["status replaced", "live file removed", "domains",

@@ -404,6 +404,12 @@ def test_metrics_per_target(tmp_path, pebble):
     success = by_target("certbatch_target_last_success_timestamp_seconds")
     assert list(success) == ["good"] and abs(success["good"] - time.time()) < 120
     assert families["certbatch_notify_ok"].samples[0].value == 0
+    # without the notify phase the targets are still in the metrics, with what waits for them
+    metrics.unlink()
+    assert run(["renew", "--no-notify"], cfg, pebble).returncode == 0
+    families = {f.name: f for f in text_string_to_metric_families(metrics.read_text())}
+    assert by_target("certbatch_target_pending_entries") == {"bad": 2, "good": 0}
+    assert by_target("certbatch_target_last_run_ok") == {"bad": 0, "good": 1}
 
 
 # -- one certificate to many servers: ssh-push targets against real sshd ------------------------

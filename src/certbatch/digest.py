@@ -38,17 +38,18 @@ from typing import Any
 from . import safefs
 from .config import CertificateSettings
 from .renewal import Decision
+from .store import CertStatus, StoredCert
 
 log = logging.getLogger("certbatch.digest")
 
 FILE = "digest.json"
-FORMAT = 1
+FORMAT = 2
 RACY_NS = 2_000_000_000  # see the module docstring
 LOOK_AGAIN = (20 * 3600, 28 * 3600)  # seconds: the next full look, spread over 8 hours
 
 # The fields of one entry (a JSON list: 10,000 of them load in a few ms).
 _FP, _VERSION, _DIR_INO, _DIR_CTIME, _VER_INO, _VER_CTIME, _UNTIL, _ACTION, _REASON, \
-    _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER = range(13)
+    _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER, _LAST_SUCCESS = range(14)
 
 
 def fingerprint(cert: CertificateSettings) -> str:
@@ -104,9 +105,9 @@ class Digest:
             return {}
 
     def lookup(self, cert: CertificateSettings, now: float
-               ) -> tuple[Decision, str, dt.datetime] | None:
-        """The recorded (decision, serial, not_after) for `cert` if it still holds at `now`
-        (epoch seconds). Runs for every certificate of every run: kept lean."""
+               ) -> tuple[Decision, str, dt.datetime, dt.datetime | None] | None:
+        """The recorded (decision, serial, not_after, last_success) for `cert` if it still
+        holds at `now` (epoch seconds). Runs for every certificate of every run: kept lean."""
         entries = self._entries if self._entries is not None else self._all()
         e = entries.get(cert.name)
         if e is None:
@@ -121,9 +122,9 @@ class Digest:
             st = os.lstat(f"{folder}/{e[_VERSION]}")
             if st.st_ino != e[_VER_INO] or st.st_ctime_ns != e[_VER_CTIME]:
                 return None
-            due_at = e[_DUE_AT]
+            due_at, last_success = e[_DUE_AT], e[_LAST_SUCCESS]
             return (Decision(e[_ACTION], e[_REASON], due_at and _iso(due_at), e[_BASIS]),
-                    e[_SERIAL], _iso(e[_NOT_AFTER]))
+                    e[_SERIAL], _iso(e[_NOT_AFTER]), last_success and _iso(last_success))
         except (OSError, TypeError, ValueError, IndexError):
             return None  # gone, or an entry not of this format: a full look
 
@@ -140,7 +141,8 @@ class Digest:
         return Stamps(version, st.st_ino, st.st_ctime_ns, vst.st_ino, vst.st_ctime_ns, taken)
 
     def record(self, cert: CertificateSettings, stamps: Stamps | None, decision: Decision,
-               serial: str, not_after: dt.datetime, quiet_until: dt.datetime | None) -> None:
+               stored: StoredCert, status: CertStatus,
+               quiet_until: dt.datetime | None) -> None:
         """Record a quiet decision made from what `stamps` describe (or forget the entry when
         there is nothing that can be recorded)."""
         if stamps is None or quiet_until is None \
@@ -153,7 +155,8 @@ class Digest:
             fingerprint(cert), stamps.version, stamps.dir_ino, stamps.dir_ctime,
             stamps.ver_ino, stamps.ver_ctime, until, decision.action, decision.reason,
             decision.due_at.isoformat() if decision.due_at else None, decision.basis,
-            serial, not_after.isoformat()]
+            stored.serial, stored.not_after.isoformat(),
+            status.last_success.isoformat() if status.last_success else None]
         self.dirty = True
 
     def drop(self, name: str) -> None:

@@ -91,6 +91,7 @@ class CertResult:
     staged: bool = False
     duration: float = 0.0
     profile: str | None = None  # the configured ACME profile (None: the CA's default)
+    last_success: dt.datetime | None = None  # from its status, after this run (metrics)
 
     @property
     def failed(self) -> bool:
@@ -269,7 +270,8 @@ class Runner:
                 cached = digest.lookup(cert, now_s)
                 if cached is not None:
                     result = CertResult(cert.name, cert.domains, cached[0], serial=cached[1],
-                                        not_after=cached[2], profile=cert.profile)
+                                        not_after=cached[2], profile=cert.profile,
+                                        last_success=cached[3])
                     self._quiet_outcome(result, dry_run)
                     report.certificates.append(result)
                     continue
@@ -297,7 +299,8 @@ class Runner:
             decision = renewal.decide(cert, stored, status, now,
                                       self.settings.renewal.before_expiry, force,
                                       self.settings.renewal.ari)
-            result = CertResult(cert.name, cert.domains, decision, profile=cert.profile)
+            result = CertResult(cert.name, cert.domains, decision, profile=cert.profile,
+                                last_success=status.last_success)
             if stored:
                 result.serial, result.not_after = stored.serial, stored.not_after
             if not decision.does_work:
@@ -308,8 +311,7 @@ class Runner:
             if digest is not None:
                 if stored is not None and cert.name not in ari_changed:
                     # (a status written by this run is recorded by the next one)
-                    digest.record(cert, stamps.get(cert.name), decision, stored.serial,
-                                  stored.not_after,
+                    digest.record(cert, stamps.get(cert.name), decision, stored, status,
                                   renewal.quiet_until(stored, status, decision, now,
                                                       rules.before_expiry, rules.ari))
                 else:
@@ -364,6 +366,8 @@ class Runner:
                 report.targets = self.spool.target_states(targets)
         else:
             report.notify_skipped = "--no-notify"
+            with contextlib.suppress(CertbatchError, OSError):  # what waits: status, metrics
+                report.targets = self.spool.target_states(self.targets())
         with contextlib.suppress(CertbatchError, OSError):
             report.pending_after = len(self.spool.pending())
         self._save_caches(digest)
@@ -556,6 +560,7 @@ class Runner:
         result.duration = time.monotonic() - t0
         status.last_result = result.outcome
         status.last_error = result.error
+        result.last_success = status.last_success
         if result.error:
             log.error("%s: %s", cert.name, result.error)
         else:
