@@ -37,6 +37,7 @@ from .fsutil import FileLock, ensure_root, probe_space
 from .hooks import HookCommand, from_config
 from .renewal import Decision
 from .spool import CertFiles, NotifyOutcome, Spool, TargetState
+from .spool.bulk import BulkItem, BulkResult
 from .store import CertStatus, Store, StoredCert, iso
 from .targets import Target, resolve
 
@@ -686,35 +687,61 @@ class Runner:
     def bootstrap(self, target: str) -> tuple[list[CertResult], NotifyOutcome]:
         """`run-hook --target NAME --all`: hand one target every live certificate.
 
-        Its ledger is cleared, every live certificate that is not pending is staged again
-        (through the deploy hooks), then only that target runs. Other targets that already
-        have those serials are not run again for them.
+        Its ledger is cleared, every live certificate that is not pending is staged again in
+        bulk (spool/bulk.py; through the deploy hooks, if any), then only that target runs.
+        Other targets that already have those serials are not run again for them. A status
+        is written only where there is something new to record: a failure, or a version
+        staged for the first time (10,000 status files would cost more than the staging).
         """
         targets = self.targets()
         self.select_targets(targets, [target])
         self.preflight()
-        self.spool.forget(target=target)
-        pending = {e.name for e in self.spool.pending()}
-        results = []
-        work: list[WorkItem] = []
+        decision = Decision(renewal.RESTAGE, f"run-hook --target {target} --all")
+        results: list[CertResult] = []
+        items: list[BulkItem] = []
         for cert in self.settings.certificates.values():
-            decision = Decision(renewal.RESTAGE, f"run-hook --target {target} --all")
             try:
                 stored = self.store.current(cert.name)
             except CertbatchError as exc:  # that one fails; the others are still handed over
                 results.append(CertResult(cert.name, cert.domains, decision, FAILED, str(exc)))
                 continue
-            if stored is None or cert.name in pending:
-                continue
-            result = CertResult(cert.name, stored.domains, decision)
-            work.append((cert, result, stored, self.store.status(cert.name)))
-            results.append(result)
-        self._run_pool(work, self.settings.renewal.workers)  # stagings run side by side
+            if stored is not None:
+                items.append(BulkItem(stored, tuple(self.deploy_hooks(cert))))
+        workers = self.settings.hooks.deploy_workers or self.settings.renewal.workers
+        done, outcome = self.spool.restage_all(target, targets, items, workers,
+                                               [r.name for r in results])
+        stored_of = {item.stored.name: item.stored for item in items}
+        results += [self._restaged(r, stored_of[r.name], decision) for r in done]
         self.store.index.save(keep=self.settings.certificates)
-        interrupt.check()
-        outcome = self.spool.notify(targets, [r.name for r in results if r.failed], [target])
+        if outcome is None:  # a signal came before the notify phase
+            interrupt.check()
+            raise interrupt.error()
         self._restage_damaged(outcome, results)
         return results, outcome
+
+    def _restaged(self, done: BulkResult, stored: StoredCert, decision: Decision
+                  ) -> CertResult:
+        """The result of one certificate restaged in bulk; its status saved if it changed."""
+        result = CertResult(done.name, stored.domains, decision, RESTAGED, serial=stored.serial,
+                            not_after=stored.not_after, staged=done.ok)
+        status = self.store.status(done.name)
+        if done.ok:
+            if status.staged_version == stored.version:
+                return result  # staged before: the status keeps its last renewal's result
+            status.staged_version, status.last_success = stored.version, utcnow()
+        else:
+            result.outcome = FAILED if done.interrupted else NOT_STAGED
+            result.error = f"interrupted: stored, not staged ({done.error}); the next run " \
+                f"stages it" if done.interrupted else f"stored, not staged: {done.error}"
+            status.staged_version = None  # the next renew stages it
+            log.error("%s: %s", done.name, result.error)
+        status.last_attempt = utcnow()
+        status.last_result, status.last_error = result.outcome, result.error
+        try:
+            self.store.save_status(done.name, status)
+        except OSError as exc:
+            log.error("%s: could not save status: %s", done.name, exc)
+        return result
 
     def restage(self, name: str) -> CertResult:
         """Stage one stored certificate again through the deploy hooks (`run-hook --deploy`)."""

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +66,11 @@ def _parse_meta(name: str, text: str) -> dict[str, object]:
     return meta
 
 
-def read_pending(pending_dir: Path, broken: list[tuple[str, str]] | None = None
-                 ) -> list[PendingEntry]:
+def read_pending(pending_dir: Path, broken: list[tuple[str, str]] | None = None,
+                 known: Mapping[str, PendingEntry] | None = None) -> list[PendingEntry]:
     """The entries in `pending_dir`, sorted by name; unreadable ones are logged and left out.
+    `known`: entries the caller has just written, holding the spool lock since; their folders
+    are checked, their meta.json not read again.
 
     An entry that is not certbatch's own (a symlink, another user's folder, writable by others)
     is never handed to a target: it is left where it is, with a warning. One of certbatch's own
@@ -90,6 +93,9 @@ def read_pending(pending_dir: Path, broken: list[tuple[str, str]] | None = None
             continue  # moved away meanwhile
         except UnsafePath as exc:
             log.warning("spool: ignoring %s (not staged by certbatch)", exc)
+            continue
+        if known and name in known:
+            entries.append(known[name])
             continue
         try:
             meta = _parse_meta(name, safefs.read_text(folder / "meta.json"))

@@ -32,11 +32,11 @@ import secrets
 import shutil
 import stat
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import safefs
+from .. import interrupt, safefs
 from ..config import HookSettings
 from ..errors import CertbatchError, StoreError, UnsafePath, os_error_message
 from ..faults import point
@@ -53,6 +53,7 @@ from ..hooks import HookCommand, HookResult, discover, run_hook, scan
 from ..locks import SharedLock
 from ..store import Store, iso
 from ..targets import Target, resolve
+from . import bulk
 from .apply import Batch, TargetOutcome, apply_all
 from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
 from .env import batch_document, deploy_env, notify_env
@@ -397,11 +398,36 @@ class Spool:
         except OSError as exc:
             raise StoreError(f"notify failed: {os_error_message(exc, self.root)}") from exc
 
+    def restage_all(self, target: str, targets: Sequence[Target], items: Sequence[bulk.BulkItem],
+                    workers: int, failed_names: Sequence[str] = ()
+                    ) -> tuple[list[bulk.BulkResult], NotifyOutcome | None]:
+        """`run-hook --target TARGET --all` in one exclusive hold of the spool lock: forget what
+        TARGET applied, stage every item that is not pending in bulk (bulk.py; `workers`:
+        deploy hooks of that many certificates at once), then the notify phase for TARGET
+        alone, which does not check again the entries the bulk staging just checked. The
+        outcome is None when a signal came before the notify phase. `failed_names`: the
+        certificates that could not even be read, for the targets' CERTBATCH_FAILED_NAMES.
+        Raises StoreError if the spool can't be written."""
+        try:
+            with self._locked():
+                self.ledgers.forget(target)
+                done = bulk.restage(self, items, workers)
+                if interrupt.requested():
+                    return done, None
+                failed = [*failed_names, *(r.name for r in done if not r.ok)]
+                checked = {r.name: r.entry for r in done if r.entry is not None}
+                return done, self._notify_locked(list(targets), failed, [target], checked)
+        except OSError as exc:
+            raise StoreError(f"restaging failed: {os_error_message(exc, self.root)}") from exc
+
     def _notify_locked(self, targets: list[Target], failed_names: Sequence[str],
-                       only: Sequence[str]) -> NotifyOutcome:
+                       only: Sequence[str], checked: Mapping[str, PendingEntry] | None = None
+                       ) -> NotifyOutcome:
+        """The notify phase (holding the spool lock exclusively). `checked`: entries staged
+        and checked in this hold of the lock, neither read nor checked again."""
         self.ledgers.drop_removed([t.name for t in targets])
         broken: list[tuple[str, str]] = []
-        entries = read_pending(self.pending_dir, broken)
+        entries = read_pending(self.pending_dir, broken, checked)
         damaged = [self._drop(name, problem) for name, problem in broken]
         if not entries and damaged:
             return NotifyOutcome(_new_batch_id(), damaged=damaged)
@@ -417,7 +443,8 @@ class Spool:
                                  applied=[e.name for e in entries], no_targets=True)
         loaded = {t.name: self.ledgers.load(t.name) for t in targets}
         running = [t for t in targets if not only or t.name in only]
-        entries, found = self._check_entries(entries, [loaded[t.name] for t in running])
+        entries, found = self._check_entries(entries, [loaded[t.name] for t in running],
+                                             checked or {})
         damaged += found
         outcomes = apply_all(batch, running, entries, self.ledgers, loaded, self.notify_workers)
         done = [e for e in entries if not any(loaded[t.name].waiting([e]) for t in targets)]
@@ -430,14 +457,17 @@ class Spool:
                  len(entries) - len(done))
         return outcome
 
-    def _check_entries(self, entries: list[PendingEntry], ledgers: list[Ledger]
+    def _check_entries(self, entries: list[PendingEntry], ledgers: list[Ledger],
+                       checked: Mapping[str, PendingEntry]
                        ) -> tuple[list[PendingEntry], list[Damaged]]:
-        """Verify every entry one of `ledgers` is waiting for; a damaged one leaves pending/
-        (its certificate is still in the store: the runner stages it again next run)."""
+        """Verify every entry one of `ledgers` is waiting for, but the `checked` ones (staged
+        and checked in this hold of the lock); a damaged one leaves pending/ (its certificate
+        is still in the store: the runner stages it again next run)."""
         sound, damaged = [], []
         for entry in entries:
             problem = None
-            if any(ledger.waiting([entry]) for ledger in ledgers):
+            if checked.get(entry.name) is not entry and \
+                    any(ledger.waiting([entry]) for ledger in ledgers):
                 problem = entry_problem(entry.folder, entry.serial)
             if problem is None:
                 sound.append(entry)

@@ -1,0 +1,262 @@
+"""`run-hook --target NAME --all` stages every live certificate in bulk (spool/bulk.py): every
+entry written, then made durable at once, then published. Real `certbatch` processes, real
+hooks; no CA: the certificates are stored here (test_parallel_staging.store_certificates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cli_helpers import run
+from test_parallel_staging import hook, most_at_once, q, store_certificates, write_tree
+
+from certbatch.spool.entries import entry_problem
+
+# Every fault point of the bulk path, and the visits tested (per-entry points twice).
+BULK_POINTS = [("bulk.prepared", 1), ("bulk.prepared", 3), ("bulk.synced", 1),
+               ("bulk.committed", 1), ("bulk.committed", 3), ("bulk.published", 1)]
+PEM = ("privkey.pem", "cert.pem", "chain.pem", "fullchain.pem")
+
+# A target that copies what it is handed into <tree>/got/<name>/ (the names file, then the
+# files of each entry: the bytes a real target would install) and logs its names.
+TARGET = f"""#!{sys.executable} -IS
+import os, shutil, sys
+spool = os.environ["CERTBATCH_SPOOL_DIR"]
+got = os.path.join(os.path.dirname(spool), "got")
+with open(os.environ["CERTBATCH_NAMES_FILE"]) as fh:
+    names = fh.read().split()
+for name in names:
+    dest = os.path.join(got, name)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(os.path.join(spool, "pending", name), dest)
+with open(os.path.join(os.path.dirname(spool), "target.log"), "a") as fh:
+    fh.write(" ".join(names) + " | " + os.environ.get("CERTBATCH_FAILED_NAMES", "") + "\\n")
+"""
+
+
+def make_tree(tmp_path: Path, names: list[str], **sections: Any) -> Path:
+    store_certificates(tmp_path / "state", names)
+    cfg = write_tree(tmp_path, names, **sections)
+    target = tmp_path / "hooks/notify.d/new"
+    target.write_text(TARGET)
+    target.chmod(0o755)
+    return cfg
+
+
+def live(tmp_path: Path, name: str) -> Path:
+    return (tmp_path / "state/certs" / name / "live").resolve()
+
+
+def target_runs(tmp_path: Path) -> list[tuple[list[str], list[str]]]:
+    """Each run of the target: (names handed, CERTBATCH_FAILED_NAMES)."""
+    log = tmp_path / "target.log"
+    runs = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        names, failed = line.split("|")
+        runs.append((names.split(), failed.split()))
+    return runs
+
+
+def assert_entry_is_the_stored_set(entry: Path, stored: Path, linked: bool = True) -> None:
+    """The entry holds the stored files' bytes and modes; public files linked, the key not."""
+    for f in PEM:
+        assert (entry / f).read_bytes() == (stored / f).read_bytes(), f
+        assert os.stat(entry / f).st_mode & 0o777 == (0o600 if f == "privkey.pem" else 0o644)
+        same = os.stat(entry / f).st_ino == os.stat(stored / f).st_ino
+        assert same is (linked and f != "privkey.pem"), f
+    meta = json.loads((entry / "meta.json").read_text())
+    stored_meta = json.loads((stored / "meta.json").read_text())
+    assert {k: meta[k] for k in ("name", "domains", "serial", "not_before", "not_after")} == \
+        {k: stored_meta[k] for k in ("name", "domains", "serial", "not_before", "not_after")}
+    assert entry_problem(entry, meta["serial"], meta["name"]) is None
+
+
+def staging_left(tmp_path: Path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "spool/.staging"))
+
+
+def test_every_live_certificate_is_handed_over_with_the_stored_bytes(tmp_path: Path) -> None:
+    names = [f"c{i}" for i in range(6)]
+    cfg = make_tree(tmp_path, names)
+    assert run(["run-hook", "--deploy", "c0"], cfg).returncode == 0  # c0 is pending already
+    pending_c0 = os.stat(tmp_path / "spool/pending/c0").st_ino
+
+    result = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert result.returncode == 0, result.stderr
+    assert target_runs(tmp_path) == [(names, [])]
+    for name in names:
+        assert_entry_is_the_stored_set(tmp_path / "got" / name, live(tmp_path, name),
+                                       linked=False)  # copied by the target
+    (batch,) = os.listdir(tmp_path / "spool/applied")
+    for name in names[1:]:  # what the bulk staging made, as applied
+        assert_entry_is_the_stored_set(tmp_path / "spool/applied" / batch / name,
+                                       live(tmp_path, name))
+    assert os.stat(tmp_path / "spool/applied" / batch / "c0").st_ino == pending_c0  # kept
+    assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
+    ledger = json.loads((tmp_path / "spool/targets/new/ledger.json").read_text())
+    assert sorted(ledger["applied"]) == names
+    # A status changes only where there is news: c1..c5 were never staged before.
+    status = json.loads((tmp_path / "state/certs/c1/status.json").read_text())
+    assert status["last_result"] == "restaged" and status["staged_version"]
+
+    again = run(["run-hook", "--target", "new", "--all"], cfg)
+    assert again.returncode == 0, again.stderr
+    assert target_runs(tmp_path)[1] == (names, [])
+    assert json.loads((tmp_path / "state/certs/c1/status.json").read_text()) == status
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_the_fsyncs_do_not_grow_with_the_number_of_certificates(tmp_path: Path) -> None:
+    """One syncfs for the whole batch (Linux 5.8+), not 4 fsyncs per certificate."""
+    counts = []
+    for n in (3, 12):
+        tree = tmp_path / str(n)
+        tree.mkdir()
+        cfg = make_tree(tree, [f"c{i}" for i in range(n)])
+        trace = tree / "strace.txt"
+        env = {k: v for k, v in os.environ.items() if k != "CERTBATCH_CONFIG"}
+        done = subprocess.run(["strace", "-f", "-o", str(trace), "-e",
+                               "trace=fsync,fdatasync,syncfs,sync", sys.executable, "-m",
+                               "certbatch", "-c", str(cfg), "run-hook", "--target", "new",
+                               "--all"], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        calls = [line for line in trace.read_text().splitlines()
+                 if "sync" in line and "= 0" in line]
+        counts.append(len(calls))
+        assert sum("syncfs(" in line for line in calls) == 1, calls
+        assert len(target_runs(tree)[0][0]) == n
+    assert counts[0] == counts[1], counts
+
+
+def test_deploy_hooks_still_run_per_certificate_up_to_deploy_workers(tmp_path: Path) -> None:
+    names = [f"c{i}" for i in range(6)]
+    cfg = make_tree(tmp_path, names, hooks={"deploy_workers": 2})
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    hook(tmp_path / "hooks/deploy.d/10-combined", f"""
+date +%s.%N > {q(probe)}/"$CERTBATCH_NAME.start"
+test "$PWD" = "$CERTBATCH_STAGE_DIR"
+cat privkey.pem fullchain.pem > combined.pem
+sleep 0.3
+date +%s.%N > {q(probe)}/"$CERTBATCH_NAME.end"
+if [ "$CERTBATCH_NAME" = c3 ]; then echo "c3 refused" >&2; exit 1; fi
+""")
+
+    result = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert result.returncode == 1
+    assert "c3: stored, not staged: hook 10-combined exited with status 1: c3 refused" in \
+        result.stderr, result.stderr
+    spans = [(float((probe / f"{n}.start").read_text()), float((probe / f"{n}.end").read_text()))
+             for n in names]
+    assert most_at_once(spans) == 2, spans  # in parallel, and never more than deploy_workers
+    ok = [n for n in names if n != "c3"]
+    assert target_runs(tmp_path) == [(ok, ["c3"])]
+    (batch,) = os.listdir(tmp_path / "spool/applied")
+    for name in ok:
+        entry = tmp_path / "spool/applied" / batch / name
+        stored = live(tmp_path, name)
+        assert (entry / "combined.pem").read_bytes() == \
+            (stored / "privkey.pem").read_bytes() + (stored / "fullchain.pem").read_bytes()
+        assert_entry_is_the_stored_set(entry, stored)  # the hook left them: links again
+    assert staging_left(tmp_path) == []
+    status = json.loads((tmp_path / "state/certs/c3/status.json").read_text())
+    assert status["last_result"] == "not-staged" and status["staged_version"] is None
+
+
+def test_a_damaged_stored_certificate_fails_only_itself(tmp_path: Path) -> None:
+    names = ["a", "b", "c", "d"]
+    cfg = make_tree(tmp_path, names)
+    # b: the key garbled in place, same size (only parsing it shows); c: a file truncated.
+    key = live(tmp_path, "b") / "privkey.pem"
+    lines = key.read_bytes().split(b"\n")
+    lines[2] = bytes(reversed(lines[2]))
+    key.write_bytes(b"\n".join(lines))
+    (live(tmp_path, "c") / "cert.pem").write_bytes(b"")
+
+    result = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert result.returncode == 1
+    assert "certbatch: b: stored, not staged: the private key does not parse" in result.stderr
+    assert "certbatch: c: stored, not staged: the stored files are damaged (cert.pem is " \
+           "empty)" in result.stderr, result.stderr
+    assert target_runs(tmp_path) == [(["a", "d"], ["b", "c"])]
+    for name in ("a", "d"):
+        assert_entry_is_the_stored_set(tmp_path / "got" / name, live(tmp_path, name), False)
+    assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
+    for name in ("b", "c"):
+        status = json.loads((tmp_path / f"state/certs/{name}/status.json").read_text())
+        assert status["last_result"] == "not-staged" and status["staged_version"] is None
+
+
+@pytest.mark.parametrize(("point", "nth"), BULK_POINTS, ids=[f"{p}@{n}" for p, n in BULK_POINTS])
+def test_a_crash_mid_bulk_leaves_no_half_entry(tmp_path: Path, point: str, nth: int) -> None:
+    names = [f"c{i}" for i in range(5)]
+    cfg = make_tree(tmp_path, names)
+
+    crashed = run(["run-hook", "--target", "new", "--all"], cfg,
+                  env={"CERTBATCH_FAULT": f"{point}@{nth}"})
+
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr
+    assert target_runs(tmp_path) == []
+    pending = sorted(os.listdir(tmp_path / "spool/pending"))
+    for name in pending:  # whatever is pending is whole: the stored set, linked, synced
+        assert_entry_is_the_stored_set(tmp_path / "spool/pending" / name, live(tmp_path, name))
+    committed = {"bulk.prepared": 0, "bulk.synced": 0, "bulk.committed": nth,
+                 "bulk.published": len(names)}[point]
+    assert len(pending) == committed, pending
+    assert all(n.endswith(".tmp") for n in staging_left(tmp_path))  # never pending: discarded
+
+    healed = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert healed.returncode == 0, healed.stderr
+    assert target_runs(tmp_path) == [(names, [])]
+    for name in names:
+        assert_entry_is_the_stored_set(tmp_path / "got" / name, live(tmp_path, name), False)
+    assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
+
+
+def test_without_syncfs_every_copied_file_and_folder_is_fsynced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where syncfs cannot be relied on: an fsync per file that is not a link, per folder."""
+    from certbatch.spool import Spool, bulk
+
+    names = ["a", "b", "c"]
+    store = store_certificates(tmp_path / "state", names)
+    spool = Spool(tmp_path / "spool", tmp_path / "hooks", store=store)
+    spool.check()
+    synced: list[str] = []
+    real = bulk._fsync
+    monkeypatch.setattr(bulk, "_syncfs", lambda folder: False)
+    monkeypatch.setattr(bulk, "_fsync", lambda path: (synced.append(str(path)), real(path)))
+    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+
+    done, outcome = spool.restage_all("t", [], items, 4)
+
+    assert [r.ok for r in done] == [True] * 3 and outcome is not None
+    in_entries = [p.rsplit("/", 1)[-1] for p in synced if ".tmp/" in p]
+    assert sorted(in_entries) == ["meta.json"] * 3 + ["privkey.pem"] * 3  # not the links
+    assert sum(p.endswith(".tmp") for p in synced) == 3  # each entry's folder
+    assert str(tmp_path / "spool/.staging") in synced
+    (batch,) = os.listdir(tmp_path / "spool/applied")  # no targets: marked applied as is
+    for name in names:
+        assert_entry_is_the_stored_set(tmp_path / "spool/applied" / batch / name,
+                                       live(tmp_path, name))
+
+
+def test_meta_json_is_written_as_json_dumps_indent_2_writes_it() -> None:
+    from certbatch.spool.bulk import _pretty_json
+
+    for obj in ({"version": 1, "name": "a", "domains": ["a.example", "b.example"],
+                 "serial": "0a", "n": None},
+                {"domains": [], "quote": 'say "hi" \\ é'}):
+        assert _pretty_json(obj) == json.dumps(obj, indent=2) + "\n"
