@@ -231,16 +231,11 @@ class Spool:
         remove(self.root / "batch.json")
         # Temp files of a run killed while it wrote a ledger, a target's batch.json or
         # names, or an applied/ record: every writer there holds this lock. Once per run.
-        # Of applied/, only the newest batch can hold one (each notify sweeps before it
-        # makes a new batch), and it may hold thousands of entries: the others are not read.
+        # An applied/<batch>/ folder is not read (it may hold thousands of entries): a
+        # batch.json temp file left in it goes when the batch is pruned.
         if not self._swept:
             remove_leftovers(self.ledgers.dir, levels=2)
             remove_leftovers(self.applied_dir)
-            batches = self.applied()
-            newest = self.applied_dir / batches[-1] if batches else None
-            with contextlib.suppress(OSError):
-                if newest is not None and safefs.problem(os.lstat(newest)) is None:
-                    remove_leftovers(newest)
             self._swept = True
 
     # -- staging ----------------------------------------------------------------------------
