@@ -104,14 +104,13 @@ def test_every_live_certificate_is_handed_over_with_the_stored_bytes(tmp_path: P
     assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
     ledger = json.loads((tmp_path / "spool/targets/new/ledger.json").read_text())
     assert sorted(ledger["applied"]) == names
-    # A status changes only where there is news: c1..c5 were never staged before.
-    status = json.loads((tmp_path / "state/certs/c1/status.json").read_text())
-    assert status["last_result"] == "restaged" and status["staged_version"]
+    statuses = [(tmp_path / f"state/certs/{n}/status.json").read_bytes() for n in names]
 
     again = run(["run-hook", "--target", "new", "--all"], cfg)
     assert again.returncode == 0, again.stderr
     assert target_runs(tmp_path)[1] == (names, [])
-    assert json.loads((tmp_path / "state/certs/c1/status.json").read_text()) == status
+    # Only a failure is recorded in a status: 10,000 status files cost more than the staging.
+    assert [(tmp_path / f"state/certs/{n}/status.json").read_bytes() for n in names] == statuses
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")

@@ -689,9 +689,10 @@ class Runner:
 
         Its ledger is cleared, every live certificate that is not pending is staged again in
         bulk (spool/bulk.py; through the deploy hooks, if any), then only that target runs.
-        Other targets that already have those serials are not run again for them. A status
-        is written only where there is something new to record: a failure, or a version
-        staged for the first time (10,000 status files would cost more than the staging).
+        Other targets that already have those serials are not run again for them. Only the
+        status of a certificate that failed is written (reading 10,000 would cost more than
+        the staging): one whose earlier staging had failed is staged once more by the next
+        renew, which records it.
         """
         targets = self.targets()
         self.select_targets(targets, [target])
@@ -721,20 +722,17 @@ class Runner:
 
     def _restaged(self, done: BulkResult, stored: StoredCert, decision: Decision
                   ) -> CertResult:
-        """The result of one certificate restaged in bulk; its status saved if it changed."""
+        """The result of one certificate restaged in bulk; the status of a failed one saved."""
         result = CertResult(done.name, stored.domains, decision, RESTAGED, serial=stored.serial,
                             not_after=stored.not_after, staged=done.ok)
-        status = self.store.status(done.name)
         if done.ok:
-            if status.staged_version == stored.version:
-                return result  # staged before: the status keeps its last renewal's result
-            status.staged_version, status.last_success = stored.version, utcnow()
-        else:
-            result.outcome = FAILED if done.interrupted else NOT_STAGED
-            result.error = f"interrupted: stored, not staged ({done.error}); the next run " \
-                f"stages it" if done.interrupted else f"stored, not staged: {done.error}"
-            status.staged_version = None  # the next renew stages it
-            log.error("%s: %s", done.name, result.error)
+            return result
+        result.outcome = FAILED if done.interrupted else NOT_STAGED
+        result.error = f"interrupted: stored, not staged ({done.error}); the next run " \
+            f"stages it" if done.interrupted else f"stored, not staged: {done.error}"
+        log.error("%s: %s", done.name, result.error)
+        status = self.store.status(done.name)
+        status.staged_version = None  # the next renew stages it
         status.last_attempt = utcnow()
         status.last_result, status.last_error = result.outcome, result.error
         try:

@@ -360,14 +360,29 @@ def _create(path: str | Path, data: bytes, mode: int) -> None:
 
 
 def _read(path: str | Path) -> tuple[bytes, os.stat_result]:
-    """The content of a file of ours (no link followed; see safefs.open_file), and its stat."""
-    fd = safefs.open_file(path)
+    """The content of a file of ours, and its stat: safefs.open_file's checks (no link
+    followed; a regular file of ours, not writable by others, any number of links since it
+    is only read) on one fstat, and one read for a file that does not grow meanwhile."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(path, "is a symlink (certbatch never follows links in its own "
+                                   "folders)") from exc
+        raise
     try:
         st = os.fstat(fd)
-        chunks = []
-        while chunk := os.read(fd, max(st.st_size, 4096) + 1):
-            chunks.append(chunk)
-        return b"".join(chunks), st
+        why = safefs.problem(st, "file", links_ok=True)
+        if why:
+            raise UnsafePath(path, why)
+        want = st.st_size + 1  # one more: a short read is the end
+        data = os.read(fd, want)
+        if len(data) == want:  # it grew meanwhile: read on to the end
+            chunks = [data]
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+            data = b"".join(chunks)
+        return data, st
     finally:
         os.close(fd)
 
@@ -379,11 +394,17 @@ def _pretty_json(obj: dict[str, object]) -> str:
     lines = []
     for key, value in obj.items():
         if isinstance(value, list):
-            text = "[\n    " + ",\n    ".join(map(json.dumps, value)) + "\n  ]" if value else "[]"
+            text = "[\n    " + ",\n    ".join(map(_scalar, value)) + "\n  ]" if value else "[]"
         else:
-            text = json.dumps(value)
-        lines.append(f"  {json.dumps(key)}: {text}")
+            text = _scalar(value)
+        lines.append(f"  {_scalar(key)}: {text}")
     return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
+def _scalar(value: object) -> str:
+    # A string as json.dumps quotes it (its C function, without json.dumps's own overhead).
+    return json.encoder.encode_basestring_ascii(value) if isinstance(value, str) else \
+        json.dumps(value)
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:

@@ -87,7 +87,21 @@ def batch_document(batch_id: str, target: str | None, spool_root: Path,
     }
 
 
+def batch_json(batch: dict[str, object]) -> str:
+    """A batch document as JSON: indented as json.dumps(indent=2) indents it, but each
+    certificate on one line (indent= makes json use its pure-Python encoder: 0.8 s for a batch
+    of 10,000 certificates, against 0.1 s)."""
+    lines = []
+    for key, value in batch.items():
+        if key == "certificates" and isinstance(value, list) and value:
+            text = "[\n    " + ",\n    ".join(map(json.dumps, value)) + "\n  ]"
+        else:
+            text = json.dumps(value)
+        lines.append(f"  {json.dumps(key)}: {text}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
+
+
 def write_handover(folder: Path, batch: dict[str, object], names: Sequence[str]) -> None:
     """Write a target's batch.json and names files (0600) into its folder."""
-    atomic_write(folder / "batch.json", json.dumps(batch, indent=2) + "\n", 0o600)
+    atomic_write(folder / "batch.json", batch_json(batch), 0o600)
     atomic_write(folder / "names", "".join(f"{n}\n" for n in names), 0o600)

@@ -56,7 +56,7 @@ from ..targets import Target, resolve
 from . import bulk
 from .apply import Batch, TargetOutcome, apply_all
 from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
-from .env import batch_document, deploy_env, notify_env
+from .env import batch_document, batch_json, deploy_env, notify_env
 from .ledger import Ledger, Ledgers
 from .staging import Staging, remove, sync_tree
 
@@ -490,7 +490,7 @@ class Spool:
         dest = self.applied_dir / batch.batch_id
         ensure_dir(dest, 0o700)
         record = batch_document(batch.batch_id, None, self.root, entries, batch.failed_names)
-        atomic_write(dest / "batch.json", json.dumps(record, indent=2) + "\n", 0o600)
+        atomic_write(dest / "batch.json", batch_json(record), 0o600)
         for entry in entries:
             os.rename(entry.folder, dest / entry.name)
             point("apply.entry-moved")
