@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,16 +26,28 @@ def certs(*names: str) -> dict:
     return {n: {"domains": [f"{n}.hard.example.com"]} for n in names}
 
 
-@pytest.fixture
-def issued(tmp_path, pebble):
-    """A config with two issued and applied certificates, and a notify probe."""
-    probes = tmp_path / "probes"
+@pytest.fixture(scope="module")
+def issued_once(tmp_path_factory, pebble):
+    """The tree `issued` copies: issued once for the module (a renew of two certificates)."""
+    folder = tmp_path_factory.mktemp("issued")
+    probes = folder / "probes"
     probes.mkdir()
-    cfg = write_config(tmp_path, pebble, certs("www", "api"))
-    probe_hook(tmp_path / "hooks/notify.d/50-apply", probes)
+    cfg = write_config(folder, pebble, certs("www", "api"))
+    probe_hook(folder / "hooks/notify.d/50-apply", probes)
     first = run(["renew"], cfg, pebble)
     assert first.returncode == 0, first.stderr
-    return cfg, probes
+    return folder
+
+
+@pytest.fixture
+def issued(tmp_path, issued_once):
+    """A config with two issued and applied certificates, and a notify probe: a copy of
+    issued_once in tmp_path (its state, spool and config name no folder: paths are relative),
+    the probe hook written again to log into the copy's probes folder."""
+    shutil.copytree(issued_once, tmp_path, symlinks=True, dirs_exist_ok=True)
+    probes = tmp_path / "probes"
+    probe_hook(tmp_path / "hooks/notify.d/50-apply", probes)
+    return tmp_path / "certbatch.yaml", probes
 
 
 def victim_file(tmp_path: Path) -> Path:
