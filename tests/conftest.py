@@ -13,6 +13,17 @@ Fixtures:
 
 Without /usr/bin/pebble the Pebble tests are skipped, or fail when CERTBATCH_REQUIRE_PEBBLE=1.
 When a test using Pebble fails, the tail of the Pebble and challtestsrv logs is added to the report.
+
+The `slow` marker (the fast lane is ``-m "not slow"``, ``scripts/test.sh --fast``): given here to
+every test that uses Pebble (the `pebble` or `pebble_factory` fixture, also through another
+fixture), every test of SLOW_MODULES (real servers or the real command throughout) and the tests
+in SLOW_TESTS; mark another test that takes a second or more ``@pytest.mark.slow``.
+
+pytest-xdist (scripts/test.sh runs ``-n auto --dist loadfile``): every worker is a separate
+process with its own session fixtures (its own Pebble, on ports picked free at start) and its
+own tmp_path folders; loadfile gives all the tests of a module to one worker, so that a module-
+or session-scoped fixture of a test module (a certbot folder, a real server, test_crash.py's
+lanes) is set up once. Each worker's `config.workerinput["dist"]` says the distribution.
 """
 
 from __future__ import annotations
@@ -36,6 +47,46 @@ os.environ.setdefault("CERTBATCH_CACHE_DIR", __import__("tempfile").mkdtemp(
 
 PEBBLE_MISSING = "pebble not installed: apt-get install pebble"
 _live: list[PebbleInstance] = []
+
+# Modules whose tests run real servers or the real command (a process each) throughout.
+SLOW_MODULES = frozenset({
+    "test_check", "test_cli", "test_cron", "test_dns_acmedns", "test_dns_lexicon",
+    "test_dns_rfc2136", "test_newcomer", "test_operator", "test_oserrors", "test_parallel_staging",
+    "test_properties", "test_quickstart", "test_real_servers", "test_renew", "test_signals",
+    "test_ssh_push",
+})
+# Single tests of a second or more in modules of quick tests ("module::function").
+SLOW_TESTS = frozenset({
+    "test_challenges::test_dns_script_leaving_a_detached_child_does_not_hold_us",
+    "test_config::test_no_command_prints_a_secret_from_a_bad_config",
+    "test_hook_scripts::test_nginx_names_file_2000_names",
+    "test_init::test_the_command",
+    "test_spool::test_only_last_five_applied_batches_are_kept",
+    "test_spool::test_second_process_waits_for_staging_and_sees_complete_entry",
+    "test_spool::test_threads_staging_at_once_overlap_unless_deploy_workers_1",
+})
+PEBBLE_FIXTURES = frozenset({"pebble", "pebble_factory"})
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "slow: needs Pebble, a real server or runs the real command; the fast lane "
+        "(scripts/test.sh --fast) is -m 'not slow'")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook, in the controller
+def pytest_configure_node(node: Any) -> None:
+    """Tell each worker the distribution (a worker's own config says "no")."""
+    node.workerinput["dist"] = node.config.getoption("dist")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.path.stem
+        name = getattr(item, "originalname", item.name)
+        if (PEBBLE_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES
+                or f"{module}::{name}" in SLOW_TESTS):
+            item.add_marker(pytest.mark.slow)
 
 
 def _require_pebble() -> None:

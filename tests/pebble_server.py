@@ -35,6 +35,7 @@ from cryptography.x509.oid import NameOID
 PEBBLE_BIN = "pebble"
 CHALLTESTSRV_BIN = "pebble-challtestsrv"
 START_TIMEOUT = 15.0  # seconds for both processes to listen
+START_ATTEMPTS = 3  # starts on fresh ports when a process exits at once (its port was taken)
 
 
 def find_binaries() -> tuple[str, str] | None:
@@ -69,13 +70,18 @@ def free_port(used: set[int] | None = None) -> int:
     raise RuntimeError("no free loopback port found")
 
 
+class ExitedEarly(RuntimeError):
+    """A process exited while starting: most often a port picked free was taken meanwhile (by
+    another test process, e.g. a pytest-xdist worker starting its own servers)."""
+
+
 def wait_for_port(port: int, deadline: float, procs: Iterable[subprocess.Popen[bytes]]) -> None:
     """Poll until something accepts TCP connections on 127.0.0.1:port."""
     while True:
         for proc in procs:
             if proc.poll() is not None:
                 name = proc.args[0] if isinstance(proc.args, list) else proc.args
-                raise RuntimeError(f"{name!s} exited with status {proc.returncode}")
+                raise ExitedEarly(f"{name!s} exited with status {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         if time.monotonic() > deadline:
@@ -294,14 +300,30 @@ def start_pebble(workdir: Path, extra_env: Mapping[str, str] | None = None,
     default is ``PEBBLE_VA_NOSLEEP=1``. `config` keys override the "pebble" section of the
     config file (e.g. ``externalAccountBindingRequired``). Raises RuntimeError with both logs
     when a process does not come up.
+
+    A process that exits while starting (a port taken between picking and binding it) is
+    retried on new ports, up to START_ATTEMPTS times; the answer on the ACME port is checked to
+    be this instance's (its TLS certificate), not another process's that took the port.
     """
     binaries = find_binaries()
     if binaries is None:
         raise RuntimeError("pebble not installed: apt-get install pebble")
-    pebble_bin, challtestsrv_bin = binaries
     workdir.mkdir(parents=True, exist_ok=True)
     tls = make_tls_files(workdir)
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_pebble(binaries, workdir, tls, extra_env, config, dns_server)
+        except RuntimeError as exc:
+            taken = isinstance(exc.__cause__, (ExitedEarly, requests.exceptions.SSLError))
+            if not taken or attempt == START_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")
 
+
+def _start_pebble(binaries: tuple[str, str], workdir: Path, tls: TLSFiles,
+                  extra_env: Mapping[str, str] | None, config: Mapping[str, Any] | None,
+                  dns_server: str | None) -> PebbleInstance:
+    pebble_bin, challtestsrv_bin = binaries
     used: set[int] = set()
     acme_port, mgmt_port, http_port = free_port(used), free_port(used), free_port(used)
     dns_port, chall_mgmt_port, tls_port = free_port(used), free_port(used), free_port(used)
@@ -355,6 +377,8 @@ def start_pebble(workdir: Path, extra_env: Mapping[str, str] | None = None,
         inst._procs.append(_spawn(inst, "pebble", *inst._pebble_cmd))
         wait_for_port(acme_port, deadline, inst._procs)
         wait_for_port(mgmt_port, deadline, inst._procs)
+        # Ours, verified by our own CA: not another process that took the port meanwhile.
+        requests.get(inst.directory_url, verify=str(tls.ca_cert), timeout=10).raise_for_status()
     except BaseException as exc:
         inst.stop()
         if isinstance(exc, Exception):

@@ -31,7 +31,11 @@ live serial, or leftovers.
 Speed: every scenario is three real runs. The two situations use different domains (a
 challtestsrv `remove` clears every value of a name), so they run side by side in two lanes,
 each lane one scenario at a time (scenarios of one situation share domains); each test waits
-for its own scenario. Scenarios are submitted for the selected tests only.
+for its own scenario. Scenarios are submitted for the selected tests only. Under pytest-xdist
+with --dist loadfile (scripts/test.sh) or loadscope, one worker gets every test of this module
+and runs them so; under a distribution that spreads them (--dist load, worksteal) a worker runs
+each test's scenario when the test comes, one at a time (conftest.py tells the workers the
+distribution).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -301,20 +305,47 @@ def prepared(pebble: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+Key = tuple[str, str, int]
+
+
+class Lanes(dict[Key, "Future[None]"]):
+    """The scenario of each test (situation, point, nth), submitted ahead to its lane; one that
+    was not (a worker that gets some of this module's tests only) is submitted when asked."""
+
+    def __init__(self, submit: Callable[[Key], Future[None]]) -> None:
+        super().__init__()
+        self.submit = submit
+
+    def __missing__(self, key: Key) -> Future[None]:
+        future = self[key] = self.submit(key)
+        return future
+
+
+def _runs_all_of_this_module(config: pytest.Config) -> bool:
+    """Whether this process runs every selected test of this module: without pytest-xdist, or
+    a worker under a distribution that keeps a module on one worker."""
+    workerinput = getattr(config, "workerinput", None)
+    return workerinput is None or workerinput.get("dist") in ("loadfile", "loadscope", "each")
+
+
 @pytest.fixture(scope="module")
 def lanes(request: pytest.FixtureRequest, pebble: Any, prepared: Path,
-          tmp_path_factory: pytest.TempPathFactory
-          ) -> Iterator[dict[tuple[str, str, int], Future[None]]]:
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lanes]:
     """Start the scenario of every selected test: one lane (thread) per situation."""
     pools = {s: ThreadPoolExecutor(1, thread_name_prefix=f"crash-{s}") for s in SITUATIONS}
-    futures: dict[tuple[str, str, int], Future[None]] = {}
-    for item in request.session.items:
-        if item.path == request.path and getattr(item, "originalname", "") == \
-                "test_crash_then_heal":
-            params = item.callspec.params  # type: ignore[attr-defined]
-            key = (params["situation"], params["point"], params["nth"])
-            tree = tmp_path_factory.mktemp(f"crash-{key[0]}-{key[1]}-{key[2]}") / "tree"
-            futures[key] = pools[key[0]].submit(crash_and_heal, *key, pebble, prepared, tree)
+
+    def submit(key: Key) -> Future[None]:
+        tree = tmp_path_factory.mktemp(f"crash-{key[0]}-{key[1]}-{key[2]}") / "tree"
+        return pools[key[0]].submit(crash_and_heal, *key, pebble, prepared, tree)
+
+    futures = Lanes(submit)
+    if _runs_all_of_this_module(request.config):
+        for item in request.session.items:
+            if item.path == request.path and getattr(item, "originalname", "") == \
+                    "test_crash_then_heal":
+                params = item.callspec.params  # type: ignore[attr-defined]
+                key = (params["situation"], params["point"], params["nth"])
+                futures[key] = submit(key)
     try:
         yield futures
     finally:
@@ -325,7 +356,7 @@ def lanes(request: pytest.FixtureRequest, pebble: Any, prepared: Path,
 @pytest.mark.parametrize("situation", SITUATIONS)
 @pytest.mark.parametrize(("point", "nth"), POINTS, ids=[f"{p}@{n}" for p, n in POINTS])
 def test_crash_then_heal(situation: str, point: str, nth: int,
-                         lanes: dict[tuple[str, str, int], Future[None]]) -> None:
+                         lanes: Lanes) -> None:
     lanes[(situation, point, nth)].result()
     unreached = UNREACHED.get((situation, point, nth))
     if unreached:  # the run exited 0 and every check held, but nothing was crash-tested
