@@ -252,10 +252,18 @@ def test_without_syncfs_every_copied_file_and_folder_is_fsynced(
                                        live(tmp_path, name))
 
 
-def test_meta_json_is_written_as_json_dumps_indent_2_writes_it() -> None:
-    from certbatch.spool.bulk import _pretty_json
+def test_meta_json_is_written_byte_for_byte_as_a_single_staging_writes_it() -> None:
+    import datetime as dt
 
-    for obj in ({"version": 1, "name": "a", "domains": ["a.example", "b.example"],
-                 "serial": "0a", "n": None},
-                {"domains": [], "quote": 'say "hi" \\ é'}):
-        assert _pretty_json(obj) == json.dumps(obj, indent=2) + "\n"
+    from certbatch.spool.bulk import _meta_json
+    from certbatch.store import StoredCert
+
+    when = dt.datetime(2026, 11, 22, 10, 15, tzinfo=dt.timezone.utc)
+    for domains in (("a.example", "*.b.example"), ("xn--bcher-kva.example",), ()):
+        stored = StoredCert("a", "v1", Path("/nowhere"), domains, "ec-p256", "0a1b", when,
+                            when + dt.timedelta(days=90), when)
+        meta = {"version": 1, "name": "a", "domains": list(domains), "serial": "0a1b",
+                "not_before": "2026-11-22T10:15:00Z", "not_after": "2027-02-20T10:15:00Z",
+                "staged_at": "2026-11-22T11:00:00Z"}  # as Spool.stage builds it
+        assert _meta_json(stored, "2026-11-22T11:00:00Z") == \
+            (json.dumps(meta, indent=2) + "\n").encode()

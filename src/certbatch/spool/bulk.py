@@ -160,10 +160,7 @@ def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, sta
     try:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
         work = _Work(result, stored, folder, [])
-        meta = _pretty_json({
-            "version": META_VERSION, "name": stored.name, "domains": list(stored.domains),
-            "serial": stored.serial, "not_before": iso(stored.not_before),
-            "not_after": iso(stored.not_after), "staged_at": staged_at}).encode()
+        meta = _meta_json(stored, staged_at)
         problem = _fill_hooked(spool, work, stored, meta, commands) if commands else \
             _fill(work, stored, meta)
     except (OSError, CertbatchError) as exc:
@@ -266,10 +263,11 @@ def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime) -> Non
             remove(Path(work.folder))
         raise
     point("bulk.synced")
+    pending = f"{spool.pending_dir}/"
     for work in prepared:
         name = work.result.name
         try:
-            if os.path.lexists(spool.pending_dir / name):
+            if os.path.lexists(pending + name):
                 # Pending, but not readable as an entry (or it appeared meanwhile): replaced as
                 # a staging replaces it, old entry aside first; never another user's.
                 tok = os.path.basename(work.folder)[len(name) + 1:-len(".tmp")]
@@ -277,7 +275,7 @@ def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime) -> Non
                 os.rename(work.folder, spool.staging.folder(name, tok, "ready"))
                 spool.staging.commit(name, tok)
             else:
-                os.rename(work.folder, spool.pending_dir / name)
+                os.rename(work.folder, pending + name)
         except (OSError, UnsafePath) as exc:
             work.result.ok = False
             work.result.error = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
@@ -387,24 +385,18 @@ def _read(path: str | Path) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def _pretty_json(obj: dict[str, object]) -> str:
-    """json.dumps(obj, indent=2) + newline for an object of scalars and lists of scalars, as
-    the other stagings write meta.json; indent= makes json use its pure-Python encoder, 4 times
-    slower (0.4 s for 10,000)."""
-    lines = []
-    for key, value in obj.items():
-        if isinstance(value, list):
-            text = "[\n    " + ",\n    ".join(map(_scalar, value)) + "\n  ]" if value else "[]"
-        else:
-            text = _scalar(value)
-        lines.append(f"  {_scalar(key)}: {text}")
-    return "{\n" + ",\n".join(lines) + "\n}\n"
-
-
-def _scalar(value: object) -> str:
-    # A string as json.dumps quotes it (its C function, without json.dumps's own overhead).
-    return json.encoder.encode_basestring_ascii(value) if isinstance(value, str) else \
-        json.dumps(value)
+def _meta_json(stored: StoredCert, staged_at: str) -> bytes:
+    """The entry's meta.json, byte for byte as a staging of one certificate writes it
+    (json.dumps(meta, indent=2) and a newline), from a template: indent= makes json use its
+    pure-Python encoder, 5 times slower (0.5 s for 10,000)."""
+    quote = json.encoder.encode_basestring_ascii  # json.dumps's own function for a str
+    domains = "[\n    " + ",\n    ".join(map(quote, stored.domains)) + "\n  ]" \
+        if stored.domains else "[]"
+    return (f'{{\n  "version": {META_VERSION},\n  "name": {quote(stored.name)},\n'
+            f'  "domains": {domains},\n  "serial": {quote(stored.serial)},\n'
+            f'  "not_before": {quote(iso(stored.not_before))},\n'
+            f'  "not_after": {quote(iso(stored.not_after))},\n'
+            f'  "staged_at": {quote(staged_at)}\n}}\n').encode()
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
