@@ -252,6 +252,33 @@ def test_without_syncfs_every_copied_file_and_folder_is_fsynced(
                                        live(tmp_path, name))
 
 
+def test_a_spool_on_another_file_system_gets_copies(tmp_path: Path) -> None:
+    """EXDEV: the stored files cannot be linked; each entry holds copies, checked all the
+    same."""
+    import tempfile
+
+    from certbatch.spool import Spool, bulk
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second file system (tmpfs at /dev/shm) here")
+    store = store_certificates(tmp_path / "state", ["a", "b"])
+    spool_dir = Path(tempfile.mkdtemp(dir=shm)) / "spool"
+    try:
+        spool = Spool(spool_dir, tmp_path / "hooks", store=store)
+        spool.check()
+        items = [bulk.BulkItem(store.current(n)) for n in ("a", "b")]  # type: ignore[arg-type]
+        done, outcome = spool.restage_all("t", [], items, 4)
+        assert [r.ok for r in done] == [True, True] and outcome is not None
+        (batch,) = os.listdir(spool_dir / "applied")
+        for name in ("a", "b"):
+            entry = spool_dir / "applied" / batch / name
+            assert_entry_is_the_stored_set(entry, live(tmp_path, name), linked=False)
+            assert all(os.stat(entry / f).st_nlink == 1 for f in PEM)
+    finally:
+        shutil.rmtree(spool_dir.parent)
+
+
 def test_meta_json_is_written_byte_for_byte_as_a_single_staging_writes_it() -> None:
     import datetime as dt
 
