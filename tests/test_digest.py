@@ -91,8 +91,9 @@ def test_metrics_of_a_run_from_the_digest_read_no_store(tmp_path, no_racy_wait, 
            f"{(NOW - dt.timedelta(hours=5)).timestamp():.15g}" in text
 
 
-@pytest.mark.parametrize("change", ["status replaced", "live file removed", "domains",
-                                    "before_expiry", "folder chown"])
+@pytest.mark.parametrize("change", ["status replaced", "status edited in place",
+                                    "live file removed", "domains", "before_expiry",
+                                    "folder chown"])
 def test_a_change_gets_a_full_look(tmp_path, no_racy_wait, change):
     cfg = make_site(tmp_path)
     assert run(cfg)["site"].outcome == runner.NOT_DUE
@@ -101,6 +102,12 @@ def test_a_change_gets_a_full_look(tmp_path, no_racy_wait, change):
         status = Store(tmp_path / "state").status("site")
         status.rate_limited_until = NOW + dt.timedelta(hours=3)
         Store(tmp_path / "state").save_status("site", status)
+        expected = renewal.RATE_LIMITED
+    elif change == "status edited in place":  # a script's `>`: same inode, same folder
+        path = cdir / "status.json"
+        data = json.loads(path.read_text())
+        data["rate_limited_until"] = (NOW + dt.timedelta(hours=3)).isoformat()
+        path.write_text(json.dumps(data))
         expected = renewal.RATE_LIMITED
     elif change == "live file removed":
         (cdir / "live" / "chain.pem").unlink()
@@ -126,7 +133,7 @@ def test_what_the_stamps_cannot_see_is_looked_at_within_a_day(tmp_path, no_racy_
     cfg = make_site(tmp_path)
     before = dt.datetime.now(UTC).timestamp()
     run(cfg)
-    until = entries(tmp_path)["site"][6]
+    until = entries(tmp_path)["site"][digest._UNTIL]
     assert before + 20 * 3600 - 5 <= until <= before + 28 * 3600 + 5
 
 

@@ -7,16 +7,17 @@ orders, with no renewal info to ask for), the run records:
   * the decision and what it was made from: the configured names, key type and profile
     (`fingerprint`), and the renewal settings (for the whole file);
   * the inode and change time (ctime) of the certificate's folder, which changes whenever
-    `live` or status.json is replaced (every certbatch write renames), and of the live
-    version's folder, which changes when a file in it is added, removed or renamed; a chmod
-    or chown changes the ctime too, so the ownership checks made by the full look still hold;
+    `live` or status.json is replaced (every certbatch write renames); of the live version's
+    folder, which changes when a file in it is added, removed or renamed; and of status.json,
+    which an edit in place (a script's `>`) changes too. A chmod or chown changes the ctime,
+    so the ownership checks made by the full look still hold;
   * `quiet_until`: the first time the decision could change (renewal.quiet_until), or the
     next full look, whichever comes first. Full looks come back about daily (20 to 28 hours,
-    spread), so what two lstats cannot see (a file of the live version edited in place, the
-    `versions/` folder's owner changed) is found within a day.
+    spread), so what the stamps cannot see (a PEM file of the live version edited in place,
+    the `versions/` folder's owner changed) is found within a day.
 
-The next run takes the recorded decision with two lstats when all of it still holds, and
-looks in full otherwise. A stamp taken less than RACY_NS after the folder changed is not
+The next run takes the recorded decision with three lstats when all of it still holds, and
+looks in full otherwise. A stamp taken less than RACY_NS after its file changed is not
 recorded: file systems keep coarse times (a clock tick, or a second), and a change in the same
 tick would leave the same ctime. The file is a cache like index.json: never trusted over what
 it describes, written once at the end of a run, atomically and without fsync.
@@ -43,13 +44,13 @@ from .store import CertStatus, StoredCert
 log = logging.getLogger("certbatch.digest")
 
 FILE = "digest.json"
-FORMAT = 2
+FORMAT = 3
 RACY_NS = 2_000_000_000  # see the module docstring
 LOOK_AGAIN = (20 * 3600, 28 * 3600)  # seconds: the next full look, spread over 8 hours
 
 # The fields of one entry (a JSON list: 10,000 of them load in a few ms).
-_FP, _VERSION, _DIR_INO, _DIR_CTIME, _VER_INO, _VER_CTIME, _UNTIL, _ACTION, _REASON, \
-    _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER, _LAST_SUCCESS = range(14)
+_FP, _VERSION, _MARKS, _UNTIL, _ACTION, _REASON, _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER, \
+    _LAST_SUCCESS = range(11)
 
 
 def fingerprint(cert: CertificateSettings) -> str:
@@ -62,11 +63,16 @@ class Stamps:
     """Taken before a full look at one certificate."""
 
     version: str  # the `live` link's text: versions/<version>
-    dir_ino: int
-    dir_ctime: int
-    ver_ino: int
-    ver_ctime: int
+    # inode and ctime (ns) of the certificate's folder, the live version's, its status.json
+    marks: list[int]
     taken: int  # time.time_ns() when taken
+
+
+def _marks(folder: str, version: str) -> list[int]:
+    a = os.lstat(folder)
+    b = os.lstat(f"{folder}/{version}")
+    c = os.lstat(f"{folder}/status.json")
+    return [a.st_ino, a.st_ctime_ns, b.st_ino, b.st_ctime_ns, c.st_ino, c.st_ctime_ns]
 
 
 _iso = dt.datetime.fromisoformat
@@ -115,12 +121,7 @@ class Digest:
         try:
             if now >= e[_UNTIL] or e[_FP] != fingerprint(cert):
                 return None
-            folder = f"{self._certs_dir}/{cert.name}"
-            st = os.lstat(folder)
-            if st.st_ino != e[_DIR_INO] or st.st_ctime_ns != e[_DIR_CTIME]:
-                return None
-            st = os.lstat(f"{folder}/{e[_VERSION]}")
-            if st.st_ino != e[_VER_INO] or st.st_ctime_ns != e[_VER_CTIME]:
+            if _marks(f"{self._certs_dir}/{cert.name}", e[_VERSION]) != e[_MARKS]:
                 return None
             due_at, last_success = e[_DUE_AT], e[_LAST_SUCCESS]
             return (Decision(e[_ACTION], e[_REASON], due_at and _iso(due_at), e[_BASIS]),
@@ -129,16 +130,15 @@ class Digest:
             return None  # gone, or an entry not of this format: a full look
 
     def stamps(self, name: str) -> Stamps | None:
-        """Stamp `name`'s folders before a full look (None: no live set, nothing to record)."""
+        """Stamp `name`'s folders and status before a full look (None: no live set or no
+        status, nothing to record)."""
         folder = f"{self._certs_dir}/{name}"
         try:
             taken = time.time_ns()
-            st = os.lstat(folder)
             version = os.readlink(f"{folder}/live")
-            vst = os.lstat(f"{folder}/{version}")
+            return Stamps(version, _marks(folder, version), taken)
         except OSError:
             return None
-        return Stamps(version, st.st_ino, st.st_ctime_ns, vst.st_ino, vst.st_ctime_ns, taken)
 
     def record(self, cert: CertificateSettings, stamps: Stamps | None, decision: Decision,
                stored: StoredCert, status: CertStatus,
@@ -146,14 +146,14 @@ class Digest:
         """Record a quiet decision made from what `stamps` describe (or forget the entry when
         there is nothing that can be recorded)."""
         if stamps is None or quiet_until is None \
-                or max(stamps.dir_ctime, stamps.ver_ctime) > stamps.taken - RACY_NS:
+                or max(stamps.marks[1::2]) > stamps.taken - RACY_NS:
             self.drop(cert.name)
             return
         until = min(quiet_until.timestamp(),
                     stamps.taken / 1e9 + random.uniform(*LOOK_AGAIN))
         self._all()[cert.name] = [
-            fingerprint(cert), stamps.version, stamps.dir_ino, stamps.dir_ctime,
-            stamps.ver_ino, stamps.ver_ctime, until, decision.action, decision.reason,
+            fingerprint(cert), stamps.version, stamps.marks, until, decision.action,
+            decision.reason,
             decision.due_at.isoformat() if decision.due_at else None, decision.basis,
             stored.serial, stored.not_after.isoformat(),
             status.last_success.isoformat() if status.last_success else None]
