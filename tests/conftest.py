@@ -52,14 +52,16 @@ _live: list[PebbleInstance] = []
 SLOW_MODULES = frozenset({
     "test_check", "test_cli", "test_cron", "test_dns_acmedns", "test_dns_lexicon",
     "test_dns_rfc2136", "test_newcomer", "test_operator", "test_oserrors", "test_parallel_staging",
-    "test_properties", "test_quickstart", "test_real_servers", "test_renew", "test_signals",
-    "test_ssh_push",
+    "test_properties", "test_quickstart", "test_real_servers", "test_renew",
+    "test_restage_bulk", "test_signals", "test_ssh_push",
 })
 # Single tests of a second or more in modules of quick tests ("module::function").
 SLOW_TESTS = frozenset({
     "test_challenges::test_dns_script_leaving_a_detached_child_does_not_hold_us",
     "test_config::test_no_command_prints_a_secret_from_a_bad_config",
+    "test_digest::test_quiet_until_is_when_the_decision_can_first_change",
     "test_hook_scripts::test_nginx_names_file_2000_names",
+    "test_hook_scripts::test_nginx_names_file_real_server",
     "test_init::test_the_command",
     "test_spool::test_only_last_five_applied_batches_are_kept",
     "test_spool::test_second_process_waits_for_staging_and_sees_complete_entry",
