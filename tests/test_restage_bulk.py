@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,40 @@ if [ "$CERTBATCH_NAME" = c3 ]; then echo "c3 refused" >&2; exit 1; fi
     assert staging_left(tmp_path) == []
     status = json.loads((tmp_path / "state/certs/c3/status.json").read_text())
     assert status["last_result"] == "not-staged" and status["staged_version"] is None
+
+
+def test_sigterm_during_the_deploy_hooks_stops_cleanly(tmp_path: Path) -> None:
+    """Hooks in flight are stopped, the rest never start, nothing is left half staged, and
+    each certificate's status says so (the next renew stages it)."""
+    names = [f"c{i}" for i in range(6)]
+    cfg = make_tree(tmp_path, names, hooks={"deploy_workers": 2})
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    hook(tmp_path / "hooks/deploy.d/10-slow", f"""
+touch {q(probe)}/"$CERTBATCH_NAME"
+sleep 30
+""")
+    env = {k: v for k, v in os.environ.items() if k != "CERTBATCH_CONFIG"}
+    proc = subprocess.Popen([sys.executable, "-m", "certbatch", "-c", str(cfg), "run-hook",
+                             "--target", "new", "--all"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(os.listdir(probe)) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, "no hook started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+
+    assert (proc.returncode, out, err) == (143, "", "certbatch: interrupted (SIGTERM)\n")
+    assert target_runs(tmp_path) == []
+    assert os.listdir(tmp_path / "spool/pending") == [] and staging_left(tmp_path) == []
+    for name in names:
+        status = json.loads((tmp_path / f"state/certs/{name}/status.json").read_text())
+        assert status["last_result"] == "failed" and status["staged_version"] is None
+        assert status["last_error"].startswith("interrupted: stored, not staged ("), status
 
 
 def test_a_damaged_stored_certificate_fails_only_itself(tmp_path: Path) -> None:
