@@ -5,7 +5,8 @@ its name's leftovers and makes 4 fsyncs. For 10,000 certificates that is 40,000 
 whole batch is written first and made durable at once, under one exclusive hold of the spool
 lock (the caller's; nobody else stages or recovers meanwhile, so no name locks):
 
-1. **Prepare**, a few threads at a time: for each certificate a work folder
+1. **Prepare**, in this thread (more threads only add switching: Python's lock, and the folder
+   lock of ``.staging/`` that every mkdir takes): for each certificate a work folder
    ``.staging/<name>.<token>.tmp`` with ``privkey.pem`` and ``meta.json`` written without an
    fsync, and ``cert.pem``, ``chain.pem``, ``fullchain.pem`` hard links to the stored files
    (synced by the store when it wrote them; copies where they cannot be linked). The files are
