@@ -49,7 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from . import interrupt, pacer
+from . import httpenv, interrupt, pacer
 from .challenges import DNS01, ChallengeResponse, make_solver
 from .config import AcmeSettings, ChallengeSettings
 from .errors import AcmeError, CertbatchError, DeadlineExceeded, RateLimited
@@ -111,6 +111,7 @@ def _account_lock(directory_url: str) -> threading.Lock:
         return _account_locks.setdefault(directory_url, threading.Lock())
 
 
+
 class AcmeClient:
     """Issues certificates from one ACME directory; safe to share between threads."""
 
@@ -129,7 +130,7 @@ class AcmeClient:
         """This thread's HTTP session and nonce pool (requests.Session is not thread-safe)."""
         state = self._local
         if not hasattr(state, "session"):
-            state.session = requests.Session()
+            state.session = httpenv.session(self.settings.directory)
             state.nonces = set()
         return state
 
@@ -699,8 +700,7 @@ class _Conn:
         self.deadline = deadline
         self._account = account
         settings = client.settings
-        # requests' verify takes a CA bundle path as well as a bool; acme only declares bool.
-        verify: Any = str(settings.ca_bundle) if settings.ca_bundle else True
+        verify = httpenv.verify(settings.ca_bundle)
         if key is None and self._account is not None:
             key = (self._account.key, self._account.alg)
         self.net = _Network(key=key[0] if key else None, alg=key[1] if key else jose.RS256,

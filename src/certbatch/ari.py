@@ -251,10 +251,10 @@ class Fetcher:
                                       f"{url})")
 
     def _get(self, url: str) -> Any:
-        import requests  # only a run that has renewal info to refresh needs it
+        from . import httpenv  # requests: only a run that has renewal info to refresh
 
         if not hasattr(self._local, "session"):
-            self._local.session = requests.Session()
+            self._local.session = httpenv.session(self.directory_url)
             self._local.session.headers["User-Agent"] = "certbatch (ari)"
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:

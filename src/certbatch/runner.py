@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import ari, interrupt, renewal, safefs
+from . import ari, httpenv, interrupt, renewal, safefs
 from .config import CertificateSettings, Settings
 from .digest import Digest, Stamps
 from .errors import (
@@ -442,7 +442,7 @@ class Runner:
         once, none past renewal.deadline); store the answers in the statuses. Returns the
         names whose status changed."""
         acme = self.settings.acme
-        fetcher = ari.Fetcher(acme.directory, str(acme.ca_bundle) if acme.ca_bundle else True,
+        fetcher = ari.Fetcher(acme.directory, httpenv.verify(acme.ca_bundle),
                               acme.timeout, self.settings.renewal.workers,
                               time.monotonic() + self.settings.renewal.deadline,
                               interrupt.requested)
