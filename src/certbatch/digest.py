@@ -26,22 +26,17 @@ it describes, written once at the end of a run, atomically and without fsync.
 from __future__ import annotations
 
 import datetime as dt
-import json
-import logging
 import os
 import random
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import safefs
 from .config import CertificateSettings
+from .index import CacheFile
 from .renewal import Decision
 from .store import CertStatus, StoredCert
-
-log = logging.getLogger("certbatch.digest")
 
 FILE = "digest.json"
 FORMAT = 3
@@ -78,37 +73,20 @@ def _marks(folder: str, version: str) -> list[int]:
 _iso = dt.datetime.fromisoformat
 
 
-class Digest:
+class Digest(CacheFile):
     """The digest of one state folder, for one set of renewal settings."""
 
+    FILE = FILE
+    FORMAT = FORMAT
+    FALLBACK = "looking at every certificate"
+
     def __init__(self, root: Path, before_expiry: dt.timedelta | None, use_ari: bool) -> None:
-        self.path = root / FILE
+        super().__init__(root)
         self._certs_dir = os.path.join(root, "certs")
         self._settings = [before_expiry.total_seconds() if before_expiry else None, use_ari]
-        self._entries: dict[str, list[Any]] | None = None
-        self.dirty = False
 
-    def _all(self) -> dict[str, list[Any]]:
-        if self._entries is None:
-            self._entries = self._load()
-        return self._entries
-
-    def _load(self) -> dict[str, list[Any]]:
-        try:
-            data = json.loads(safefs.read_bytes(self.path))
-            if data.get("format") != FORMAT or not isinstance(data.get("certs"), dict):
-                raise ValueError("not a digest of this format")
-            if data.get("settings") != self._settings:
-                self.dirty = True  # renewal settings changed: every decision is looked at
-                return {}
-            certs: dict[str, list[Any]] = data["certs"]
-            return certs
-        except FileNotFoundError:
-            return {}
-        except Exception as exc:  # noqa: BLE001 - a cache: anything wrong means "look in full"
-            log.info("ignoring %s (%s): looking at every certificate", self.path, exc)
-            self.dirty = True
-            return {}
+    def header(self) -> dict[str, Any]:
+        return {"settings": self._settings}
 
     def lookup(self, cert: CertificateSettings, now: float
                ) -> tuple[Decision, str, dt.datetime, dt.datetime | None] | None:
@@ -162,25 +140,3 @@ class Digest:
     def drop(self, name: str) -> None:
         if self._all().pop(name, None) is not None:
             self.dirty = True
-
-    def save(self, keep: Iterable[str]) -> None:
-        """Write the digest if it changed (under the run lock); entries of names not in
-        `keep` (the configured certificates) are dropped."""
-        from .fsutil import atomic_write
-
-        if self._entries is None and not self.dirty:
-            return  # never read: nothing changed
-        entries = self._all()
-        wanted = set(keep)
-        for name in [n for n in entries if n not in wanted]:
-            del entries[name]
-            self.dirty = True
-        if not self.dirty:
-            return
-        data = {"format": FORMAT, "settings": self._settings, "certs": entries}
-        try:
-            atomic_write(self.path, json.dumps(data, separators=(",", ":")), 0o600,
-                         durable=False)
-            self.dirty = False
-        except OSError as exc:  # a cache: the run's work is done without it
-            log.warning("could not write %s: %s", self.path, exc)
