@@ -172,19 +172,10 @@ class NginxServer:
         self.error_log = self.workdir / "error.log"
         self.port = 0
 
-    def _config(self) -> str:
+    def _config_head(self) -> str:
+        """nginx.conf up to the `server` blocks: everything under workdir, no daemon of ours
+        left behind (the pid file), root's own user when run as root."""
         w = self.workdir
-        servers = []
-        for i, name in enumerate(self.server_names):
-            default = " default_server" if i == 0 else ""
-            servers.append(f"""
-    server {{
-        listen 127.0.0.1:{self.port} ssl{default};
-        server_name {name};
-        ssl_certificate {_q(self.cert_dir / name / 'fullchain.pem')};
-        ssl_certificate_key {_q(self.cert_dir / name / 'privkey.pem')};
-        location / {{ return 200 "{name}\\n"; }}
-    }}""")
         user = "user root root;\n" if os.geteuid() == 0 else ""
         return f"""{user}daemon on;
 worker_processes 1;
@@ -198,7 +189,21 @@ http {{
     fastcgi_temp_path {_q(w / 'tmp' / 'fastcgi')};
     uwsgi_temp_path {_q(w / 'tmp' / 'uwsgi')};
     scgi_temp_path {_q(w / 'tmp' / 'scgi')};
-{''.join(servers)}
+"""
+
+    def _config(self) -> str:
+        servers = []
+        for i, name in enumerate(self.server_names):
+            default = " default_server" if i == 0 else ""
+            servers.append(f"""
+    server {{
+        listen 127.0.0.1:{self.port} ssl{default};
+        server_name {name};
+        ssl_certificate {_q(self.cert_dir / name / 'fullchain.pem')};
+        ssl_certificate_key {_q(self.cert_dir / name / 'privkey.pem')};
+        location / {{ return 200 "{name}\\n"; }}
+    }}""")
+        return f"""{self._config_head()}{''.join(servers)}
 }}
 """
 

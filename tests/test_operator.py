@@ -249,22 +249,8 @@ class _WebrootNginx:
 
         class Server(NginxServer):
             def _config(self) -> str:
-                w = self.workdir
                 extra = f"listen 127.0.0.1:{extra_port};" if extra_port else ""
-                user = "user root root;\n" if os.geteuid() == 0 else ""
-                return f"""{user}daemon on;
-worker_processes 1;
-pid {_q(self.pid_file)};
-error_log {_q(self.error_log)} notice;
-events {{ worker_connections 64; }}
-http {{
-    access_log {_q(w / 'access.log')};
-    client_body_temp_path {_q(w / 'tmp' / 'body')};
-    proxy_temp_path {_q(w / 'tmp' / 'proxy')};
-    fastcgi_temp_path {_q(w / 'tmp' / 'fastcgi')};
-    uwsgi_temp_path {_q(w / 'tmp' / 'uwsgi')};
-    scgi_temp_path {_q(w / 'tmp' / 'scgi')};
-    server {{
+                return f"""{self._config_head()}    server {{
         listen 127.0.0.1:{self.port};
         {extra}
         server_name localhost;
