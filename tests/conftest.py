@@ -147,13 +147,20 @@ def webroot_server(pebble: PebbleInstance, tmp_path: Path) -> Iterator[Path]:
     webroot = tmp_path / "webroot"
     webroot.mkdir()
     handler = functools.partial(_QuietHandler, directory=str(webroot))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", pebble.http_port), handler)
+    with _serving(pebble.http_port, handler):
+        yield webroot
+
+
+@contextlib.contextmanager
+def _serving(port: int, handler: Any) -> Iterator[None]:
+    """A threaded http.server on 127.0.0.1:`port` for the block; shut down and closed after."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
                               daemon=True)
     thread.start()
     try:
-        yield webroot
+        yield
     finally:
         server.shutdown()
         server.server_close()
@@ -186,17 +193,8 @@ def serve_by_host(port: int, roots: dict[str, Path]
     seen: list[tuple[str, str, int]] = []
     handler = type("Handler", (_ByHostHandler,), {
         "roots": {h.lower(): r for h, r in roots.items()}, "seen": seen})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                              daemon=True)
-    thread.start()
-    try:
+    with _serving(port, handler):
         yield seen
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 class MemoryAccountStore:
