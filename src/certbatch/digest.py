@@ -7,17 +7,19 @@ orders, with no renewal info to ask for), the run records:
   * the decision and what it was made from: the configured names, key type and profile
     (`fingerprint`), and the renewal settings (for the whole file);
   * the inode and change time (ctime) of the certificate's folder, which changes whenever
-    `live` or status.json is replaced (every certbatch write renames); of the live version's
-    folder, which changes when a file in it is added, removed or renamed; and of status.json,
+    `live` or status.json is replaced (every certbatch write renames), and of status.json,
     which an edit in place (a script's `>`) changes too. A chmod or chown changes the ctime,
     so the ownership checks made by the full look still hold;
   * `quiet_until`: the first time the decision could change (renewal.quiet_until), or the
     next full look, whichever comes first. Full looks come back about daily (20 to 28 hours,
-    spread), so what the stamps cannot see (a PEM file of the live version edited in place,
-    the `versions/` folder's owner changed) is found within a day.
+    spread), so what the stamps cannot see is found within a day: anything inside a version
+    folder (which certbatch writes once and never changes: a PEM file edited in place,
+    removed or renamed by hand), the `versions/` folder's owner changed.
 
-The next run takes the recorded decision with three lstats when all of it still holds, and
-looks in full otherwise. A stamp taken less than RACY_NS after its file changed is not
+The next run takes the recorded decision with two lstats when all of it still holds, and
+looks in full otherwise. (A third, of the live version's folder, cost 6 % of a run with
+nothing due over 10,000 certificates, to see hand edits that can wait a day: a quiet run reads
+no file of the version.) A stamp taken less than RACY_NS after its file changed is not
 recorded: file systems keep coarse times (a clock tick, or a second), and a change in the same
 tick would leave the same ctime. The file is a cache like index.json: never trusted over what
 it describes, written once at the end of a run, atomically and without fsync.
@@ -39,13 +41,13 @@ from .renewal import Decision
 from .store import CertStatus, StoredCert
 
 FILE = "digest.json"
-FORMAT = 3
+FORMAT = 4
 RACY_NS = 2_000_000_000  # see the module docstring
 LOOK_AGAIN = (20 * 3600, 28 * 3600)  # seconds: the next full look, spread over 8 hours
 
 # The fields of one entry (a JSON list, the most compact form json reads: 10,000 in 0.06 s).
-_FP, _VERSION, _MARKS, _UNTIL, _ACTION, _REASON, _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER, \
-    _LAST_SUCCESS = range(11)
+_FP, _MARKS, _UNTIL, _ACTION, _REASON, _DUE_AT, _BASIS, _SERIAL, _NOT_AFTER, \
+    _LAST_SUCCESS = range(10)
 
 
 def fingerprint(cert: CertificateSettings) -> str:
@@ -57,17 +59,15 @@ def fingerprint(cert: CertificateSettings) -> str:
 class Stamps:
     """Taken before a full look at one certificate."""
 
-    version: str  # the `live` link's text: versions/<version>
-    # inode and ctime (ns) of the certificate's folder, the live version's, its status.json
+    # inode and ctime (ns) of the certificate's folder and of its status.json
     marks: list[int]
     taken: int  # time.time_ns() when taken
 
 
-def _marks(folder: str, version: str) -> list[int]:
+def _marks(folder: str) -> list[int]:
     a = os.lstat(folder)
-    b = os.lstat(f"{folder}/{version}")
-    c = os.lstat(f"{folder}/status.json")
-    return [a.st_ino, a.st_ctime_ns, b.st_ino, b.st_ctime_ns, c.st_ino, c.st_ctime_ns]
+    b = os.lstat(f"{folder}/status.json")
+    return [a.st_ino, a.st_ctime_ns, b.st_ino, b.st_ctime_ns]
 
 
 _iso = dt.datetime.fromisoformat
@@ -99,7 +99,7 @@ class Digest(CacheFile):
         try:
             if now >= e[_UNTIL] or e[_FP] != fingerprint(cert):
                 return None
-            if _marks(f"{self._certs_dir}/{cert.name}", e[_VERSION]) != e[_MARKS]:
+            if _marks(f"{self._certs_dir}/{cert.name}") != e[_MARKS]:
                 return None
             due_at, last_success = e[_DUE_AT], e[_LAST_SUCCESS]
             return (Decision(e[_ACTION], e[_REASON], due_at and _iso(due_at), e[_BASIS]),
@@ -108,13 +108,11 @@ class Digest(CacheFile):
             return None  # gone, or an entry not of this format: a full look
 
     def stamps(self, name: str) -> Stamps | None:
-        """Stamp `name`'s folders and status before a full look (None: no live set or no
-        status, nothing to record)."""
-        folder = f"{self._certs_dir}/{name}"
+        """Stamp `name`'s folder and status before a full look (None: no status, nothing to
+        record)."""
         try:
             taken = time.time_ns()
-            version = os.readlink(f"{folder}/live")
-            return Stamps(version, _marks(folder, version), taken)
+            return Stamps(_marks(f"{self._certs_dir}/{name}"), taken)
         except OSError:
             return None
 
@@ -130,7 +128,7 @@ class Digest(CacheFile):
         until = min(quiet_until.timestamp(),
                     stamps.taken / 1e9 + random.uniform(*LOOK_AGAIN))
         self._all()[cert.name] = [
-            fingerprint(cert), stamps.version, stamps.marks, until, decision.action,
+            fingerprint(cert), stamps.marks, until, decision.action,
             decision.reason,
             decision.due_at.isoformat() if decision.due_at else None, decision.basis,
             stored.serial, stored.not_after.isoformat(),

@@ -7,7 +7,7 @@ in step with what `renew` does.
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from . import ari
 from .config import CertificateSettings
@@ -61,8 +61,10 @@ def _backoff(status: CertStatus, now: dt.datetime) -> Decision | None:
     return Decision(BACKOFF, reason, status.next_attempt, BASIS_BACKOFF)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """What to do with one certificate, and why. (A named tuple: a run with nothing due makes
+    one per certificate from the digest, and a frozen dataclass takes four times as long.)"""
+
     action: str
     reason: str
     due_at: dt.datetime | None = None  # when the stored certificate becomes due
