@@ -182,6 +182,28 @@ def test_wildcard_and_base_share_one_record(client: AcmeClient, pebble: PebbleIn
     assert {c[3] for c in seen[2:]} == {seen[0][3], seen[1][3]}
 
 
+def test_records_are_removed_while_the_order_is_finalized(
+        client: AcmeClient, pebble: PebbleInstance, dns_env: None, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # `remove` takes two seconds here: the finalization does not wait for it, yet `issue`
+    # does not return before it is done
+    done = tmp_path / "done"
+    script, _ = recording_script(
+        tmp_path, f'[ "$1" = remove ] && sleep 2\n"{HOOK}" "$@" && echo "$1 done" >> "{done}"')
+    domain = unique("overlap")
+    caplog.set_level(logging.INFO, logger="certbatch")
+    chain = issue(client, [domain], dns_script(script))
+    assert done.read_text().splitlines() == ["add done", "remove done"]
+    assert pebble.txt(f"_acme-challenge.{domain}.") == []
+    assert chain.cert_pem
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(domain)]
+    order = [next(i for i, line in enumerate(lines) if text in line)
+             for text in ("all authorizations are valid", "finalizing the order",
+                          "certificate issued", "TXT record(s) removed")]
+    # finalized and downloaded while the script slept; logged removed after it woke
+    assert order == sorted(order)
+
+
 # -- accounts ------------------------------------------------------------------------------------
 
 def test_account_is_registered_once_and_reused(pebble: PebbleInstance,
