@@ -332,3 +332,87 @@ def test_meta_json_is_written_byte_for_byte_as_a_single_staging_writes_it() -> N
                 "staged_at": "2026-11-22T11:00:00Z"}  # as Spool.stage builds it
         assert _meta_json(stored, "2026-11-22T11:00:00Z") == \
             (json.dumps(meta, indent=2) + "\n").encode()
+
+
+def _helper_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names: list[str],
+                 die_after: int | None = None) -> tuple[Any, Any, Path]:
+    """A spool whose bulk staging forks its helper process at once (one entry a chunk), this
+    process taking no chunk: the helper prepares every entry (or dies by SIGKILL after
+    `die_after`), each recording its pid in `pids`."""
+    from certbatch.spool import Spool, bulk
+
+    store = store_certificates(tmp_path / "state", names)
+    spool = Spool(tmp_path / "spool", tmp_path / "hooks", store=store)
+    spool.check()
+    pids = tmp_path / "pids"
+    real = bulk._prepare_one
+    parent = os.getpid()
+
+    def prepare_one(*args: Any) -> Any:
+        with open(pids, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        if die_after is not None and os.getpid() != parent and \
+                len(pids.read_text().split()) > die_after:
+            real(*args)  # a whole work folder, never reported
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args)
+
+    monkeypatch.setattr(bulk, "SPLIT_MIN", 1)
+    monkeypatch.setattr(bulk, "CHUNK", 1)
+    monkeypatch.setattr(bulk._Helper, "chunks", lambda self: iter(()))
+    monkeypatch.setattr(bulk, "_prepare_one", prepare_one)
+    return store, spool, pids
+
+
+def test_the_helper_process_prepares_entries_and_reports_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With many certificates a forked helper prepares some of the entries: what it made is
+    published as if made here, and a damaged certificate it found fails alone."""
+    from certbatch.spool import bulk
+
+    names = ["a", "b", "c", "d"]
+    store, spool, pids = _helper_tree(tmp_path, monkeypatch, names)
+    key = live(tmp_path, "b") / "privkey.pem"  # same size, does not parse
+    lines = key.read_bytes().split(b"\n")
+    lines[2] = bytes(reversed(lines[2]))
+    key.write_bytes(b"\n".join(lines))
+    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+
+    done, outcome = spool.restage_all("t", [], items, 4)
+
+    assert {int(p) for p in pids.read_text().split()} - {os.getpid()} and \
+        str(os.getpid()) not in pids.read_text().split()  # all made by the helper
+    assert [(r.name, r.ok) for r in done] == [("a", True), ("b", False), ("c", True),
+                                              ("d", True)]
+    assert done[1].error is not None and "the private key does not parse" in done[1].error
+    assert outcome is not None and staging_left(tmp_path) == []
+    (batch,) = os.listdir(tmp_path / "spool/applied")  # no targets: marked applied as is
+    assert sorted(os.listdir(tmp_path / "spool/applied" / batch)) == \
+        ["a", "batch.json", "c", "d"]
+    for name in ("a", "c", "d"):
+        assert_entry_is_the_stored_set(tmp_path / "spool/applied" / batch / name,
+                                       live(tmp_path, name))
+
+
+def test_a_helper_process_that_dies_leaves_its_entries_to_this_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The helper is killed after two entries (the second folder whole, never reported):
+    every entry is prepared here again, nothing it left behind is published or kept."""
+    from certbatch.spool import bulk
+
+    names = ["a", "b", "c", "d", "e"]
+    store, spool, pids = _helper_tree(tmp_path, monkeypatch, names, die_after=1)
+    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+
+    done, outcome = spool.restage_all("t", [], items, 4)
+
+    assert "the helper process failed" in caplog.text
+    made_by = pids.read_text().split()
+    assert made_by[:2] != [str(os.getpid())] * 2 and made_by.count(str(os.getpid())) == 5
+    assert all(r.ok for r in done) and outcome is not None
+    assert staging_left(tmp_path) == []
+    (batch,) = os.listdir(tmp_path / "spool/applied")
+    for name in names:
+        assert_entry_is_the_stored_set(tmp_path / "spool/applied" / batch / name,
+                                       live(tmp_path, name))

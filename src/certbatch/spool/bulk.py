@@ -6,7 +6,8 @@ whole batch is written first and made durable at once, under one exclusive hold 
 lock (the caller's; nobody else stages or recovers meanwhile, so no name locks):
 
 1. **Prepare**, in this thread (more threads only add switching: Python's lock, and the folder
-   lock of ``.staging/`` that every mkdir takes): for each certificate a work folder
+   lock of ``.staging/`` that every mkdir takes) and, from `SPLIT_MIN` certificates on, in a
+   forked helper process too (a second CPU; see `_Helper`): for each certificate a work folder
    ``.staging/<name>.<token>.tmp`` with ``privkey.pem`` and ``meta.json`` written without an
    fsync, and ``cert.pem``, ``chain.pem``, ``fullchain.pem`` hard links to the stored files
    (synced by the store when it wrote them; copies where they cannot be linked). The files are
@@ -34,13 +35,16 @@ import errno
 import json
 import logging
 import os
+import signal
 import stat
+import struct
+import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import interrupt, safefs
 from ..errors import CertbatchError, UnsafePath, os_error_message
@@ -58,6 +62,9 @@ log = logging.getLogger("certbatch.spool")
 
 PUBLIC = ("cert.pem", "chain.pem", "fullchain.pem")  # linked to the store's files
 SYNC_THREADS = 16  # fsyncs at once where there is no syncfs
+SPLIT_MIN = 1000  # entries from which a helper process prepares some (a fork costs ~20 ms)
+CHUNK = 50  # entries a process takes at a time
+MAX_CHUNKS = 8192  # chunk numbers the queue pipe holds (4 bytes each, in its 64 KiB)
 
 
 @dataclass(frozen=True)
@@ -109,9 +116,26 @@ def restage(spool: Spool, items: Sequence[BulkItem], workers: int) -> list[BulkR
             r.error = f"deploy hook {broken[0].path}: {broken[0].why}; staging discarded"
         return results
     deploy_d = spool.deploy_commands()
-    hooked = bool(deploy_d) or any(i.deploy for i in todo)
     # One token for the whole batch: the names make the work folders unique.
     tok, staged_at = token(), iso(dt.datetime.now(dt.timezone.utc))
+    if deploy_d or any(i.deploy for i in todo):  # each certificate's hooks in a thread
+        prepared = _prepare_hooked(spool, todo, results, tok, staged_at, deploy_d, workers)
+    else:
+        prepared = _prepare_plain(spool, todo, results, tok, staged_at)
+    for r in results:
+        if not r.ok and r.error is None:  # never started: a signal came first
+            r.error, r.interrupted = "not started", True
+    if prepared:
+        # Everything in pending/ now, readable as an entry or not: under the exclusive lock
+        # nobody else adds to it, so one listing replaces an lstat per entry.
+        _publish(spool, prepared, parse_iso(staged_at), set(os.listdir(spool.pending_dir)))
+    return results
+
+
+def _prepare_hooked(spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
+                    tok: str, staged_at: str, deploy_d: Sequence[HookCommand], workers: int
+                    ) -> list[_Work]:
+    """Prepare with deploy hooks: each certificate's hooks in a thread, `workers` at once."""
     prepared: list[_Work] = []
     guard = threading.Lock()
     jobs = iter(zip(todo, results, strict=True))
@@ -125,22 +149,217 @@ def restage(spool: Spool, items: Sequence[BulkItem], workers: int) -> list[BulkR
             item, result = job
             work = _prepare_one(spool, item, result, tok, staged_at, [*deploy_d, *item.deploy])
             if work is not None:
+                point("bulk.prepared")
                 with guard:
                     prepared.append(work)
 
-    if hooked:  # each certificate's hooks in a thread, `workers` at once
-        threads = max(1, min(workers, len(todo)))
-        with ThreadPoolExecutor(threads, thread_name_prefix="certbatch-deploy") as pool:
-            for future in [pool.submit(worker) for _ in range(threads)]:
-                future.result()
-    else:  # Python and the file system's locks: more threads only add switching
-        worker()
-    for r in results:
-        if not r.ok and r.error is None:  # never started: a signal came first
-            r.error, r.interrupted = "not started", True
-    if prepared:
-        _publish(spool, prepared, parse_iso(staged_at))
-    return results
+    threads = max(1, min(workers, len(todo)))
+    with ThreadPoolExecutor(threads, thread_name_prefix="certbatch-deploy") as pool:
+        for future in [pool.submit(worker) for _ in range(threads)]:
+            future.result()
+    return prepared
+
+
+def _prepare_plain(spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
+                   tok: str, staged_at: str) -> list[_Work]:
+    """Prepare without deploy hooks, in chunks of entries: in this process alone, or with a
+    forked helper when there are many (see `_Helper`). The prepared folders in the order of
+    `todo`."""
+    size = max(CHUNK, -(-len(todo) // MAX_CHUNKS))
+    chunks = [range(i, min(i + size, len(todo))) for i in range(0, len(todo), size)]
+    helper = _Helper.start(spool, todo, results, tok, staged_at, chunks) \
+        if len(todo) >= SPLIT_MIN else None
+    works: dict[int, _Work] = {}
+    mine = set()
+    try:
+        for c in (helper.chunks() if helper else range(len(chunks))):
+            mine.add(c)
+            for i in chunks[c]:
+                if interrupt.requested():
+                    break
+                work = _prepare_one(spool, todo[i], results[i], tok, staged_at, ())
+                if work is not None:
+                    point("bulk.prepared")
+                    works[i] = work
+    except BaseException:
+        if helper:
+            helper.kill()
+        raise
+    if helper:
+        for i, work in helper.finish(chunks, mine):
+            point("bulk.prepared")
+            works[i] = work
+    return [works[i] for i in sorted(works)]
+
+
+class _Helper:
+    """A forked copy of this process that prepares some of the chunks (Python runs one thread
+    at a time: a second process is the way to use a second CPU). Each process takes the next
+    chunk number from a pipe filled before the fork, so a busy CPU does less of the work.
+
+    The helper only fills work folders in .staging/, as this process does, and reports how
+    each entry went; it never syncs or publishes. It shares the spool lock (the fork copies
+    the locked descriptors) and dies with this process (PR_SET_PDEATHSIG), so a crash leaves
+    nothing but work folders, which the next exclusive holder of the lock discards. Chunks
+    it took and did not report (it died) are prepared here again.
+    """
+
+    def __init__(self, pid: int, queue: int, report: int, todo: Sequence[BulkItem],
+                 results: Sequence[BulkResult], spool: Spool, tok: str, staged_at: str
+                 ) -> None:
+        self.pid, self.queue, self.report = pid, queue, report
+        self.todo, self.results, self.spool = todo, results, spool
+        self.tok, self.staged_at = tok, staged_at
+
+    @classmethod
+    def start(cls, spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
+              tok: str, staged_at: str, chunks: Sequence[range]) -> _Helper | None:
+        """Fork the helper; None (all is done here) where that is not safe or possible."""
+        others = [t for t in threading.enumerate()
+                  if t is not threading.current_thread() and t.name != "certbatch-signals"]
+        if others or not hasattr(os, "fork") or _prctl() is None:
+            return None  # a thread could hold a lock the child would find held forever
+        queue_r, queue_w = os.pipe()
+        numbers = b"".join(struct.pack("=I", c) for c in range(len(chunks)))
+        try:
+            os.set_blocking(queue_w, False)  # a pipe may hold only 4 KiB (pipe-user-pages-soft)
+            written = os.write(queue_w, numbers)
+        except OSError:
+            written = 0
+        finally:
+            os.close(queue_w)
+        if written != len(numbers):
+            os.close(queue_r)
+            return None
+        report_r, report_w = os.pipe()
+        parent = os.getpid()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.debug("bulk: no helper process: %s", exc)
+            for fd in (queue_r, report_r, report_w):
+                os.close(fd)
+            return None
+        if pid == 0:  # the helper: never returns
+            code = 1
+            try:
+                os.close(report_r)
+                code = _helper_main(parent, queue_r, report_w, spool, todo, results, tok,
+                                    staged_at, chunks)
+            except BaseException:
+                log.warning("bulk: the helper process failed", exc_info=True)
+            finally:
+                os._exit(code)
+        os.close(report_w)
+        return cls(pid, queue_r, report_r, todo, results, spool, tok, staged_at)
+
+    def chunks(self) -> Iterator[int]:
+        """The chunk numbers for this process, until none is left (or a signal came)."""
+        while not interrupt.requested():
+            chunk = _take(self.queue)
+            if chunk is None:
+                return
+            yield chunk
+
+    def kill(self) -> None:
+        """Stop the helper at once (this process failed): its work folders are discarded by
+        the next exclusive holder of the spool lock."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self.report)
+        os.close(self.queue)
+
+    def finish(self, chunks: Sequence[range], mine: set[int]) -> list[tuple[int, _Work]]:
+        """Wait for the helper; what it prepared, with `results` updated. Chunks it did not
+        report are prepared here (after a signal: left as not started)."""
+        if interrupt.requested():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)  # its handler stops it after one entry
+        data = bytearray()
+        while chunk := os.read(self.report, 1 << 16):
+            data += chunk
+        os.close(self.report)
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.queue)
+        try:
+            report = json.loads(data) if os.waitstatus_to_exitcode(status) == 0 else None
+        except ValueError:
+            report = None
+        done: list[tuple[int, _Work]] = []
+        if report is None:
+            log.warning("bulk: the helper process failed (status %d): its certificates are "
+                        "prepared here", status)
+            for c in range(len(chunks)):
+                if c in mine:
+                    continue
+                for i in chunks[c]:
+                    remove(Path(_folder(self.spool, self.todo[i], self.tok)))
+                    if interrupt.requested():
+                        continue
+                    work = _prepare_one(self.spool, self.todo[i], self.results[i], self.tok,
+                                        self.staged_at, ())
+                    if work is not None:
+                        done.append((i, work))
+            return done
+        for i, ok, error, interrupted, unsynced in report:
+            result = self.results[i]
+            result.ok, result.error, result.interrupted = ok, error, interrupted
+            if ok:
+                stored = self.todo[i].stored
+                done.append((i, _Work(result, stored, _folder(self.spool, self.todo[i],
+                                                              self.tok), unsynced)))
+        return done
+
+
+def _helper_main(parent: int, queue: int, report: int, spool: Spool,
+                 todo: Sequence[BulkItem], results: Sequence[BulkResult], tok: str,
+                 staged_at: str, chunks: Sequence[range]) -> int:
+    """The helper process's work (see `_Helper`); its exit code."""
+    stop = []
+    for signum in interrupt.SIGNALS:  # its own flag: the parent's handler wakes its watcher
+        signal.signal(signum, lambda *_: stop.append(1))
+    prctl = _prctl()
+    if prctl is None or prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
+        return 1  # PR_SET_PDEATHSIG: it dies with the parent (which may be gone already)
+    rows = []
+    while not stop and (chunk := _take(queue)) is not None:
+        for i in chunks[chunk]:
+            if stop:
+                break
+            r = results[i]
+            work = _prepare_one(spool, todo[i], r, tok, staged_at, ())
+            rows.append((i, r.ok, r.error, r.interrupted, work.unsynced if work else []))
+    data = memoryview(json.dumps(rows).encode())
+    while data:
+        data = data[os.write(report, data):]
+    return 0
+
+
+def _take(queue: int) -> int | None:
+    """The next chunk number from the queue pipe; None when it is empty. A read of 4 bytes is
+    never split between readers (less than PIPE_BUF)."""
+    data = os.read(queue, 4)
+    return struct.unpack("=I", data)[0] if len(data) == 4 else None
+
+
+def _prctl() -> Any:
+    """libc's prctl(2); None where there is none (not Linux): then no helper is forked."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _folder(spool: Spool, item: BulkItem, tok: str) -> str:
+    return f"{spool.staging.dir}/{item.stored.name}.{tok}.tmp"  # as Staging.folder() names it
 
 
 def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, staged_at: str,
@@ -152,7 +371,7 @@ def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, sta
         result.error = f"the stored files are damaged ({stored.damaged}); `certbatch renew` " \
                        f"issues it again"
         return None
-    folder = f"{spool.staging.dir}/{stored.name}.{tok}.tmp"  # as Staging.folder() names it
+    folder = _folder(spool, item, tok)
     try:
         os.mkdir(folder, 0o700)
     except OSError as exc:
@@ -168,7 +387,6 @@ def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, sta
         problem = os_error_message(exc, folder) if isinstance(exc, OSError) else str(exc)
     if problem is None:
         result.ok = True
-        point("bulk.prepared")
         return work
     result.error = result.error or problem
     remove(Path(folder))
@@ -255,8 +473,10 @@ def _fill_hooked(spool: Spool, work: _Work, stored: StoredCert, meta: bytes,
     return None
 
 
-def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime) -> None:
-    """Make every prepared folder durable, then pending (see the module doc)."""
+def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime, present: set[str]
+             ) -> None:
+    """Make every prepared folder durable, then pending (see the module doc). `present`: the
+    names in pending/."""
     try:
         _sync(spool.staging.dir, prepared)
     except BaseException:
@@ -268,9 +488,10 @@ def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime) -> Non
     for work in prepared:
         name = work.result.name
         try:
-            if os.path.lexists(pending + name):
-                # Pending, but not readable as an entry (or it appeared meanwhile): replaced as
-                # a staging replaces it, old entry aside first; never another user's.
+            if name in present:
+                # Pending, but not readable as an entry: replaced as a staging replaces it, old
+                # entry aside first; never another user's. (One that appeared since the listing
+                # makes the rename below fail, unless it is an empty folder.)
                 tok = os.path.basename(work.folder)[len(name) + 1:-len(".tmp")]
                 spool.staging.check_replaceable(name)
                 os.rename(work.folder, spool.staging.folder(name, tok, "ready"))
@@ -395,9 +616,20 @@ def _meta_json(stored: StoredCert, staged_at: str) -> bytes:
         if stored.domains else "[]"
     return (f'{{\n  "version": {META_VERSION},\n  "name": {quote(stored.name)},\n'
             f'  "domains": {domains},\n  "serial": {quote(stored.serial)},\n'
-            f'  "not_before": {quote(iso(stored.not_before))},\n'
-            f'  "not_after": {quote(iso(stored.not_after))},\n'
+            f'  "not_before": "{_iso(stored.not_before)}",\n'
+            f'  "not_after": "{_iso(stored.not_after)}",\n'
             f'  "staged_at": {quote(staged_at)}\n}}\n').encode()
+
+
+def _iso(t: dt.datetime) -> str:
+    """store.iso(t) (ASCII: no quoting needed), without strftime: its wrapper costs more than
+    the rest of meta.json."""
+    if t.tzinfo is None:
+        return iso(t)  # the error
+    utc = t.astimezone(dt.timezone.utc)
+    if utc.year < 1000:
+        return iso(t)  # isoformat writes 0999
+    return utc.replace(tzinfo=None).isoformat("T", "seconds") + "Z"
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
