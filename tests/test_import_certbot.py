@@ -95,6 +95,48 @@ class Certbot:
         uri: str = json.loads(regr.read_text())["uri"]
         return uri
 
+    def deactivate_valid_authorizations(self) -> list[str]:
+        """Deactivate every valid authorization of certbot's account at Pebble (RFC 8555
+        7.5.2); returns their identifiers, sorted ("*." for a wildcard).
+
+        PEBBLE_AUTHZREUSE=0 is not "never": Pebble (2.4 to 2.9, wfe.makeAuthorizations) makes
+        a new authorization only when ``rand.Intn(100) > percent``, and Intn returns 0 one
+        time in 100, so each name of an order gets the account's valid authorization of it
+        1 % of the time. certbatch, ordering under certbot's account, then rightly skips that
+        name's challenge: a forced renewal ran one hook instead of two (about 2 % of the
+        runs). With none valid there is nothing to reuse."""
+        from acme import client, messages
+        from josepy import ES256, JWK, JWKEC, RS256
+
+        (key_file,) = (self.le / "accounts").glob("*/*/*/private_key.json")
+        key = JWK.json_loads(key_file.read_text())
+        net = client.ClientNetwork(key, alg=ES256 if isinstance(key, JWKEC) else RS256,
+                                   verify_ssl=str(self.pebble.ca_bundle),  # type: ignore[arg-type]
+                                   user_agent="certbatch-tests")
+        nonce_url = client.ClientV2.get_directory(self.pebble.directory_url, net).newNonce
+
+        def post(url: str, body: Any = None) -> Any:  # None: POST-as-GET
+            return net.post(url, body, new_nonce_url=nonce_url)
+
+        net.account = messages.RegistrationResource(uri=self.regr_uri(),
+                                                    body=messages.Registration())
+        orders: list[str] = []
+        page: str | None = post(self.regr_uri()).json()["orders"]
+        while page:  # Pebble lists 3 orders a page
+            r = post(page)
+            orders += r.json()["orders"]
+            page = r.links.get("next", {}).get("url")
+        done = []
+        for order in orders:
+            for url in post(order).json()["authorizations"]:
+                authz = post(url).json()
+                if authz["status"] == "valid":
+                    update = messages.UpdateAuthorization(status=messages.STATUS_DEACTIVATED)
+                    assert post(url, update).json()["status"] == "deactivated"
+                    ident = authz["identifier"]["value"]
+                    done.append(f"*.{ident}" if authz.get("wildcard") else ident)
+        return sorted(done)
+
     def hook(self, name: str, endpoint: str) -> Path:
         """A certbot manual hook: logs its CERTBOT_* variables, then sets or clears the TXT
         record in challtestsrv."""
@@ -114,8 +156,9 @@ curl --silent --show-error --fail --max-time 10 --output /dev/null \\
 @pytest.fixture(scope="module")
 def pebble(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PebbleInstance]:
     """A Pebble of this module's own that never rejects a nonce (certbot does not always retry
-    a badNonce, and Pebble rejects 5 % of them by default) and never reuses an authorization
-    (the forced renewal must answer challenges, through certbot's hooks)."""
+    a badNonce, and Pebble rejects 5 % of them by default) and does not reuse an authorization
+    (the forced renewals must answer challenges, through certbot's hooks; PEBBLE_AUTHZREUSE=0
+    still reuses 1 % of the time: the certbot fixture deactivates what certbot validated)."""
     if find_binaries() is None:
         if os.environ.get("CERTBATCH_REQUIRE_PEBBLE") == "1":  # CI: a missing pebble fails
             pytest.fail("pebble not installed: apt-get install pebble")
@@ -154,6 +197,10 @@ def certbot(pebble: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[C
                "-d", "www.web.example", "--key-type", "rsa", "--rsa-key-size", "2048")
         cb.run("--webroot", "--cert-name", "split", "-w", str(roots[0]), "-d", "a.split.example",
                "-w", str(roots[1]), "-d", "b.split.example")
+    # Nothing for an order of certbatch's to reuse (see deactivate_valid_authorizations).
+    assert cb.deactivate_valid_authorizations() == sorted([
+        "sa.example", "noauto.example", "broken.example", "manual.example", "*.manual.example",
+        "web.example", "www.web.example", "a.split.example", "b.split.example"])
     link = cb.le / "live" / "broken" / "privkey.pem"
     link.unlink()
     link.symlink_to("../../archive/broken/privkey9.pem")  # a version that is not there
