@@ -416,3 +416,22 @@ def test_a_helper_process_that_dies_leaves_its_entries_to_this_one(
     for name in names:
         assert_entry_is_the_stored_set(tmp_path / "spool/applied" / batch / name,
                                        live(tmp_path, name))
+
+
+def test_iso_writes_what_strftime_wrote() -> None:
+    """store.iso formats without strftime (meta.json and batch files hold 2 dates an entry)."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    from certbatch.store import iso
+
+    plus2 = dt.timezone(dt.timedelta(hours=2))
+    for when in (dt.datetime(2026, 11, 22, 10, 15, 9, 999999, tzinfo=dt.timezone.utc),
+                 dt.datetime(2027, 1, 1, 1, 0, tzinfo=plus2),  # 2026 in UTC
+                 dt.datetime(2026, 7, 1, 12, 0, tzinfo=ZoneInfo("Europe/Paris")),
+                 dt.datetime(999, 5, 6, 7, 8, 9, tzinfo=dt.timezone.utc),
+                 dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc)):
+        assert iso(when) == when.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert iso(dt.datetime(2027, 1, 1, 1, 0, tzinfo=plus2)) == "2026-12-31T23:00:00Z"
+    with pytest.raises(ValueError, match="naive"):
+        iso(dt.datetime(2026, 1, 1))

@@ -616,20 +616,10 @@ def _meta_json(stored: StoredCert, staged_at: str) -> bytes:
         if stored.domains else "[]"
     return (f'{{\n  "version": {META_VERSION},\n  "name": {quote(stored.name)},\n'
             f'  "domains": {domains},\n  "serial": {quote(stored.serial)},\n'
-            f'  "not_before": "{_iso(stored.not_before)}",\n'
-            f'  "not_after": "{_iso(stored.not_after)}",\n'
+            f'  "not_before": "{iso(stored.not_before)}",\n'  # ASCII: no quoting
+            f'  "not_after": "{iso(stored.not_after)}",\n'
             f'  "staged_at": {quote(staged_at)}\n}}\n').encode()
 
-
-def _iso(t: dt.datetime) -> str:
-    """store.iso(t) (ASCII: no quoting needed), without strftime: its wrapper costs more than
-    the rest of meta.json."""
-    if t.tzinfo is None:
-        return iso(t)  # the error
-    utc = t.astimezone(dt.timezone.utc)
-    if utc.year < 1000:
-        return iso(t)  # isoformat writes 0999
-    return utc.replace(tzinfo=None).isoformat("T", "seconds") + "Z"
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
