@@ -40,6 +40,7 @@ import dns.zone
 
 NAMED = "/usr/sbin/named"
 START_TIMEOUT = 15.0  # seconds for named to load its zones
+START_ATTEMPTS = 3  # starts on a fresh port when the one picked free was taken meanwhile
 KEY_NAME = "certbatch."
 
 
@@ -170,14 +171,37 @@ def free_port(addresses: tuple[str, ...] = ("127.0.0.1", "127.0.0.2")) -> int:
     raise RuntimeError("no free port on " + ", ".join(addresses))
 
 
-def start_named(workdir: Path, address: str, port: int, zones: dict[str, str],
-                key: TsigKey, recursion: bool = False) -> Named:
+def port_taken(exc: BaseException) -> bool:
+    """Whether a server failed to start because its port was taken (its log says so): a port
+    picked free can be taken by another test process before the server binds it."""
+    text = str(exc).lower()
+    return any(sign in text for sign in (
+        "address already in use", "address in use",
+        "unable to listen on any configured interfaces"))  # named's words for it
+
+
+def start_named(workdir: Path, address: str, port: int | None, zones: dict[str, str],
+                key: TsigKey, recursion: bool = False,
+                free_on: tuple[str, ...] = ("127.0.0.1",)) -> Named:
     """Start named on address:port serving `zones` (absolute name -> zone file text).
 
-    `recursion`: for loopback clients, so that a CNAME into another of its zones is followed
-    in the answer (Pebble's resolver does not follow one itself); named never recurses to the
-    internet for the test names, all of which are in its own zones.
+    `port` None: a port free on every address of `free_on`, picked again (up to three times)
+    when named finds it taken. `recursion`: for loopback clients, so that a CNAME into another
+    of its zones is followed in the answer (Pebble's resolver does not follow one itself);
+    named never recurses to the internet for the test names, all of which are in its own zones.
     """
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return _start_named(workdir, address, free_port(free_on) if port is None else port,
+                                zones, key, recursion)
+        except RuntimeError as exc:
+            if port is not None or attempt == START_ATTEMPTS - 1 or not port_taken(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_named(workdir: Path, address: str, port: int, zones: dict[str, str],
+                 key: TsigKey, recursion: bool) -> Named:
     binary = find_named()
     if binary is None:
         raise RuntimeError("named not installed: apt-get install bind9")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 import requests
-from dns_servers import ServerProcess, free_port
+from dns_servers import START_ATTEMPTS, ServerProcess, free_port, port_taken
 
 PDNS = "/usr/sbin/pdns_server"
 SCHEMAS = ("/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql",
@@ -79,11 +79,23 @@ class Pdns(ServerProcess):
 
 
 def start_pdns(workdir: Path, zones: dict[str, dict[str, str]]) -> Pdns:
-    """Start pdns_server on 127.0.0.1 serving `zones` (absolute name -> {NS label: IPv4})."""
+    """Start pdns_server on 127.0.0.1 serving `zones` (absolute name -> {NS label: IPv4}), on
+    ports picked free (again, up to three times, when it finds one taken meanwhile)."""
     binary, schema = find_pdns(), schema_file()
     if binary is None or schema is None:
         raise RuntimeError("pdns_server not installed: apt-get install pdns-server "
                            "pdns-backend-sqlite3 sqlite3")
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return _start_pdns(binary, schema, workdir / f"try{attempt}", zones)
+        except RuntimeError as exc:
+            if attempt == START_ATTEMPTS - 1 or not port_taken(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_pdns(binary: str, schema: str, workdir: Path, zones: dict[str, dict[str, str]]
+                ) -> Pdns:
     workdir.mkdir(parents=True, exist_ok=True)
     database = workdir / "pdns.sqlite3"
     with open(schema, "rb") as sql:

@@ -30,7 +30,6 @@ from dns_servers import (
     TsigKey,
     ZoneMirror,
     find_named,
-    free_port,
     start_named,
     zone_file,
 )
@@ -83,9 +82,9 @@ class DnsSetup:
 def dns_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsSetup]:
     _require()
     key = TsigKey.generate()
-    port = free_port()
     slow = zone_file("slow.test.", {"ns1": "127.0.0.1", "ns2": "127.0.0.2"})
-    main = start_named(tmp_path_factory.mktemp("named-main"), "127.0.0.1", port, {
+    # the port, free on 127.0.0.2 too, is the relay's there
+    main = start_named(tmp_path_factory.mktemp("named-main"), "127.0.0.1", None, {
         "dns1.test.": zone_file("dns1.test.", {"ns1": "127.0.0.1"},
                                 "_acme-challenge.cname CNAME target.dns2.test.\n"
                                 "_acme-challenge.loop CNAME _acme-challenge.loop.dns1.test."),
@@ -93,11 +92,12 @@ def dns_setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DnsSetup]:
         "slow.test.": slow,
         # Pebble's CAA lookups climb to "test.": answered here, never sent to the internet.
         "test.": zone_file("test.", {"ns1": "127.0.0.1"}),
-    }, key, recursion=True)
+    }, key, recursion=True, free_on=("127.0.0.1", "127.0.0.2"))
+    port = main.port
     second = relay = pebble = None
     try:
-        second = start_named(tmp_path_factory.mktemp("named-second"), "127.0.0.1",
-                             free_port(("127.0.0.1",)), {"slow.test.": slow}, key)
+        second = start_named(tmp_path_factory.mktemp("named-second"), "127.0.0.1", None,
+                             {"slow.test.": slow}, key)
         relay = Relay(("127.0.0.2", port), (second.address, second.port))
         pebble = start_pebble(tmp_path_factory.mktemp("pebble-dns"), dns_server=main.hostport)
         yield DnsSetup(key, port, main, second, pebble)
