@@ -339,7 +339,7 @@ def test_deadline_while_dns_script_hangs(client: AcmeClient, tmp_path: Path) -> 
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         issue(client, [unique("slow")], dns_script(script), timeout=1.5)
-    assert time.monotonic() - t0 < 5  # the sleeping script was killed, not waited for
+    assert time.monotonic() - t0 < 10  # the sleeping script (30 s) was killed, not waited for
     assert [c[0] for c in calls(log)] == ["add", "remove"]
 
 
@@ -350,7 +350,7 @@ def test_deadline_during_dns_wait(client: AcmeClient, pebble: PebbleInstance, dn
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         issue(client, [unique("wait")], dns_script(script, wait=60), timeout=1.0)
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10  # not the 60 s wait
     assert [c[0] for c in calls(log)] == ["add", "remove"]
 
 
@@ -470,14 +470,14 @@ def test_unauthorized_for_a_known_account_does_not_reregister(
 
 def test_a_hanging_ca_cannot_hold_a_request_past_the_deadline(
         proxy: FaultProxy, pebble: PebbleInstance) -> None:
-    # MOCK: new-order takes 5 s to answer; the request timeout (10 s) is cut to the deadline.
-    proxy.faults.append(Fault("POST", "/order-plz", 0, delay=5))
+    # MOCK: new-order takes 20 s to answer; the request timeout (10 s) is cut to the deadline.
+    proxy.faults.append(Fault("POST", "/order-plz", 0, delay=20))
     client = AcmeClient(settings_for(pebble, proxy.directory_url), MemoryAccountStore())
     client.connect()
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="deadline exceeded waiting for https://"):
         issue(client, [unique()], standalone(pebble), timeout=1.0)
-    assert time.monotonic() - t0 < 2.5
+    assert time.monotonic() - t0 < 6  # not the request timeout's 10 s
 
 
 # -- the harness and pure helpers -------------------------------------------------------------

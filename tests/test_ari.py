@@ -244,14 +244,14 @@ def test_no_ari_at_the_ca_off_by_config_and_a_slow_ca(tmp_path: Path, pebble: Pe
     assert orders(proxy, name)[-1].get("replaces") is None
 
     # a CA whose renewal info hangs: the run ends by renewal.deadline, the lifetime rule decides
-    proxy.faults.append(Fault("GET", RENEWAL_INFO, 0, delay=8, times=5))
+    proxy.faults.append(Fault("GET", RENEWAL_INFO, 0, delay=20, times=5))
     slow = ari_config(tmp_path, pebble, proxy, certs, renewal={"deadline": "2s"})
     t0 = time.monotonic()
     result = run(["renew", "--json"], slow, pebble)
     took = time.monotonic() - t0
     assert result.returncode == 0, result.stderr
     assert outcomes(result)["plain"] == ("skip", "not-due")
-    assert took < 7, took
+    assert took < 15, took  # not the 20 s the CA hangs (room for a loaded CI machine)
     state = json.loads(status_file(tmp_path, "plain").read_text())["ari"]
     assert state["error"] and state["renew_at"] is None
 

@@ -331,7 +331,7 @@ def test_dns_script_hanging_past_the_deadline_is_killed(tmp_path: Path) -> None:
     t0 = time.monotonic()
     with pytest.raises(DeadlineExceeded, match="deadline exceeded while dns script"):
         solver.prepare([dns01("x.example.com", "v1")], soon(0.5))
-    assert time.monotonic() - t0 < 3
+    assert time.monotonic() - t0 < 10  # not the script's 30 s
     solver.cleanup()  # runs although the deadline has passed
     assert [c[0] for c in logged(log)] == ["add", "remove"]
 
