@@ -103,6 +103,7 @@ class Fault:
     times: int = 1  # how many matching requests to intercept
     after: int = 0  # let this many matching requests through first
     delay: float = 0.0  # seconds to wait before acting (a CA that hangs)
+    forward: bool = False  # pass the request on to Pebble first, then lose or replace its answer
     hits: int = 0
     seen: int = 0
     match: Callable[[Proxied], bool] | None = None  # also required to match (None: any)
@@ -167,6 +168,8 @@ class FaultProxy:
                 fault = proxy._take_fault(record)
                 if fault is not None:
                     record.faulted = True
+                    if fault.forward:  # the CA acts on it; the client never hears
+                        self.upstream(self.command, self.path, body)
                     time.sleep(fault.delay)
                     if not fault.status:
                         self.close_connection = True

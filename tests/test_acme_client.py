@@ -415,6 +415,41 @@ def test_transient_errors_on_idempotent_requests_are_retried(
     assert fault.hits == fault.times
 
 
+SERVER_ERROR = (500, {"Content-Type": "application/problem+json"},
+                b'{"type": "urn:ietf:params:acme:error:serverInternal", "detail": "oops"}')
+
+
+@pytest.mark.parametrize("answer", [(0, {}, b""), SERVER_ERROR], ids=["dropped", "500"])
+@pytest.mark.parametrize("reached", [False, True], ids=["lost-on-the-way", "answer-lost"])
+def test_a_finalize_without_answer_is_sent_again_only_if_the_ca_did_not_take_it(
+        proxy: FaultProxy, pebble: PebbleInstance, answer: tuple[int, dict[str, str], bytes],
+        reached: bool) -> None:
+    # MOCK: Pebble never fails like this. The proxy loses the first finalize before Pebble sees
+    # it (the order stays ready: sent again), or passes it on and loses Pebble's answer (the
+    # order is processing or valid: not sent again, which could fail or issue twice).
+    status, headers, body = answer
+    fault = Fault("POST", "/finalize-order/", status, headers, body, forward=reached)
+    proxy.faults.append(fault)
+    client = AcmeClient(settings_for(pebble, proxy.directory_url), MemoryAccountStore())
+    domain = unique("finalize")
+    key = new_key()
+    chain = issue(client, [domain], standalone(pebble), key)
+    check_chain(chain, [domain], key, pebble)
+    assert fault.hits == 1
+    assert proxy.count("POST", "/finalize-order/") == (1 if reached else 2)
+
+
+def test_a_finalize_refused_is_not_sent_again(proxy: FaultProxy, pebble: PebbleInstance) -> None:
+    # MOCK: a 400 problem is the CA's answer, not a lost one
+    proxy.faults.append(Fault("POST", "/finalize-order/", 400,
+                              {"Content-Type": "application/problem+json"},
+                              b'{"type": "urn:ietf:params:acme:error:badCSR", "detail": "no"}'))
+    client = AcmeClient(settings_for(pebble, proxy.directory_url), MemoryAccountStore())
+    with pytest.raises(AcmeError, match="badCSR: no"):
+        issue(client, [unique("refused")], standalone(pebble))
+    assert proxy.count("POST", "/finalize-order/") == 1
+
+
 def test_failed_authorization_shows_the_challenge_error(proxy: FaultProxy,
                                                         pebble: PebbleInstance) -> None:
     # MOCK: Pebble never uses the "dns" problem type (Boulder does); the proxy answers the first

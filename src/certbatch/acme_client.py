@@ -13,6 +13,8 @@ Robustness, all in the helpers below `issue()`:
     with a Retry-After (the CA is unavailable and said until when): on an idempotent request
     after the retries above, or at once when its wait exceeds RETRY_AFTER_WAIT_MAX or the
     deadline; the runner stores the time and asks no earlier. A 503 without one is an error.
+  * a finalize with no answer (a network error, a 5xx) is not sent again blindly: the order's
+    status says whether the CA took it (still "ready": sent once more).
   * an account the CA no longer knows is registered again (once, by one thread), saved, and the
     request retried.
   * polls start after 0.05 s and back off exponentially up to 5 s, honour Retry-After, and never
@@ -519,18 +521,37 @@ def _poll_authorizations(conn: _Conn, urls: Sequence[str]) -> None:
 
 def _finalize(conn: _Conn, order_url: str, order: messages.Order,
               csr: x509.CertificateSigningRequest) -> str:
-    """Send the CSR and poll the order until the certificate is ready; return its URL."""
+    """Send the CSR and poll the order until the certificate is ready; return its URL.
+
+    A finalize is not idempotent, so it is not resent blindly after a network error or a
+    5xx: the order (a poll is idempotent) says whether the CA took it. Still "ready": it did
+    not, and the CSR is sent once more; "processing" or "valid": it did, and the order is
+    polled as usual."""
     request = messages.CertificateRequest(csr=csr)
     try:
         response = conn.request("POST", order.finalize, request)
+    except RateLimited:
+        raise
     except AcmeError as exc:
-        if exc.type != ERROR_PREFIX + "orderNotReady":
+        if exc.type == ERROR_PREFIX + "orderNotReady":
+            # The CA has not yet noticed the valid authorizations: wait for "ready", retry.
+            log.debug("%s: order not ready yet: %s", conn.name, exc.detail)
+            _poll_order(conn, order_url, until=(messages.STATUS_READY,))
+        elif isinstance(exc, _Unreachable) or (exc.status or 0) >= 500:
+            log.info("%s: finalizing failed (%s); asking the CA whether it took the order",
+                     conn.name, exc)
+            current = _poll_order(conn, order_url, until=(
+                messages.STATUS_READY, messages.STATUS_PROCESSING, messages.STATUS_VALID))
+            if current.status != messages.STATUS_READY:
+                return _issued(conn, order_url, current)
+        else:
             raise
-        # The CA has not yet noticed the valid authorizations: wait for "ready", then retry.
-        log.debug("%s: order not ready yet: %s", conn.name, exc.detail)
-        _poll_order(conn, order_url, until=(messages.STATUS_READY,))
         response = conn.request("POST", order.finalize, request)
-    order = messages.Order.from_json(response.json())
+    return _issued(conn, order_url, messages.Order.from_json(response.json()))
+
+
+def _issued(conn: _Conn, order_url: str, order: messages.Order) -> str:
+    """The certificate URL of a finalized order (polled until it is valid)."""
     if order.status != messages.STATUS_VALID or not order.certificate:
         order = _poll_order(conn, order_url, until=(messages.STATUS_VALID,))
     if not order.certificate:
@@ -571,6 +592,10 @@ def _download(conn: _Conn, cert_url: str) -> IssuedChain:
 
 
 # -- one thread's connection: retries, nonces, deadline ------------------------------------------
+
+class _Unreachable(AcmeError):
+    """No answer to a request that is not retried as such (it may have reached the CA)."""
+
 
 class _Problem(Exception):
     """A non-2xx answer from the CA, with what we need to decide about retrying."""
@@ -774,7 +799,7 @@ class _Conn:
                     transient += 1
                     self._pause_before_retry(transient, None, url, _describe(exc))
                     continue
-                raise AcmeError(f"cannot reach the CA at {url}: {_describe(exc)}") from None
+                raise _Unreachable(f"cannot reach the CA at {url}: {_describe(exc)}") from None
             except requests.RequestException as exc:
                 raise AcmeError(f"request to {url} failed: {_describe(exc)}") from None
             except acme_errors.Error as exc:  # e.g. a missing or malformed Replay-Nonce
