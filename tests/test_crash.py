@@ -399,9 +399,10 @@ def test_remove_leftovers_deletes_only_temp_files_of_its_own_and_follows_no_link
 def test_every_fault_point_is_crash_tested() -> None:
     """A fault point added to certbatch must be added to POINTS (at visits 1 and 2 if it can be
     visited more than once in a run), or, for `run-hook --all`'s bulk staging, to
-    test_restage_bulk.BULK_POINTS."""
+    test_restage_bulk.BULK_POINTS, or, for pruning applied batches, to test_prune.PRUNE_POINTS."""
     import re
 
+    from test_prune import PRUNE_POINTS
     from test_restage_bulk import BULK_POINTS
 
     import certbatch
@@ -409,4 +410,5 @@ def test_every_fault_point_is_crash_tested() -> None:
     source = Path(certbatch.__file__).parent
     found = {m for f in source.rglob("*.py")
              for m in re.findall(r'\bpoint\("([a-z.-]+)"\)', f.read_text())}
-    assert found == {p for p, _ in POINTS} | {p for p, _ in BULK_POINTS}
+    assert found == {p for p, _ in POINTS} | {p for p, _ in BULK_POINTS} | \
+        {p for p, _ in PRUNE_POINTS}
