@@ -435,3 +435,61 @@ def test_iso_writes_what_strftime_wrote() -> None:
     assert iso(dt.datetime(2027, 1, 1, 1, 0, tzinfo=plus2)) == "2026-12-31T23:00:00Z"
     with pytest.raises(ValueError, match="naive"):
         iso(dt.datetime(2026, 1, 1))
+
+
+# `certbatch run-hook --target new --all` with the helper forked at once (one entry a chunk),
+# each prepare recording its process, the helper's slowed down: it is mid-batch when the
+# command dies.
+SPLIT_RUN = """
+import os, sys, time
+from certbatch import cli
+from certbatch.spool import bulk
+parent, real, pids = os.getpid(), bulk._prepare_one, sys.argv[1]
+def prepare_one(*args):
+    with open(pids, "a") as fh:
+        fh.write(f"{os.getpid()}\\n")
+    if os.getpid() != parent:
+        time.sleep(1)
+    return real(*args)
+bulk.SPLIT_MIN, bulk.CHUNK, bulk._prepare_one = 1, 1, prepare_one
+sys.argv = ["certbatch", "-c", sys.argv[2], "run-hook", "--target", "new", "--all"]
+cli.main()
+"""
+
+
+def test_the_helper_process_dies_with_a_crashed_command(tmp_path: Path) -> None:
+    names = [f"c{i}" for i in range(8)]
+    cfg = make_tree(tmp_path, names)
+    pids = tmp_path / "pids"
+    env = {k: v for k, v in os.environ.items() if k != "CERTBATCH_CONFIG"}
+
+    with open(tmp_path / "stderr", "w") as err:  # not a pipe: the helper would hold it open
+        command = subprocess.Popen([sys.executable, "-c", SPLIT_RUN, str(pids), str(cfg)],
+                                   env={**env, "CERTBATCH_FAULT": "bulk.prepared@3"},
+                                   stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        command.wait(timeout=120)
+
+    assert command.returncode == -signal.SIGKILL, (tmp_path / "stderr").read_text()
+    made_by = {int(p) for p in pids.read_text().split()}
+    assert command.pid in made_by and len(made_by) == 2, made_by  # the command, its helper
+    (pid,) = made_by - {command.pid}
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+
+    deadline = time.monotonic() + 3  # its other entries would take 4 s or more
+    while not gone():  # PR_SET_PDEATHSIG: killed with its parent, not left writing
+        assert time.monotonic() < deadline, "the helper outlived the command"
+        time.sleep(0.05)
+    assert os.listdir(tmp_path / "spool/pending") == [] and target_runs(tmp_path) == []
+    assert all(n.endswith(".tmp") for n in staging_left(tmp_path))
+
+    healed = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert healed.returncode == 0, healed.stderr
+    assert target_runs(tmp_path) == [(names, [])]
+    assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
