@@ -118,6 +118,26 @@ def test_on_this_machine_a_renewal_costs_what_its_file_system_allows(
     assert len(synced) == (9 if fsutil.ordered_journal(tmp_path) else 11)
 
 
+@pytest.mark.parametrize("ordered", [False, True], ids=["unordered", "ordered-journal"])
+def test_what_deploy_hooks_write_is_synced_with_the_entry(
+        tmp_path: Path, synced: list[str], monkeypatch: pytest.MonkeyPatch,
+        ordered: bool) -> None:
+    monkeypatch.setattr("certbatch.spool.spool.ordered_journal", lambda *paths: ordered)
+    hook = tmp_path / "hooks/deploy.d/10-combine"
+    hook.parent.mkdir(parents=True)
+    hook.write_text("#!/bin/sh\ncat fullchain.pem privkey.pem > combined.pem\n")
+    hook.chmod(0o755)
+    store = Store(tmp_path / "state")
+    spool = Spool(tmp_path / "spool", tmp_path / "hooks", store=store)
+    renew(store, spool, 0x1001)
+    del synced[:]
+    renew(store, spool, 0x1002)
+    staged = [k for k in kinds(tmp_path, synced) if k.startswith("staging")]
+    assert sorted(staged) == sorted(
+        ["staging/<tmp>/privkey.pem", "staging/<tmp>/meta.json", "staging/<tmp>/combined.pem"]
+        + ([] if ordered else ["staging/<tmp>"]))
+
+
 # -- telling the file systems apart ----------------------------------------------------------
 
 def fake_system(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fstype: str,
