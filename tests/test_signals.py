@@ -241,15 +241,17 @@ def test_sigterm_during_notify_target_counts_as_failed(tmp_path, pebble):
     assert pending(tmp_path) == [] and "nf" in ledger(tmp_path, "slow")["applied"]
 
 
-def test_sigterm_during_dns_script(tmp_path, pebble):
+@pytest.mark.parametrize("remove", ["quick", "hangs"])
+def test_sigterm_during_dns_script(tmp_path, pebble, remove):
     probes = tmp_path / "probes"
     probes.mkdir()
     script = tmp_path / "dns.sh"
     script.write_text(f"""#!/bin/sh
 echo "$1" >> {probes}/dns-calls
 if [ -e {probes}/fast ]; then exec {DNS_SCRIPT} "$@"; fi
+if [ "$1" = remove ] && [ {remove} = quick ]; then echo "$$" > {probes}/removed; exit 0; fi
 sleep 300 &
-echo "$$ $!" > {probes}/dns.pid.tmp && mv {probes}/dns.pid.tmp {probes}/dns.pid
+echo "$$ $!" > {probes}/$1.pid.tmp && mv {probes}/$1.pid.tmp {probes}/$1.pid
 wait
 """)
     script.chmod(0o755)
@@ -258,14 +260,23 @@ wait
     probe_hook(tmp_path / "hooks/notify.d/apply", probes)
 
     proc = start(["renew"], cfg, pebble)
-    pids = wait_for(probes / "dns.pid", proc)
-    assert_stopped(stop(proc, signal.SIGTERM), signal.SIGTERM, pids)
+    pids = wait_for(probes / "add.pid", proc)
+    code, out, err, took = stop(proc, signal.SIGTERM)
 
+    # The one script run a stop still starts: `remove`, for the records `add` was run for, so
+    # that none is left behind; one that hangs is killed 10 s after the signal.
+    assert (probes / "dns-calls").read_text().split() == ["add", "remove"]
+    if remove == "quick":
+        assert (probes / "removed").exists()
+        assert_stopped((code, out, err, took), signal.SIGTERM, pids)
+    else:
+        assert 9 < took < 18, took
+        assert (code, err) == (128 + signal.SIGTERM, "certbatch: interrupted (SIGTERM)\n")
+        remover = [int(p) for p in (probes / "remove.pid").read_text().split()]
+        assert [p for p in pids + remover if not gone(p)] == [], "hooks outlived certbatch"
     st = status(tmp_path, "dns")
     assert st["last_result"] == "failed"
     assert st["last_error"].startswith("interrupted: dns script"), st["last_error"]
-    # No new script starts after the signal, not even the cleanup `remove`.
-    assert (probes / "dns-calls").read_text().split() == ["add"]
     assert not (tmp_path / "state" / "certs" / "dns" / "live").exists()
 
     (probes / "fast").touch()

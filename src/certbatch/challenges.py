@@ -39,6 +39,7 @@ DNS01 = "dns-01"
 WELL_KNOWN = ".well-known/acme-challenge"
 SCRIPT_TIMEOUT = 60.0  # seconds per dns script call (less if the deadline is closer)
 CLEANUP_TIMEOUT = 60.0  # seconds per `remove` call; runs even after the deadline has passed
+STOPPED_CLEANUP_TIMEOUT = 10.0  # the same once certbatch is interrupted (a stop must end soon)
 
 # ACME tokens are base64url (RFC 8555 8.1); anything else could escape the webroot.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
@@ -382,25 +383,31 @@ class DnsScriptSolver:
             check_propagation(self.challenge, placed, deadline, self.name)
 
     def cleanup(self) -> None:
+        """Run `remove` for every record `add` was run for. Also once certbatch is interrupted
+        (the one script run a stop still starts: records left behind would stay for good),
+        then within STOPPED_CLEANUP_TIMEOUT in all."""
         added, self._added = self._added, []
         calls = [added] if self.per_certificate else [[record] for record in added]
+        if added and interrupt.requested():
+            log.warning("%s: interrupted: removing the dns-01 TXT record(s) all the same (%s "
+                        "remove, within %g s)", self.name, self.script, STOPPED_CLEANUP_TIMEOUT)
         for records in calls:
             if not records:
                 continue
-            if interrupt.requested():  # no new script runs once certbatch is interrupted
-                log.warning("%s: interrupted: dns-01 TXT record(s) left in place, %s remove "
-                            "not run", self.name, self.script)
-                return
+            # After a stop, every remove ends within STOPPED_CLEANUP_TIMEOUT of it (run_hook)
+            stopped_at = interrupt.requested_at()
+            deadline = time.monotonic() + CLEANUP_TIMEOUT if stopped_at is None else \
+                min(stopped_at + STOPPED_CLEANUP_TIMEOUT, time.monotonic() + CLEANUP_TIMEOUT)
             try:
-                self._run("remove", records, time.monotonic() + CLEANUP_TIMEOUT,
-                          deadline_bound=False)
+                self._run("remove", records, deadline, deadline_bound=False,
+                          after_stop=STOPPED_CLEANUP_TIMEOUT)
             except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
                 log.warning("%s: %s", self.name, exc)
         if added:
             log.info("%s: dns-01 TXT record(s) removed", self.name)
 
     def _run(self, action: str, records: Sequence[tuple[str, str, str]], deadline: float,
-             deadline_bound: bool) -> None:
+             deadline_bound: bool, after_stop: float | None = None) -> None:
         argv = [str(self.script), action, *(field for record in records for field in record)]
         env = {"CERTBATCH_ACTION": action,
                "CERTBATCH_RECORDS": "".join(f"{d} {r} {v}\n" for d, r, v in records)}
@@ -417,7 +424,7 @@ class DnsScriptSolver:
         # The hooks' runner: own process group killed whole on timeout, and it stops reading
         # soon after the script exits even if a detached child still holds its output open.
         result = run_hook(HookCommand(f"{self.name}: dns {action}", tuple(argv)), env,
-                          self.script.parent, timeout)
+                          self.script.parent, timeout, after_stop=after_stop)
         if result.interrupted:
             raise interrupt.error(f"{what} stopped")
         if result.timed_out:

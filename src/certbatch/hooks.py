@@ -315,7 +315,8 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float) -> HookResult:
+def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float,
+             after_stop: float | None = None) -> HookResult:
     """Run one hook and wait for it at most `timeout` seconds.
 
     The child gets os.environ plus `env` (os.environ itself is never touched: hooks run from
@@ -326,12 +327,15 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
     Once certbatch is interrupted (see interrupt.py) no hook starts, and a running one is
     stopped like a timed-out one: both give an `interrupted` result at once. A hook that had
     already exited keeps its status, but what it left running in its group is killed too.
+    `after_stop`: a cleanup that runs all the same (a dns-01 `remove`): started after a stop
+    too, and given up to that many seconds after the stop (within `timeout`) before it is
+    killed as timed out.
     """
     child_env = {k: v for k, v in os.environ.items() if k not in RESERVED_ENV}
     child_env.update(env)
     start = time.monotonic()
     proc: subprocess.Popen[bytes] | None = None
-    if interrupt.requested():
+    if interrupt.requested() and after_stop is None:
         failed = HookResult(cmd.name, cmd.argv, None, False, 0.0, "",
                             "not started: certbatch was interrupted", interrupted=True)
     else:
@@ -357,7 +361,7 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
         return failed
     ended = False
     try:
-        timed_out, interrupted, out, err = _wait(proc, start, timeout)
+        timed_out, interrupted, out, err = _wait(proc, start, timeout, after_stop)
         ended = True
     finally:
         if not ended:  # a bug in here must not leave the hook running or us waiting for it
@@ -377,8 +381,8 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
     return result
 
 
-def _wait(proc: subprocess.Popen[bytes], start: float,
-          timeout: float) -> tuple[bool, bool, _Tail, _Tail]:
+def _wait(proc: subprocess.Popen[bytes], start: float, timeout: float,
+          after_stop: float | None = None) -> tuple[bool, bool, _Tail, _Tail]:
     """run_hook's part while the hook runs: read its output until it ends, times out or a stop
     is requested (then kill its group). Leaves the hook unreaped. (timed_out, interrupted,
     stdout tail, stderr tail)."""
@@ -396,7 +400,9 @@ def _wait(proc: subprocess.Popen[bytes], start: float,
             if exited_at is None and _exited(proc):
                 exited_at = time.monotonic()  # it ended before this
             now = time.monotonic()
-            if interrupt.requested():
+            if after_stop is not None and interrupt.requested():
+                deadline = min(deadline, (interrupt.requested_at() or now) + after_stop)
+            elif interrupt.requested():
                 # Stop it, or what it left running in its group if it has ended. Seen to end
                 # only after the stop was requested, it may have ended of our SIGTERM (trapped,
                 # with any status): interrupted, not done.
@@ -417,7 +423,10 @@ def _wait(proc: subprocess.Popen[bytes], start: float,
             if sel.get_map():
                 _pump(sel, tails, min(0.1, wait))
             else:
-                interrupt.wait(min(0.02, wait))
+                if after_stop is None:
+                    interrupt.wait(min(0.02, wait))
+                else:
+                    time.sleep(min(0.02, wait))
         if kill:
             _kill_group(proc)
             drain_until = time.monotonic() + 0.2

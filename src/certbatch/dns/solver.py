@@ -13,6 +13,8 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .. import interrupt
+from ..challenges import STOPPED_CLEANUP_TIMEOUT
 from ..config import ChallengeSettings
 from ..errors import ChallengeError, DeadlineExceeded, Interrupted
 from .lookup import Lookup, in_zone
@@ -154,8 +156,11 @@ class DnsProviderSolver:
         if not added or self._provider is None:
             return
         # Removal is one short update per value: done even after a signal, so no record is
-        # left behind; the whole of it is bounded.
+        # left behind; the whole of it is bounded (within STOPPED_CLEANUP_TIMEOUT of a stop).
         deadline = time.monotonic() + CLEANUP_TIMEOUT
+        stopped_at = interrupt.requested_at()
+        if stopped_at is not None:
+            deadline = min(deadline, stopped_at + STOPPED_CLEANUP_TIMEOUT)
         failed = 0
         for record in added:
             try:
