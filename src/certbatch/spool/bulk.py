@@ -285,14 +285,15 @@ class _Helper:
         os.close(self.report)
         _, status = os.waitpid(self.pid, 0)
         os.close(self.queue)
+        code = os.waitstatus_to_exitcode(status)
         try:
-            report = json.loads(data) if os.waitstatus_to_exitcode(status) == 0 else None
+            report = json.loads(data) if code == 0 else None
         except ValueError:
             report = None
         done: list[tuple[int, _Work]] = []
         if report is None:
-            log.warning("bulk: the helper process failed (status %d): its certificates are "
-                        "prepared here", status)
+            log.warning("bulk: the helper process failed (%s): its certificates are prepared "
+                        "here", f"exit {code}" if code >= 0 else f"signal {-code}")
             for c in range(len(chunks)):
                 if c in mine:
                     continue
@@ -619,7 +620,6 @@ def _meta_json(stored: StoredCert, staged_at: str) -> bytes:
             f'  "not_before": "{iso(stored.not_before)}",\n'  # ASCII: no quoting
             f'  "not_after": "{iso(stored.not_after)}",\n'
             f'  "staged_at": {quote(staged_at)}\n}}\n').encode()
-
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
