@@ -186,6 +186,7 @@ class Store:
         # writes it back at the end of a run.
         self.index = Index(root)
         self._root_ok = False  # _dir checked the root already
+        self._certs = os.path.join(root, "certs")  # a string: paths below are concatenated
 
     def _dir(self, *parts: str) -> Path:
         """Create root/parts..., forcing 0700 on every level (mkdir's parents follow the umask).
@@ -250,9 +251,9 @@ class Store:
         existence-and-size check, or with `verify` from parsing them (key and certificate
         match, serial as recorded). Raises StoreError if the set cannot be read at all.
         """
-        # Plain strings, not Paths: a nothing-due run does this for every certificate.
-        cdir = os.path.join(self.root, "certs", name)
-        live = os.path.join(cdir, "live")
+        # Plain strings, not Paths: a full look and a restage do this for every certificate.
+        cdir = f"{self._certs}/{name}"
+        live = cdir + "/live"
         try:
             version = os.readlink(live)
         except FileNotFoundError:
@@ -263,9 +264,9 @@ class Store:
             raise StoreError(os_error_message(exc, live)) from exc
         if not _LIVE_RE.match(version):
             raise StoreError(f"{live}: points at {version!r}, not at one of its versions/")
-        folder = os.path.join(cdir, version)
+        folder = f"{cdir}/{version}"
         try:
-            for path in (cdir, os.path.join(cdir, "versions"), folder):
+            for path in (cdir, cdir + "/versions", folder):
                 safefs.check_dir(path)
             meta_path = folder + "/meta.json"
             meta_st = os.lstat(meta_path)
@@ -393,7 +394,7 @@ class Store:
 
     def status(self, name: str) -> CertStatus:
         # a plain string path: a nothing-due run reads thousands of these
-        path = os.path.join(self.root, "certs", name, "status.json")
+        path = f"{self._certs}/{name}/status.json"
         try:
             st = os.lstat(path)
             data = self.index.status(name, st)
