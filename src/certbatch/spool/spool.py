@@ -510,8 +510,9 @@ class Spool:
         ensure_dir(dest, 0o700)
         record = batch_document(batch.batch_id, None, self.root, entries, batch.failed_names)
         atomic_write(dest / "batch.json", batch_json(record), 0o600)
+        into = f"{dest}/"  # strings: 10,000 renames after a run-hook --all
         for entry in entries:
-            os.rename(entry.folder, dest / entry.name)
+            os.rename(entry.folder, into + entry.name)
             point("apply.entry-moved")
         fsync_dir(self.pending_dir)
         fsync_dir(dest)
