@@ -275,9 +275,9 @@ def test_without_syncfs_every_copied_file_and_folder_is_fsynced(
     real = bulk._fsync
     monkeypatch.setattr(bulk, "_syncfs", lambda folder: False)
     monkeypatch.setattr(bulk, "_fsync", lambda path: (synced.append(str(path)), real(path)))
-    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+    items = [bulk.BulkItem(n) for n in names]
 
-    done, outcome = spool.restage_all("t", [], items, 4)
+    done, outcome = spool.restage_all("t", [], items, store.current, 4)
 
     assert [r.ok for r in done] == [True] * 3 and outcome is not None
     in_entries = [p.rsplit("/", 1)[-1] for p in synced if ".tmp/" in p]
@@ -305,8 +305,8 @@ def test_a_spool_on_another_file_system_gets_copies(tmp_path: Path) -> None:
     try:
         spool = Spool(spool_dir, tmp_path / "hooks", store=store)
         spool.check()
-        items = [bulk.BulkItem(store.current(n)) for n in ("a", "b")]  # type: ignore[arg-type]
-        done, outcome = spool.restage_all("t", [], items, 4)
+        items = [bulk.BulkItem(n) for n in ("a", "b")]
+        done, outcome = spool.restage_all("t", [], items, store.current, 4)
         assert [r.ok for r in done] == [True, True] and outcome is not None
         (batch,) = os.listdir(spool_dir / "applied")
         for name in ("a", "b"):
@@ -337,8 +337,9 @@ def test_meta_json_is_written_byte_for_byte_as_a_single_staging_writes_it() -> N
 def _helper_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, names: list[str],
                  die_after: int | None = None) -> tuple[Any, Any, Path]:
     """A spool whose bulk staging forks its helper process at once (one entry a chunk), this
-    process taking no chunk: the helper prepares every entry (or dies by SIGKILL after
-    `die_after`), each recording its pid in `pids`."""
+    process taking only the first chunk (before the fork): the helper prepares every other
+    entry (or dies by SIGKILL at the `die_after`th entry made), each recording its pid in
+    `pids`."""
     from certbatch.spool import Spool, bulk
 
     store = store_certificates(tmp_path / "state", names)
@@ -376,12 +377,13 @@ def test_the_helper_process_prepares_entries_and_reports_each(
     lines = key.read_bytes().split(b"\n")
     lines[2] = bytes(reversed(lines[2]))
     key.write_bytes(b"\n".join(lines))
-    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+    items = [bulk.BulkItem(n) for n in names]
 
-    done, outcome = spool.restage_all("t", [], items, 4)
+    done, outcome = spool.restage_all("t", [], items, store.current, 4)
 
-    assert {int(p) for p in pids.read_text().split()} - {os.getpid()} and \
-        str(os.getpid()) not in pids.read_text().split()  # all made by the helper
+    made_by = pids.read_text().split()
+    assert made_by[0] == str(os.getpid()) and len(made_by) == 4  # a, before the fork
+    assert str(os.getpid()) not in made_by[1:]  # the others made by the helper
     assert [(r.name, r.ok) for r in done] == [("a", True), ("b", False), ("c", True),
                                               ("d", True)]
     assert done[1].error is not None and "the private key does not parse" in done[1].error
@@ -394,22 +396,75 @@ def test_the_helper_process_prepares_entries_and_reports_each(
                                        live(tmp_path, name))
 
 
+def test_the_helper_process_reads_the_stored_sets_it_takes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper reads the store for the entries it takes, and reports what the results need
+    of each stored set: one whose state cannot be read fails alone, one never issued has no
+    result."""
+    from certbatch.spool import bulk
+
+    names = ["a", "b", "c"]
+    store, spool, _ = _helper_tree(tmp_path, monkeypatch, names)
+    (live(tmp_path, "b") / "meta.json").write_text("{")
+    readers = tmp_path / "readers"
+
+    def load(name: str) -> Any:
+        with open(readers, "a") as fh:
+            fh.write(f"{os.getpid()} {name}\n")
+        return store.current(name)
+
+    items = [bulk.BulkItem(n) for n in ("a", "b", "never", "c")]
+    done, outcome = spool.restage_all("t", [], items, load, 4)
+
+    reads = [line.split() for line in readers.read_text().splitlines()]
+    assert reads[0] == [str(os.getpid()), "a"]  # the first chunk: here, before the fork
+    assert sorted(n for _, n in reads[1:]) == ["b", "c", "never"]
+    assert str(os.getpid()) not in {p for p, _ in reads[1:]}  # read by the helper
+    assert [(r.name, r.ok, r.unreadable) for r in done] == \
+        [("a", True, False), ("b", False, True), ("c", True, False)]
+    assert done[1].error is not None and "unreadable certificate metadata" in done[1].error
+    for result in (done[0], done[2]):
+        stored = store.current(result.name)
+        assert stored is not None and result.entry is not None
+        assert (result.serial, result.domains, result.not_after) == \
+            (stored.serial, stored.domains, stored.not_after)
+    assert outcome is not None and staging_left(tmp_path) == []
+    (batch,) = os.listdir(tmp_path / "spool/applied")
+    assert sorted(os.listdir(tmp_path / "spool/applied" / batch)) == ["a", "batch.json", "c"]
+
+
+def test_a_certificate_whose_state_cannot_be_read_fails_alone(tmp_path: Path) -> None:
+    names = ["a", "b", "c"]
+    cfg = make_tree(tmp_path, names)
+    (live(tmp_path, "b") / "meta.json").write_text("{")
+
+    result = run(["run-hook", "--target", "new", "--all"], cfg)
+
+    assert result.returncode == 1
+    assert "unreadable certificate metadata" in result.stderr, result.stderr
+    assert target_runs(tmp_path) == [(["a", "c"], ["b"])]
+    assert staging_left(tmp_path) == [] and os.listdir(tmp_path / "spool/pending") == []
+
+
 def test_a_helper_process_that_dies_leaves_its_entries_to_this_one(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
     """The helper is killed after two entries (the second folder whole, never reported):
-    every entry is prepared here again, nothing it left behind is published or kept."""
+    every entry it took is prepared here again, nothing it left behind is published or
+    kept."""
     from certbatch.spool import bulk
 
     names = ["a", "b", "c", "d", "e"]
-    store, spool, pids = _helper_tree(tmp_path, monkeypatch, names, die_after=1)
-    items = [bulk.BulkItem(store.current(n)) for n in names]  # type: ignore[arg-type]
+    store, spool, pids = _helper_tree(tmp_path, monkeypatch, names, die_after=2)
+    items = [bulk.BulkItem(n) for n in names]
 
-    done, outcome = spool.restage_all("t", [], items, 4)
+    done, outcome = spool.restage_all("t", [], items, store.current, 4)
 
     assert "the helper process failed" in caplog.text
     made_by = pids.read_text().split()
-    assert made_by[:2] != [str(os.getpid())] * 2 and made_by.count(str(os.getpid())) == 5
+    me = str(os.getpid())
+    assert made_by[0] == me and made_by[1] == made_by[2] != me  # a here; b and c: the helper
+    assert made_by.count(me) == 5  # a, then b to e again
     assert all(r.ok for r in done) and outcome is not None
     assert staging_left(tmp_path) == []
     (batch,) = os.listdir(tmp_path / "spool/applied")

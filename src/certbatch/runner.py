@@ -698,33 +698,29 @@ class Runner:
         self.select_targets(targets, [target])
         self.preflight()
         decision = Decision(renewal.RESTAGE, f"run-hook --target {target} --all")
-        results: list[CertResult] = []
-        items: list[BulkItem] = []
-        for cert in self.settings.certificates.values():
-            try:
-                stored = self.store.current(cert.name)
-            except CertbatchError as exc:  # that one fails; the others are still handed over
-                results.append(CertResult(cert.name, cert.domains, decision, FAILED, str(exc)))
-                continue
-            if stored is not None:
-                items.append(BulkItem(stored, tuple(self.deploy_hooks(cert))))
+        certs = self.settings.certificates
+        # The stored sets are read by the bulk staging, by whichever of its processes takes
+        # each; one whose state is unreadable fails alone, the others are still handed over.
+        items = [BulkItem(cert.name, tuple(self.deploy_hooks(cert))) for cert in certs.values()]
         workers = self.settings.hooks.deploy_workers or self.settings.renewal.workers
-        done, outcome = self.spool.restage_all(target, targets, items, workers,
-                                               [r.name for r in results])
-        stored_of = {item.stored.name: item.stored for item in items}
-        results += [self._restaged(r, stored_of[r.name], decision) for r in done]
-        self.store.index.save(keep=self.settings.certificates)
+        done, outcome = self.spool.restage_all(target, targets, items, self.store.current,
+                                               workers)
+        results = [self._restaged(r, certs[r.name].domains, decision) for r in done]
+        self.store.index.save(keep=certs)
         if outcome is None:  # a signal came before the notify phase
             interrupt.check()
             raise interrupt.error()
         self._restage_damaged(outcome, results)
         return results, outcome
 
-    def _restaged(self, done: BulkResult, stored: StoredCert, decision: Decision
+    def _restaged(self, done: BulkResult, domains: tuple[str, ...], decision: Decision
                   ) -> CertResult:
-        """The result of one certificate restaged in bulk; the status of a failed one saved."""
-        result = CertResult(done.name, stored.domains, decision, RESTAGED, serial=stored.serial,
-                            not_after=stored.not_after, staged=done.ok)
+        """The result of one certificate restaged in bulk; the status of a failed one saved.
+        `domains`: the configured ones, for one whose stored state could not be read."""
+        if done.unreadable:  # its status is not written: its state could not be read
+            return CertResult(done.name, domains, decision, FAILED, done.error)
+        result = CertResult(done.name, done.domains, decision, RESTAGED, serial=done.serial,
+                            not_after=done.not_after, staged=done.ok)
         if done.ok:
             return result
         result.outcome = FAILED if done.interrupted else NOT_STAGED

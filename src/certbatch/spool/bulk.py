@@ -7,15 +7,16 @@ lock (the caller's; nobody else stages or recovers meanwhile, so no name locks):
 
 1. **Prepare**, in this thread (more threads only add switching: Python's lock, and the folder
    lock of ``.staging/`` that every mkdir takes) and, from `SPLIT_MIN` certificates on, in a
-   forked helper process too (a second CPU; see `_Helper`): for each certificate a work folder
-   ``.staging/<name>.<token>.tmp`` with ``privkey.pem`` and ``meta.json`` written without an
-   fsync, and ``cert.pem``, ``chain.pem``, ``fullchain.pem`` hard links to the stored files
-   (synced by the store when it wrote them; copies where they cannot be linked). The files are
-   read through those links, so what is checked (key and certificate parse and match, the
-   serial) is exactly what the entry holds: each entry is checked once, here. With deploy
-   hooks, the folder gets copies instead, the hooks run in it (up to `workers` certificates at
-   once), then the entry is checked and each public file they left as it was becomes a link
-   (as in spool.py).
+   forked helper process too (a second CPU; see `_Helper`): for each certificate its stored
+   set read from the store (by the process that takes it: reading 10,000 costs about 1 s),
+   then a work folder ``.staging/<name>.<token>.tmp`` with ``privkey.pem`` and ``meta.json``
+   written without an fsync, and ``cert.pem``, ``chain.pem``, ``fullchain.pem`` hard links to
+   the stored files (synced by the store when it wrote them; copies where they cannot be
+   linked). The files are read through those links, so what is checked (key and certificate
+   parse and match, the serial) is exactly what the entry holds: each entry is checked once,
+   here. With deploy hooks (no helper), the stored sets are read first, each folder gets
+   copies instead, the hooks run in it (up to `workers` certificates at once), then the entry
+   is checked and each public file they left as it was becomes a link (as in spool.py).
 2. **Sync** everything written at once: one syncfs(2) of the spool's file system on Linux 5.8 or
    later (which reports write errors); elsewhere an fsync of every file that is not a link and
    of every work folder, 16 at a time.
@@ -35,12 +36,13 @@ import errno
 import json
 import logging
 import os
+import pickle
 import signal
 import stat
 import struct
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,26 +69,37 @@ CHUNK = 50  # entries a process takes at a time
 MAX_CHUNKS = 8192  # chunk numbers the queue pipe holds (4 bytes each, in its 64 KiB)
 
 
+# How a certificate's stored set is read (the store's `current`): None if it was never issued;
+# CertbatchError if its state cannot be read (that certificate fails alone).
+Load = Callable[[str], "StoredCert | None"]
+
+
 @dataclass(frozen=True)
 class BulkItem:
-    """A stored certificate to stage again, and its own deploy command (deploy.d comes first)."""
+    """A configured certificate to stage again (its stored set is read when it is taken), and
+    its own deploy command (deploy.d comes first)."""
 
-    stored: StoredCert
+    name: str
     deploy: tuple[HookCommand, ...] = ()
 
 
 @dataclass
 class BulkResult:
-    """How restaging one certificate went. `interrupted`: stopped by a signal (its hook, or it
-    never started)."""
+    """How restaging one certificate went. `serial`, `domains`, `not_after`: its stored set's,
+    once read. `unreadable`: its stored state could not be read (`error` says why).
+    `interrupted`: stopped by a signal (its hook, or it never started)."""
 
     name: str
-    serial: str
+    serial: str = ""
+    domains: tuple[str, ...] = ()
+    not_after: dt.datetime | None = None
     ok: bool = False
     error: str | None = None
+    unreadable: bool = False
     results: list[HookResult] = field(default_factory=list)
     interrupted: bool = False
     entry: PendingEntry | None = None  # the pending entry made, once it is
+    issued: bool | None = None  # None: not read (yet); False: never issued, no result
 
 
 @dataclass
@@ -95,50 +108,83 @@ class _Work:
     syncfs (those that are not links to stored files). Paths are strings: 10,000 of them."""
 
     result: BulkResult
-    stored: StoredCert
     folder: str
     unsynced: list[str]
+    not_after: dt.datetime  # the stored certificate's
 
 
-def restage(spool: Spool, items: Sequence[BulkItem], workers: int) -> list[BulkResult]:
-    """Stage `items` whose name is not pending, in bulk (see the module doc); the results of
-    those, in the order of `items`. Call holding the spool lock exclusively. `workers`: deploy
-    hooks of that many certificates at once. Raises OSError if the batch cannot be made
-    durable or published (what is not pending yet is discarded by the next recovery)."""
+def restage(spool: Spool, items: Sequence[BulkItem], load: Load, workers: int
+            ) -> list[BulkResult]:
+    """Stage every item that was issued and whose name is not pending, in bulk (see the module
+    doc): their results in the order of `items`, then those of the pending ones whose stored
+    state cannot be read (`unreadable`). Each item's stored set is read with `load` by the
+    process that takes it. Call holding the spool lock exclusively. `workers`: deploy hooks of
+    that many certificates at once. Raises OSError if the batch cannot be made durable or
+    published (what is not pending yet is discarded by the next recovery)."""
     pending = {e.name for e in read_pending(spool.pending_dir)}
-    todo = [i for i in items if i.stored.name not in pending]
-    results = [BulkResult(i.stored.name, i.stored.serial) for i in todo]
+    todo = [i for i in items if i.name not in pending]
+    results = [BulkResult(i.name) for i in todo]
+    # Not staged again, but read all the same: one whose state is unreadable fails.
+    failed = [r for r in (BulkResult(i.name) for i in items if i.name in pending)
+              if _load(load, r) is None and r.unreadable]
     if not todo:
-        return results
+        return failed
     broken = [f for f in scan(spool.hooks_dir / "deploy.d") if f.state == "problem"]
     if broken:
         for r in results:
-            r.error = f"deploy hook {broken[0].path}: {broken[0].why}; staging discarded"
-        return results
+            if _load(load, r) is not None:
+                r.error = f"deploy hook {broken[0].path}: {broken[0].why}; staging discarded"
+        return _issued(results) + failed
     deploy_d = spool.deploy_commands()
     # One token for the whole batch: the names make the work folders unique.
     tok, staged_at = token(), iso(dt.datetime.now(dt.timezone.utc))
     if deploy_d or any(i.deploy for i in todo):  # each certificate's hooks in a thread
-        prepared = _prepare_hooked(spool, todo, results, tok, staged_at, deploy_d, workers)
+        prepared = _prepare_hooked(spool, todo, results, load, tok, staged_at, deploy_d,
+                                   workers)
     else:
-        prepared = _prepare_plain(spool, todo, results, tok, staged_at)
+        prepared = _prepare_plain(spool, todo, results, load, tok, staged_at)
     for r in results:
-        if not r.ok and r.error is None:  # never started: a signal came first
-            r.error, r.interrupted = "not started", True
+        if r.ok or r.error is not None or r.issued is False:
+            continue
+        if r.issued is None and _load(load, r) is None:  # never taken: read for the report
+            continue
+        r.error, r.interrupted = "not started", True  # a signal came first
     if prepared:
         # Everything in pending/ now, readable as an entry or not: under the exclusive lock
         # nobody else adds to it, so one listing replaces an lstat per entry.
         _publish(spool, prepared, parse_iso(staged_at), set(os.listdir(spool.pending_dir)))
-    return results
+    return _issued(results) + failed
+
+
+def _issued(results: list[BulkResult]) -> list[BulkResult]:
+    """`results` but those of certificates never issued (nothing to stage, nothing to say)."""
+    return [r for r in results if r.issued is not False]
+
+
+def _load(load: Load, result: BulkResult) -> StoredCert | None:
+    """The stored set of `result`'s certificate, what the report needs of it noted in `result`;
+    None if it was never issued (`issued` False) or cannot be read (`unreadable`)."""
+    try:
+        stored = load(result.name)
+    except CertbatchError as exc:
+        result.error, result.unreadable = str(exc), True
+        return None
+    result.issued = stored is not None
+    if stored is not None:
+        result.serial, result.domains = stored.serial, stored.domains
+        result.not_after = stored.not_after
+    return stored
 
 
 def _prepare_hooked(spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
-                    tok: str, staged_at: str, deploy_d: Sequence[HookCommand], workers: int
-                    ) -> list[_Work]:
-    """Prepare with deploy hooks: each certificate's hooks in a thread, `workers` at once."""
+                    load: Load, tok: str, staged_at: str, deploy_d: Sequence[HookCommand],
+                    workers: int) -> list[_Work]:
+    """Prepare with deploy hooks: each certificate's hooks in a thread, `workers` at once (the
+    stored sets read first, here: the hooks take the time)."""
     prepared: list[_Work] = []
     guard = threading.Lock()
-    jobs = iter(zip(todo, results, strict=True))
+    jobs = iter([(item, result, stored) for item, result in zip(todo, results, strict=True)
+                 if (stored := _load(load, result)) is not None])
 
     def worker() -> None:
         while not interrupt.requested():
@@ -146,8 +192,9 @@ def _prepare_hooked(spool: Spool, todo: Sequence[BulkItem], results: Sequence[Bu
                 job = next(jobs, None)
             if job is None:
                 return
-            item, result = job
-            work = _prepare_one(spool, item, result, tok, staged_at, [*deploy_d, *item.deploy])
+            item, result, stored = job
+            work = _prepare_one(spool, stored, result, tok, staged_at,
+                                [*deploy_d, *item.deploy])
             if work is not None:
                 point("bulk.prepared")
                 with guard:
@@ -161,26 +208,34 @@ def _prepare_hooked(spool: Spool, todo: Sequence[BulkItem], results: Sequence[Bu
 
 
 def _prepare_plain(spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
-                   tok: str, staged_at: str) -> list[_Work]:
-    """Prepare without deploy hooks, in chunks of entries: in this process alone, or with a
-    forked helper when there are many (see `_Helper`). The prepared folders in the order of
-    `todo`."""
+                   load: Load, tok: str, staged_at: str) -> list[_Work]:
+    """Read and prepare without deploy hooks, in chunks of entries: in this process alone, or
+    with a forked helper when there are many (see `_Helper`). The prepared folders in the
+    order of `todo`."""
     size = max(CHUNK, -(-len(todo) // MAX_CHUNKS))
     chunks = [range(i, min(i + size, len(todo))) for i in range(0, len(todo), size)]
-    helper = _Helper.start(spool, todo, results, tok, staged_at, chunks) \
-        if len(todo) >= SPLIT_MIN else None
     works: dict[int, _Work] = {}
     mine = set()
+
+    def take(c: int) -> None:
+        mine.add(c)
+        for i in chunks[c]:
+            if interrupt.requested():
+                break
+            work = _read_and_prepare(spool, load, results[i], tok, staged_at)
+            if work is not None:
+                point("bulk.prepared")
+                works[i] = work
+
+    helper = None
+    if len(todo) >= SPLIT_MIN:
+        # The first chunk here, before the fork: what its reads load (the store's index,
+        # 11 MB of JSON for 10,000 certificates: 0.2 s) the helper has without loading it.
+        take(0)
+        helper = _Helper.start(spool, todo, results, load, tok, staged_at, chunks, 1)
     try:
-        for c in (helper.chunks() if helper else range(len(chunks))):
-            mine.add(c)
-            for i in chunks[c]:
-                if interrupt.requested():
-                    break
-                work = _prepare_one(spool, todo[i], results[i], tok, staged_at, ())
-                if work is not None:
-                    point("bulk.prepared")
-                    works[i] = work
+        for c in (helper.chunks() if helper else range(len(mine), len(chunks))):
+            take(c)
     except BaseException:
         if helper:
             helper.kill()
@@ -197,30 +252,36 @@ class _Helper:
     at a time: a second process is the way to use a second CPU). Each process takes the next
     chunk number from a pipe filled before the fork, so a busy CPU does less of the work.
 
-    The helper only fills work folders in .staging/, as this process does, and reports how
-    each entry went; it never syncs or publishes. It shares the spool lock (the fork copies
-    the locked descriptors) and dies with this process (PR_SET_PDEATHSIG), so a crash leaves
-    nothing but work folders, which the next exclusive holder of the lock discards. Chunks
-    it took and did not report (it died) are prepared here again.
+    The helper reads the stored sets of its chunks, as this process does, fills their work
+    folders in .staging/ and reports how each went (and what the results need of the stored
+    set); it never syncs or publishes. It shares the spool lock (the fork copies the locked
+    descriptors) and dies with this process (PR_SET_PDEATHSIG), so a crash leaves nothing
+    but work folders, which the next exclusive holder of the lock discards. Chunks it took
+    and did not report (it died) are read and prepared here again. Its reads of the store
+    use the store's index (state/index.json, as loaded before the fork); what it adds to the
+    index is lost with it: a cache, which this process saves at the end with what it read
+    itself (the next run reads the rest from the meta.json files, and caches it).
     """
 
     def __init__(self, pid: int, queue: int, report: int, todo: Sequence[BulkItem],
-                 results: Sequence[BulkResult], spool: Spool, tok: str, staged_at: str
-                 ) -> None:
+                 results: Sequence[BulkResult], spool: Spool, load: Load, tok: str,
+                 staged_at: str) -> None:
         self.pid, self.queue, self.report = pid, queue, report
-        self.todo, self.results, self.spool = todo, results, spool
+        self.todo, self.results, self.spool, self.load = todo, results, spool, load
         self.tok, self.staged_at = tok, staged_at
 
     @classmethod
     def start(cls, spool: Spool, todo: Sequence[BulkItem], results: Sequence[BulkResult],
-              tok: str, staged_at: str, chunks: Sequence[range]) -> _Helper | None:
-        """Fork the helper; None (all is done here) where that is not safe or possible."""
+              load: Load, tok: str, staged_at: str, chunks: Sequence[range], first: int
+              ) -> _Helper | None:
+        """Fork the helper, the chunks from `first` on left to take; None (all is done here)
+        where that is not safe or possible."""
         others = [t for t in threading.enumerate()
                   if t is not threading.current_thread() and t.name != "certbatch-signals"]
         if others or not hasattr(os, "fork") or _prctl() is None:
             return None  # a thread could hold a lock the child would find held forever
         queue_r, queue_w = os.pipe()
-        numbers = b"".join(struct.pack("=I", c) for c in range(len(chunks)))
+        numbers = b"".join(struct.pack("=I", c) for c in range(first, len(chunks)))
         try:
             os.set_blocking(queue_w, False)  # a pipe may hold only 4 KiB (pipe-user-pages-soft)
             written = os.write(queue_w, numbers)
@@ -247,14 +308,14 @@ class _Helper:
             code = 1
             try:
                 os.close(report_r)
-                code = _helper_main(parent, queue_r, report_w, spool, todo, results, tok,
+                code = _helper_main(parent, queue_r, report_w, spool, results, load, tok,
                                     staged_at, chunks)
             except BaseException:
                 log.warning("bulk: the helper process failed", exc_info=True)
             finally:
                 os._exit(code)
         os.close(report_w)
-        return cls(pid, queue_r, report_r, todo, results, spool, tok, staged_at)
+        return cls(pid, queue_r, report_r, todo, results, spool, load, tok, staged_at)
 
     def chunks(self) -> Iterator[int]:
         """The chunk numbers for this process, until none is left (or a signal came)."""
@@ -287,8 +348,8 @@ class _Helper:
         os.close(self.queue)
         code = os.waitstatus_to_exitcode(status)
         try:
-            report = json.loads(data) if code == 0 else None
-        except ValueError:
+            report = pickle.loads(data) if code == 0 else None  # noqa: S301 - our own fork's
+        except (pickle.UnpicklingError, EOFError, ValueError):
             report = None
         done: list[tuple[int, _Work]] = []
         if report is None:
@@ -298,27 +359,29 @@ class _Helper:
                 if c in mine:
                     continue
                 for i in chunks[c]:
-                    remove(Path(_folder(self.spool, self.todo[i], self.tok)))
+                    remove(Path(_folder(self.spool, self.todo[i].name, self.tok)))
                     if interrupt.requested():
                         continue
-                    work = _prepare_one(self.spool, self.todo[i], self.results[i], self.tok,
-                                        self.staged_at, ())
+                    work = _read_and_prepare(self.spool, self.load, self.results[i], self.tok,
+                                             self.staged_at)
                     if work is not None:
                         done.append((i, work))
             return done
-        for i, ok, error, interrupted, unsynced in report:
+        for i, issued, serial, domains, not_after, ok, error, unreadable, interrupted, \
+                unsynced in report:
             result = self.results[i]
-            result.ok, result.error, result.interrupted = ok, error, interrupted
+            result.issued, result.serial, result.domains = issued, serial, domains
+            result.not_after, result.ok, result.error = not_after, ok, error
+            result.unreadable, result.interrupted = unreadable, interrupted
             if ok:
-                stored = self.todo[i].stored
-                done.append((i, _Work(result, stored, _folder(self.spool, self.todo[i],
-                                                              self.tok), unsynced)))
+                folder = _folder(self.spool, result.name, self.tok)
+                done.append((i, _Work(result, folder, unsynced, not_after)))
         return done
 
 
 def _helper_main(parent: int, queue: int, report: int, spool: Spool,
-                 todo: Sequence[BulkItem], results: Sequence[BulkResult], tok: str,
-                 staged_at: str, chunks: Sequence[range]) -> int:
+                 results: Sequence[BulkResult], load: Load, tok: str, staged_at: str,
+                 chunks: Sequence[range]) -> int:
     """The helper process's work (see `_Helper`); its exit code."""
     stop = []
     for signum in interrupt.SIGNALS:  # its own flag: the parent's handler wakes its watcher
@@ -332,9 +395,10 @@ def _helper_main(parent: int, queue: int, report: int, spool: Spool,
             if stop:
                 break
             r = results[i]
-            work = _prepare_one(spool, todo[i], r, tok, staged_at, ())
-            rows.append((i, r.ok, r.error, r.interrupted, work.unsynced if work else []))
-    data = memoryview(json.dumps(rows).encode())
+            work = _read_and_prepare(spool, load, r, tok, staged_at)
+            rows.append((i, r.issued, r.serial, r.domains, r.not_after, r.ok, r.error,
+                         r.unreadable, r.interrupted, work.unsynced if work else []))
+    data = memoryview(pickle.dumps(rows, pickle.HIGHEST_PROTOCOL))
     while data:
         data = data[os.write(report, data):]
     return 0
@@ -359,20 +423,27 @@ def _prctl() -> Any:
         return None
 
 
-def _folder(spool: Spool, item: BulkItem, tok: str) -> str:
-    return f"{spool.staging.dir}/{item.stored.name}.{tok}.tmp"  # as Staging.folder() names it
+def _folder(spool: Spool, name: str, tok: str) -> str:
+    return f"{spool.staging.dir}/{name}.{tok}.tmp"  # as Staging.folder() names it
 
 
-def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, staged_at: str,
-                 commands: Sequence[HookCommand]) -> _Work | None:
+def _read_and_prepare(spool: Spool, load: Load, result: BulkResult, tok: str, staged_at: str
+                      ) -> _Work | None:
+    """Read one stored set and fill its work folder (no deploy hooks); None if it cannot be
+    staged (`result` says why) or was never issued."""
+    stored = _load(load, result)
+    return None if stored is None else _prepare_one(spool, stored, result, tok, staged_at, ())
+
+
+def _prepare_one(spool: Spool, stored: StoredCert, result: BulkResult, tok: str,
+                 staged_at: str, commands: Sequence[HookCommand]) -> _Work | None:
     """Fill one work folder (and run its deploy hooks); None, with `result` saying why, if it
     cannot be staged."""
-    stored = item.stored
     if stored.damaged:
         result.error = f"the stored files are damaged ({stored.damaged}); `certbatch renew` " \
                        f"issues it again"
         return None
-    folder = _folder(spool, item, tok)
+    folder = _folder(spool, stored.name, tok)
     try:
         os.mkdir(folder, 0o700)
     except OSError as exc:
@@ -380,7 +451,7 @@ def _prepare_one(spool: Spool, item: BulkItem, result: BulkResult, tok: str, sta
         return None
     try:
         os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
-        work = _Work(result, stored, folder, [])
+        work = _Work(result, folder, [], stored.not_after)
         meta = _meta_json(stored, staged_at)
         problem = _fill_hooked(spool, work, stored, meta, commands) if commands else \
             _fill(work, stored, meta)
@@ -504,9 +575,9 @@ def _publish(spool: Spool, prepared: list[_Work], staged_at: dt.datetime, presen
             work.result.error = os_error_message(exc) if isinstance(exc, OSError) else str(exc)
             remove(Path(work.folder))
             continue
-        stored = work.stored
-        work.result.entry = PendingEntry(name, stored.domains, stored.serial, stored.not_after,
-                                         staged_at, spool.pending_dir / name)
+        r = work.result
+        r.entry = PendingEntry(name, r.domains, r.serial, work.not_after, staged_at,
+                               spool.pending_dir / name)
         point("bulk.committed")
     fsync_dir(spool.pending_dir)
     fsync_dir(spool.staging.dir)

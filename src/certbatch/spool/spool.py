@@ -413,22 +413,23 @@ class Spool:
             raise StoreError(f"notify failed: {os_error_message(exc, self.root)}") from exc
 
     def restage_all(self, target: str, targets: Sequence[Target], items: Sequence[bulk.BulkItem],
-                    workers: int, failed_names: Sequence[str] = ()
+                    load: bulk.Load, workers: int
                     ) -> tuple[list[bulk.BulkResult], NotifyOutcome | None]:
         """`run-hook --target TARGET --all` in one exclusive hold of the spool lock: forget what
-        TARGET applied, stage every item that is not pending in bulk (bulk.py; `workers`:
-        deploy hooks of that many certificates at once), then the notify phase for TARGET
-        alone, which does not check again the entries the bulk staging just checked. The
-        outcome is None when a signal came before the notify phase. `failed_names`: the
-        certificates that could not even be read, for the targets' CERTBATCH_FAILED_NAMES.
-        Raises StoreError if the spool can't be written."""
+        TARGET applied, stage every item that was issued and is not pending in bulk (bulk.py;
+        `load` reads an item's stored set; `workers`: deploy hooks of that many certificates
+        at once), then the notify phase for TARGET alone, which does not check again the
+        entries the bulk staging just checked. The outcome is None when a signal came before
+        the notify phase. A certificate whose stored state cannot be read fails alone (its
+        result is `unreadable`; it is among the targets' CERTBATCH_FAILED_NAMES). Raises
+        StoreError if the spool can't be written."""
         try:
             with self._locked():
                 self.ledgers.forget(target)
-                done = bulk.restage(self, items, workers)
+                done = bulk.restage(self, items, load, workers)
                 if interrupt.requested():
                     return done, None
-                failed = [*failed_names, *(r.name for r in done if not r.ok)]
+                failed = [r.name for r in done if not r.ok]
                 checked = {r.name: r.entry for r in done if r.entry is not None}
                 return done, self._notify_locked(list(targets), failed, [target], checked)
         except OSError as exc:
