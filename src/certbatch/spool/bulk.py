@@ -71,7 +71,7 @@ MAX_CHUNKS = 8192  # chunk numbers the queue pipe holds (4 bytes each, in its 64
 
 # How a certificate's stored set is read (the store's `current`): None if it was never issued;
 # CertbatchError if its state cannot be read (that certificate fails alone).
-Load = Callable[[str], "StoredCert | None"]
+Load = Callable[[str], StoredCert | None]
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,8 @@ def _prepare_plain(spool: Spool, todo: Sequence[BulkItem], results: Sequence[Bul
         # The first chunk here, before the fork: what its reads load (the store's index,
         # 11 MB of JSON for 10,000 certificates: 0.2 s) the helper has without loading it.
         take(0)
-        helper = _Helper.start(spool, todo, results, load, tok, staged_at, chunks, 1)
+        if not interrupt.requested():
+            helper = _Helper.start(spool, todo, results, load, tok, staged_at, chunks, 1)
     try:
         for c in (helper.chunks() if helper else range(len(mine), len(chunks))):
             take(c)
