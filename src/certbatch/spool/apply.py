@@ -17,7 +17,7 @@ import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import interrupt
@@ -27,7 +27,7 @@ from ..fsutil import ensure_dir
 from ..hooks import HookResult, run_hook
 from ..targets import Target
 from .entries import PendingEntry
-from .env import batch_document, notify_env, write_handover
+from .env import Records, batch_json, notify_env, write_handover
 from .ledger import FAILED, OK, Ledger, Ledgers
 from .staging import remove
 
@@ -57,6 +57,7 @@ class Batch:
     batch_id: str
     spool_root: Path
     failed_names: Sequence[str]
+    records: Records = field(default_factory=Records)  # for its batch files
 
 
 def apply_all(batch: Batch, targets: Sequence[Target], entries: Sequence[PendingEntry],
@@ -119,8 +120,8 @@ def _run(batch: Batch, target: Target, waiting: Sequence[PendingEntry],
     assert target.command is not None
     folder = ensure_dir(ledgers.folder(target.name), 0o700)
     names = [e.name for e in waiting]
-    write_handover(folder, batch_document(batch.batch_id, target.name, batch.spool_root,
-                                          waiting, batch.failed_names), names)
+    write_handover(folder, batch_json(batch.batch_id, target.name, batch.spool_root, waiting,
+                                      batch.failed_names, batch.records), names)
     # The target's own settings first: certbatch's variables cannot be overridden.
     env = {**target.env, **notify_env(batch.spool_root, target.name, folder, names,
                                       batch.failed_names)}

@@ -59,12 +59,37 @@ def notify_env(spool_root: Path, target: str, folder: Path, names: Sequence[str]
     }
 
 
-def batch_document(batch_id: str, target: str | None, spool_root: Path,
-                   entries: Sequence[PendingEntry],
-                   failed_names: Sequence[str]) -> dict[str, object]:
-    """The batch file's content (schema in docs/batch.schema.json); `target` None for the
-    record kept in applied/<batch-id>/."""
-    return {
+class Records:
+    """Each pending entry's record in the batch files, as JSON, made once per notify phase: an
+    entry goes into its targets' batch.json and into applied/<batch-id>/batch.json, and at
+    10,000 entries making the records and their JSON takes 0.1 s a file."""
+
+    def __init__(self) -> None:
+        self._made: dict[tuple[str, str, Path], str] = {}
+
+    def json(self, e: PendingEntry) -> str:
+        key = (e.name, e.serial, e.folder)
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = json.dumps({
+                "name": e.name,
+                "domains": list(e.domains),
+                "serial": e.serial,
+                "not_after": iso(e.not_after),
+                "staged_at": iso(e.staged_at),
+                "folder": str(e.folder),
+            })
+        return made
+
+
+def batch_json(batch_id: str, target: str | None, spool_root: Path,
+               entries: Sequence[PendingEntry], failed_names: Sequence[str],
+               records: Records | None = None) -> str:
+    """The batch file (schema in docs/batch.schema.json; `target` None for the record kept in
+    applied/<batch-id>/): indented as json.dumps(indent=2) indents it, but each certificate on
+    one line (indent= makes json use its pure-Python encoder: 0.8 s for a batch of 10,000
+    certificates, against 0.1 s)."""
+    head = {
         "version": BATCH_VERSION,
         "batch_id": batch_id,
         "target": target,
@@ -73,35 +98,16 @@ def batch_document(batch_id: str, target: str | None, spool_root: Path,
         "count": len(entries),
         "names": [e.name for e in entries],
         "failed_names": list(failed_names),
-        "certificates": [
-            {
-                "name": e.name,
-                "domains": list(e.domains),
-                "serial": e.serial,
-                "not_after": iso(e.not_after),
-                "staged_at": iso(e.staged_at),
-                "folder": str(e.folder),
-            }
-            for e in entries
-        ],
     }
-
-
-def batch_json(batch: dict[str, object]) -> str:
-    """A batch document as JSON: indented as json.dumps(indent=2) indents it, but each
-    certificate on one line (indent= makes json use its pure-Python encoder: 0.8 s for a batch
-    of 10,000 certificates, against 0.1 s)."""
-    lines = []
-    for key, value in batch.items():
-        if key == "certificates" and isinstance(value, list) and value:
-            text = "[\n    " + ",\n    ".join(map(json.dumps, value)) + "\n  ]"
-        else:
-            text = json.dumps(value)
-        lines.append(f"  {json.dumps(key)}: {text}")
+    lines = [f"  {json.dumps(key)}: {json.dumps(value)}" for key, value in head.items()]
+    records = records or Records()
+    certificates = "[\n    " + ",\n    ".join(records.json(e) for e in entries) + "\n  ]" \
+        if entries else "[]"
+    lines.append(f'  "certificates": {certificates}')
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def write_handover(folder: Path, batch: dict[str, object], names: Sequence[str]) -> None:
-    """Write a target's batch.json and names files (0600) into its folder."""
-    atomic_write(folder / "batch.json", batch_json(batch), 0o600)
+def write_handover(folder: Path, batch: str, names: Sequence[str]) -> None:
+    """Write a target's batch.json (`batch_json`) and names files (0600) into its folder."""
+    atomic_write(folder / "batch.json", batch, 0o600)
     atomic_write(folder / "names", "".join(f"{n}\n" for n in names), 0o600)

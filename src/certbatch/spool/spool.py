@@ -61,7 +61,7 @@ from ..targets import Target, resolve
 from . import bulk
 from .apply import Batch, TargetOutcome, apply_all
 from .entries import META_VERSION, NAME_RE, CertFiles, PendingEntry, entry_problem, read_pending
-from .env import batch_document, batch_json, deploy_env, notify_env
+from .env import batch_json, deploy_env, notify_env
 from .ledger import Ledger, Ledgers
 from .staging import Staging, remove, sync_tree
 
@@ -509,8 +509,8 @@ class Spool:
             return
         dest = self.applied_dir / batch.batch_id
         ensure_dir(dest, 0o700)
-        record = batch_document(batch.batch_id, None, self.root, entries, batch.failed_names)
-        atomic_write(dest / "batch.json", batch_json(record), 0o600)
+        atomic_write(dest / "batch.json", batch_json(batch.batch_id, None, self.root, entries,
+                                                     batch.failed_names, batch.records), 0o600)
         into = f"{dest}/"  # strings: 10,000 renames after a run-hook --all
         for entry in entries:
             os.rename(entry.folder, into + entry.name)
