@@ -16,7 +16,7 @@ import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -34,10 +34,6 @@ from .errors import (
     exit_code_for,
     os_error_message,
 )
-
-if TYPE_CHECKING:
-    from .hooks import HookCommand
-    from .plans import DeployPlan, NotifyPlan
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("certbatch.cli")
@@ -544,8 +540,8 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
     if dry_run:
         from .plans import deploy_plan, notify_plan
 
-        lines = _deploy_plan_lines(deploy_plan(runner, deploy)) if deploy else \
-            _notify_plan_lines(notify_plan(runner, only_targets, all_live))
+        lines = render.deploy_plan_lines(deploy_plan(runner, deploy)) if deploy else \
+            render.notify_plan_lines(notify_plan(runner, only_targets, all_live))
         for line in lines:
             out(line)
         return EXIT_OK
@@ -579,64 +575,6 @@ def run_hook(ctx: click.Context, dry_run: bool, only_targets: tuple[str, ...], a
                 "the targets run have" if only_targets else "every target has"
             out(f"nothing to apply: {which} everything pending")
     return EXIT_FAILURE if failures or not outcome.ok else EXIT_OK
-
-
-def _hook_lines(commands: list[HookCommand], env: dict[str, str], none: str) -> list[str]:
-    """Each hook a dry run would run, with the CERTBATCH_* variables it would get."""
-    if not commands:
-        return [none]
-    lines = []
-    for cmd in commands:
-        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
-        lines.extend(_env_lines(env))
-    return lines
-
-
-def _env_lines(env: dict[str, str]) -> list[str]:
-    return [f"      {k}={v}" for k, v in sorted(env.items())]
-
-
-def _notify_plan_lines(plan: NotifyPlan) -> list[str]:
-    if plan.nothing_pending:
-        return ["nothing pending"]
-    lines = []
-    if plan.restage_for is not None:
-        live = plan.restage
-        lines.append(f"would forget what {plan.restage_for} has applied and stage again "
-                     f"{len(live)} live certificate{'s' * (len(live) != 1)} that "
-                     f"{'are' if len(live) != 1 else 'is'} not pending: {' '.join(live)}")
-    if plan.pending:
-        lines.append(f"batch of {len(plan.pending)} pending certificate"
-                     f"{'s' * (len(plan.pending) != 1)}:")
-    for item in plan.pending:
-        p = item.entry
-        lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
-                     f"serial {p.serial}")
-        lines.append(f"    {p.folder}: {' '.join(item.files)}")
-    if not plan.has_targets:
-        return lines + ["no notify targets (hooks/notify.d/ is empty, no hooks.targets or "
-                        "hooks.notify): the batch would be marked applied as is"]
-    for t in plan.targets:
-        if t.problem:
-            lines.append(f"target {t.name}: CANNOT RUN: {t.problem}")
-        elif not t.names or t.command is None:
-            lines.append(f"target {t.name}: nothing to apply (it has every pending entry)")
-        else:
-            lines.append(f"target {t.name}: would run {' '.join(t.command.argv)} "
-                         f"(timeout {t.timeout:g} s) with {len(t.names)} certificate"
-                         f"{'s' * (len(t.names) != 1)}: {' '.join(t.names)}")
-            lines.extend(_env_lines(t.env))
-    return lines
-
-
-def _deploy_plan_lines(plan: DeployPlan) -> list[str]:
-    stored = plan.stored
-    if stored is None:
-        return [f"{plan.name}: not issued yet, nothing to stage"]
-    lines = [f"would stage {plan.name} (serial {stored.serial}, expires "
-             f"{stored.not_after:%Y-%m-%d}) from {stored.folder}"]
-    return lines + _hook_lines(plan.commands, plan.env, "no deploy hooks found (files are "
-                                                        "copied into the spool only)")
 
 
 @cli.command()
@@ -727,6 +665,7 @@ def remove(ctx: click.Context, name: str, yes: bool, wait: float) -> int:
     """Retire certificate NAME, no longer in the config: delete its state folder (keys
     included), its pending spool entry, its copies in the spool's applied batches and its
     name in the target ledgers."""
+    from . import render
     from .runner import run_lock
 
     settings = load_settings(ctx)
@@ -736,36 +675,18 @@ def remove(ctx: click.Context, name: str, yes: bool, wait: float) -> int:
             raise UsageError(f"remove {name} deletes its keys and certificates: confirm with "
                              f"--yes (there is no terminal to ask on)")
         out(f"certbatch remove {name} deletes:")
-        for line in _removal_lines(plan):
+        for line in render.removal_lines(plan):
             out(f"  {line}")
         if not click.confirm(f"Remove {name}?", default=False):
             err("certbatch: nothing removed")
             return EXIT_FAILURE
     with run_lock(settings.paths.state, wait, "remove"):
         done = retire.remove(settings, name)
-    line = f"{name}: removed ({'; '.join(_removal_lines(done))})"
+    line = f"{name}: removed ({'; '.join(render.removal_lines(done))})"
     if not _opt(ctx, "quiet"):
         out(line)
     log.info("%s", line)
     return EXIT_OK
-
-
-def _removal_lines(plan: retire.Removal) -> list[str]:
-    lines = []
-    if plan.state_folder is not None:
-        live = f"live certificate serial {plan.serial}, expires {plan.not_after:%Y-%m-%d}" \
-            if plan.serial else "no readable live certificate"
-        lines.append(f"{plan.state_folder} ({live}; every version and key)")
-    if plan.pending is not None:
-        lines.append(f"{plan.pending} (staged, not applied by every target yet)")
-    if plan.targets:
-        lines.append(f"its entry in the ledger of target{'s' * (len(plan.targets) > 1)} "
-                     f"{', '.join(plan.targets)}")
-    if plan.applied:
-        n = len(plan.applied)
-        lines.append(f"{n} cop{'ies' if n > 1 else 'y'} in {plan.applied[0].parent.parent} "
-                     f"(the record of applied batches; keys included)")
-    return lines
 
 
 @cli.group("acme-dns")

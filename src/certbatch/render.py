@@ -5,13 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import renewal
 from .renewal import Decision
 from .runner import FAILED_OUTCOMES, CertResult, Progress, RunReport
 from .spool import NotifyOutcome, TargetState
 from .store import iso
+
+if TYPE_CHECKING:
+    from .hooks import HookCommand
+    from .plans import DeployPlan, NotifyPlan
+    from .retire import Removal
 
 REPORT_SCHEMA_VERSION = 2  # 2: per-target notify results and target states
 FIX_HINT = "fix it, then run `certbatch run-hook`"
@@ -503,3 +508,81 @@ class RichProgress(Progress):
         for line in summary_lines(report)[-2:]:
             if line.startswith("notify") or line[0].isdigit():
                 self.console.print(Text(line))
+
+
+# -- dry runs and removals: what a command would do, or did -----------------------------------
+
+def hook_lines(commands: list[HookCommand], env: dict[str, str], none: str) -> list[str]:
+    """Each hook a dry run would run, with the CERTBATCH_* variables it would get."""
+    if not commands:
+        return [none]
+    lines = []
+    for cmd in commands:
+        lines.append(f"would run {cmd.name}: {' '.join(cmd.argv)}")
+        lines.extend(env_lines(env))
+    return lines
+
+
+def env_lines(env: dict[str, str]) -> list[str]:
+    return [f"      {k}={v}" for k, v in sorted(env.items())]
+
+
+def notify_plan_lines(plan: NotifyPlan) -> list[str]:
+    if plan.nothing_pending:
+        return ["nothing pending"]
+    lines = []
+    if plan.restage_for is not None:
+        live = plan.restage
+        lines.append(f"would forget what {plan.restage_for} has applied and stage again "
+                     f"{len(live)} live certificate{'s' * (len(live) != 1)} that "
+                     f"{'are' if len(live) != 1 else 'is'} not pending: {' '.join(live)}")
+    if plan.pending:
+        lines.append(f"batch of {len(plan.pending)} pending certificate"
+                     f"{'s' * (len(plan.pending) != 1)}:")
+    for item in plan.pending:
+        p = item.entry
+        lines.append(f"  {p.name}  {' '.join(p.domains)}  expires {p.not_after:%Y-%m-%d}  "
+                     f"serial {p.serial}")
+        lines.append(f"    {p.folder}: {' '.join(item.files)}")
+    if not plan.has_targets:
+        return lines + ["no notify targets (hooks/notify.d/ is empty, no hooks.targets or "
+                        "hooks.notify): the batch would be marked applied as is"]
+    for t in plan.targets:
+        if t.problem:
+            lines.append(f"target {t.name}: CANNOT RUN: {t.problem}")
+        elif not t.names or t.command is None:
+            lines.append(f"target {t.name}: nothing to apply (it has every pending entry)")
+        else:
+            lines.append(f"target {t.name}: would run {' '.join(t.command.argv)} "
+                         f"(timeout {t.timeout:g} s) with {len(t.names)} certificate"
+                         f"{'s' * (len(t.names) != 1)}: {' '.join(t.names)}")
+            lines.extend(env_lines(t.env))
+    return lines
+
+
+def deploy_plan_lines(plan: DeployPlan) -> list[str]:
+    stored = plan.stored
+    if stored is None:
+        return [f"{plan.name}: not issued yet, nothing to stage"]
+    lines = [f"would stage {plan.name} (serial {stored.serial}, expires "
+             f"{stored.not_after:%Y-%m-%d}) from {stored.folder}"]
+    return lines + hook_lines(plan.commands, plan.env, "no deploy hooks found (files are "
+                                                        "copied into the spool only)")
+
+
+def removal_lines(plan: Removal) -> list[str]:
+    lines = []
+    if plan.state_folder is not None:
+        live = f"live certificate serial {plan.serial}, expires {plan.not_after:%Y-%m-%d}" \
+            if plan.serial else "no readable live certificate"
+        lines.append(f"{plan.state_folder} ({live}; every version and key)")
+    if plan.pending is not None:
+        lines.append(f"{plan.pending} (staged, not applied by every target yet)")
+    if plan.targets:
+        lines.append(f"its entry in the ledger of target{'s' * (len(plan.targets) > 1)} "
+                     f"{', '.join(plan.targets)}")
+    if plan.applied:
+        n = len(plan.applied)
+        lines.append(f"{n} cop{'ies' if n > 1 else 'y'} in {plan.applied[0].parent.parent} "
+                     f"(the record of applied batches; keys included)")
+    return lines
