@@ -429,6 +429,9 @@ class Benchmark:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.workdir = workdir
+        # The validated-config cache of every certbatch child goes with the work folder, not
+        # into /var/cache/certbatch (one file per config path, never cleaned up there).
+        os.environ["CERTBATCH_CACHE_DIR"] = str(workdir / "config-cache")
         self.rows: list[Row] = []
         self.errors: list[str] = []
         self.force_row: Row | None = None  # certbatch's forced renewal of N, once measured
