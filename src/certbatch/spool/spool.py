@@ -164,6 +164,7 @@ class Spool:
             if deploy_workers and deploy_workers > 1 else None
         self._swept = False  # leftover temp files removed (once per Spool object: per run)
         self._trash_waiting = False  # .trash/ has something: empty it once the lock is free
+        self._trash_here = False  # ... in this process (an earlier deleter did not finish)
 
     # -- what hooks get (also used for dry-run display) --------------------------------------
 
@@ -234,7 +235,11 @@ class Spool:
             self.lock.release()
             if self._trash_waiting:
                 self._trash_waiting = False
-                self._empty_trash_later()
+                if self._trash_here:  # unless a deleter is at work after all
+                    with contextlib.suppress(OSError):  # best effort: the next run tries again
+                        empty_trash(self.trash_dir, wait=False)
+                else:
+                    self._empty_trash_later()
 
     def _recover(self) -> None:
         """What crashed runs left (call holding the spool lock exclusively)."""
@@ -250,11 +255,13 @@ class Spool:
             remove_leftovers(self.ledgers.dir, levels=2)
             remove_leftovers(self.applied_dir)
             # Batches a run pruned but did not finish deleting (killed, or its deleting
-            # process was): deleted once the lock is released, as after a prune.
+            # process was: a service manager may kill what a run leaves behind, as systemd's
+            # KillMode does): deleted by this run itself once the lock is released, so that
+            # the trash cannot grow where no background process outlives a run.
             if _trash_left(self.trash_dir):
-                log.info("spool: old applied batches left in %s; deleting them",
-                         self.trash_dir)
-                self._trash_waiting = True
+                log.info("spool: old applied batches left in %s; deleting them once the "
+                         "spool lock is released", self.trash_dir)
+                self._trash_waiting = self._trash_here = True
             self._swept = True
 
     # -- staging ----------------------------------------------------------------------------
@@ -665,7 +672,7 @@ def _trash_left(trash: Path) -> bool:
         return False
 
 
-def empty_trash(trash: Path | str) -> None:
+def empty_trash(trash: Path | str, wait: bool = True) -> None:
     """Delete what `trash` (<spool>/.trash/) holds: batches `Spool._prune` renamed there.
 
     Runs in a process of its own (`_EMPTIER`), without the spool lock: nothing reads the trash,
@@ -673,7 +680,8 @@ def empty_trash(trash: Path | str) -> None:
     waited deletes what came meanwhile. Never follows a link: a folder of certbatch's own is
     deleted by shutil.rmtree (through folder descriptors), anything else is unlinked; a crash
     halfway leaves part of a folder here, which the next run deletes. Best effort: what cannot
-    be deleted stays, tried again by the next run.
+    be deleted stays, tried again by the next run. `wait` False: return at once if another
+    one is at work (it deletes what is there when it is done, and what came meanwhile).
     """
     try:
         fd = os.open(trash, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -682,7 +690,10 @@ def empty_trash(trash: Path | str) -> None:
     try:
         if safefs.problem(os.fstat(fd)) is not None:
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
         failed: set[str] = set()
         while names := [n for n in os.listdir(fd) if n not in failed]:
             for name in names:
