@@ -286,6 +286,32 @@ wait
     assert [p["CERTBATCH_NAMES"] for p in probe_lines(probes, "apply")] == ["dns"]
 
 
+def test_a_remove_running_when_the_stop_comes_is_let_finish(tmp_path, pebble):
+    # `remove` runs while the CA finalizes the order (acme_client._cleaning_up): a stop then
+    # must not kill it, or the record would stay
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    script = tmp_path / "dns.sh"
+    script.write_text(f"""#!/bin/sh
+trap 'echo TERM >> {probes}/remove-signalled' TERM
+if [ "$1" = remove ]; then echo $$ > {probes}/remove.pid; sleep 1.5; fi
+{DNS_SCRIPT} "$@" && echo "$1" >> {probes}/done
+""")
+    script.chmod(0o755)
+    cfg = write_config(tmp_path, pebble, {"rm": {"domains": ["rm.signals.example.com"],
+                                                 "challenge": dns01(script)}})
+    proc = start(["renew"], cfg, pebble)
+    pids = wait_for(probes / "remove.pid", proc)
+    code, out, err, took = stop(proc, signal.SIGTERM)
+
+    assert (probes / "done").read_text().split() == ["add", "remove"]
+    assert not (probes / "remove-signalled").exists()
+    assert pebble.txt("_acme-challenge.rm.signals.example.com.") == []
+    assert code in (0, 128 + signal.SIGTERM), err  # the order may have been done already
+    assert took < 10, took
+    assert [p for p in pids if not gone(p)] == []
+
+
 def test_sigint_while_ordering_stops_before_the_next_acme_step(tmp_path, pebble):
     cfg = write_config(tmp_path, pebble, {"ord": {"domains": ["ord.signals.example.com"],
                                                   "challenge": dns01(wait=120)}})

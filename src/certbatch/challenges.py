@@ -391,6 +391,7 @@ class DnsScriptSolver:
         if added and interrupt.requested():
             log.warning("%s: interrupted: removing the dns-01 TXT record(s) all the same (%s "
                         "remove, within %g s)", self.name, self.script, STOPPED_CLEANUP_TIMEOUT)
+        failed = False
         for records in calls:
             if not records:
                 continue
@@ -402,8 +403,9 @@ class DnsScriptSolver:
                 self._run("remove", records, deadline, deadline_bound=False,
                           after_stop=STOPPED_CLEANUP_TIMEOUT)
             except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
+                failed = True
                 log.warning("%s: %s", self.name, exc)
-        if added:
+        if added and not failed:
             log.info("%s: dns-01 TXT record(s) removed", self.name)
 
     def _run(self, action: str, records: Sequence[tuple[str, str, str]], deadline: float,

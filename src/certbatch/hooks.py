@@ -267,6 +267,7 @@ def _pump(sel: selectors.BaseSelector, tails: dict[int, _Tail], wait: float) -> 
 # an unrelated process when terminate_all signals it: the leader is only tested for exit with
 # WNOWAIT (`_exited`) until then.
 _running: dict[int, float | None] = {}
+_spared: set[int] = set()  # cleanups a stop lets finish (run_hook's after_stop): not signalled
 _running_lock = threading.Lock()
 
 
@@ -283,12 +284,14 @@ def _sigterm(pid: int) -> float:
 
 
 def terminate_all() -> int:
-    """SIGTERM every running hook's process group (a signal stops certbatch); how many. Each
-    `run_hook` call sends SIGKILL to what is left of its group KILL_GRACE seconds later."""
+    """SIGTERM every running hook's process group (a signal stops certbatch), but for the
+    cleanups a stop lets finish (`run_hook`'s after_stop, bounded by its own time); how many.
+    Each `run_hook` call sends SIGKILL to what is left of its group KILL_GRACE seconds later."""
     with _running_lock:
-        for pid in _running:
+        stopped = [pid for pid in _running if pid not in _spared]
+        for pid in stopped:
             _sigterm(pid)
-        return len(_running)
+        return len(stopped)
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
@@ -356,6 +359,8 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
         else:
             with _running_lock:
                 _running[proc.pid] = None
+                if after_stop is not None:
+                    _spared.add(proc.pid)
     if proc is None:
         _log_result(failed)
         return failed
@@ -368,6 +373,7 @@ def run_hook(cmd: HookCommand, env: Mapping[str, str], cwd: Path, timeout: float
             _kill_group(proc)
         with _running_lock:  # out of the registry, then reaped: its group id may be reused
             _running.pop(proc.pid, None)
+            _spared.discard(proc.pid)
         returncode = proc.wait()
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()

@@ -158,11 +158,11 @@ class DnsProviderSolver:
         # Removal is one short update per value: done even after a signal, so no record is
         # left behind; the whole of it is bounded (within STOPPED_CLEANUP_TIMEOUT of a stop).
         deadline = time.monotonic() + CLEANUP_TIMEOUT
-        stopped_at = interrupt.requested_at()
-        if stopped_at is not None:
-            deadline = min(deadline, stopped_at + STOPPED_CLEANUP_TIMEOUT)
         failed = 0
         for record in added:
+            stopped_at = interrupt.requested_at()  # a stop meanwhile: within 10 s of it
+            if stopped_at is not None:
+                deadline = min(deadline, stopped_at + STOPPED_CLEANUP_TIMEOUT)
             try:
                 self._provider.remove(record, deadline)
             except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
