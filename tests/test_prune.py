@@ -227,3 +227,28 @@ def test_where_no_process_can_be_started_the_run_deletes_after_the_lock(
     assert spool.lock.acquire(timeout=0)  # and the lock was free again
     spool.lock.release()
     assert len(spool.applied()) == 1
+
+
+def test_a_prune_that_fails_never_fails_the_notify_phase(tmp_path: Path) -> None:
+    # Housekeeping after every target has applied: the batch stays in applied/ instead
+    spool = spool_in(tmp_path, 1)
+    spool.root.mkdir(parents=True)
+    (spool.root / ".trash").write_text("not a folder")
+    for name in ("a", "b"):
+        assert spool.stage(cert(name)).ok
+        outcome = spool.notify()
+        assert outcome.ok and outcome.applied == [name]
+    assert len(spool.applied()) == 2  # kept for the next prune
+
+
+def test_remove_never_deletes_through_a_linked_trash(tmp_path: Path) -> None:
+    spool = spool_in(tmp_path, 1)
+    assert spool.stage(cert("victim")).ok
+    spool.notify()
+    elsewhere = tmp_path / "elsewhere" / "somebatch" / "victim"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "keep").write_text("x")
+    (spool.root / ".trash").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="symlink"):
+        spool.retire("victim")
+    assert (elsewhere / "keep").exists()

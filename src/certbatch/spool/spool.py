@@ -236,6 +236,7 @@ class Spool:
             if self._trash_waiting:
                 self._trash_waiting = False
                 if self._trash_here:  # unless a deleter is at work after all
+                    self._trash_here = False
                     with contextlib.suppress(OSError):  # best effort: the next run tries again
                         empty_trash(self.trash_dir, wait=False)
                 else:
@@ -543,14 +544,20 @@ class Spool:
         old = batches[: max(len(batches) - self.keep_applied, 0)]
         if not old:
             return
-        ensure_dir(self.trash_dir, 0o700)
-        for batch_id in old:
-            # The token: never onto a folder of the same name (a rename undone by a power cut,
-            # and the batch renamed again).
-            os.rename(self.applied_dir / batch_id,
-                      self.trash_dir / f"{batch_id}.{secrets.token_hex(3)}")
-            point("prune.moved")
-        self._trash_waiting = True
+        try:
+            ensure_dir(self.trash_dir, 0o700)
+            for batch_id in old:
+                # The token: never onto a folder of the same name (a rename undone by a power
+                # cut, and the batch renamed again).
+                os.rename(self.applied_dir / batch_id,
+                          self.trash_dir / f"{batch_id}.{secrets.token_hex(3)}")
+                point("prune.moved")
+                self._trash_waiting = True
+        except (CertbatchError, OSError) as exc:
+            # Housekeeping after every target has applied: it never fails the notify phase.
+            # The batch stays in applied/, and the next prune tries again.
+            log.warning("spool: cannot prune applied batches into %s: %s", self.trash_dir,
+                        os_error_message(exc) if isinstance(exc, OSError) else exc)
 
     def _empty_trash_later(self) -> None:
         """Start a process of its own (a new session, in the background, niced; the run does
@@ -569,7 +576,7 @@ class Spool:
             log.debug("spool: no process to delete %s (%s); deleting it now", self.trash_dir,
                       exc)
             with contextlib.suppress(OSError):  # best effort: the next run tries again
-                empty_trash(self.trash_dir)
+                empty_trash(self.trash_dir, wait=False)
 
     def applied(self) -> list[str]:
         """Ids of the kept applied batches, oldest first."""
@@ -617,6 +624,7 @@ class Spool:
         now: the process deleting them may have been killed. It may also be deleting them at
         this moment (it does not take the spool lock): what it deleted first is not an error."""
         try:
+            safefs.check_dir(self.trash_dir)  # never through a link someone put there
             batches = os.listdir(self.trash_dir)
         except FileNotFoundError:
             return
@@ -668,7 +676,7 @@ def _trash_left(trash: Path) -> bool:
     try:
         with os.scandir(trash) as it:
             return any(True for _ in it)
-    except FileNotFoundError:
+    except OSError:  # none, or not a folder (Spool.check says so; a prune warns)
         return False
 
 
@@ -697,6 +705,8 @@ def empty_trash(trash: Path | str, wait: bool = True) -> None:
         failed: set[str] = set()
         while names := [n for n in os.listdir(fd) if n not in failed]:
             for name in names:
+                if interrupt.requested():  # deleting in a run (not the background process)
+                    return  # a stop ends it: the rest waits for the next run
                 path = os.path.join(trash, name)
                 try:
                     st = os.lstat(path)
