@@ -82,9 +82,6 @@ def _opt(ctx: click.Context, key: str) -> Any:
     return ctx.find_root().meta.get(key)
 
 
-_process_owner = False  # main() runs: what lives as long as the process may be frozen (gc)
-
-
 def load_settings(ctx: click.Context) -> config_mod.Settings:
     path = config_mod.find_config(_opt(ctx, "config"))
     from .config_cache import load_cached
@@ -96,8 +93,6 @@ def load_settings(ctx: click.Context) -> config_mod.Settings:
             raise
         hint = config_mod.missing_config_hint(_opt(ctx, "config"))
         raise ConfigError(exc.file, "", f"file not found; {hint}") from None
-    if _process_owner:
-        gc.freeze()  # the settings live as long as the process too: see main()
     problem = setup_logging(ctx, settings)
     if problem:  # only a command that writes nothing goes on without its log file
         ctx.meta[_LOG_PROBLEM] = problem
@@ -857,22 +852,23 @@ def main(argv: list[str] | None = None) -> None:
     (interrupt.py): they end it with one line, `certbatch: interrupted (SIGTERM)`, and exit
     128 + the signal number; renew and run-hook first stop their hooks and save their state.
     The handlers stay set until the process exits: a late signal is ignored, not a traceback."""
-    global _process_owner
     interrupt.install()
-    # What the imports made (modules, classes, functions) and then the settings live as long as
-    # the process: out of the cyclic collector's sight, they are not walked again by every
-    # collection that loading a large state triggers (a tenth of a run with nothing due over
-    # 10,000 certificates). Garbage made later is collected as usual, the youngest once per
-    # 50,000 new objects rather than 700: loading a state allocates hundreds of thousands that
-    # all stay, and each collection before they settle walks them again.
+    # What the imports made (modules, classes, functions) lives as long as the process: out of
+    # the cyclic collector's sight, it is not walked again by every collection that loading a
+    # large config and state triggers (a tenth of a run with nothing due over 10,000
+    # certificates). Garbage made later is collected as usual, the youngest once per 50,000
+    # new objects rather than 700: loading a state allocates hundreds of thousands that all
+    # stay, and each collection before they settle walks them again.
+    thresholds = gc.get_threshold()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    _process_owner = True
     try:
         try:
             _main(argv)
         finally:
-            _process_owner = False
+            # As they were, for a caller in the same process (not unfrozen: at exit that would
+            # have the interpreter's last collection walk every object once more).
+            gc.set_threshold(*thresholds)
             interrupt.stopping()  # once this has run no signal raises any more
     except Interrupted as exc:
         name = interrupt.signal_name(exc.signum)
