@@ -391,9 +391,11 @@ def _helper_main(parent: int, queue: int, report: int, spool: Spool,
     if prctl is None or prctl(1, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != parent:
         return 1  # PR_SET_PDEATHSIG: it dies with the parent (which may be gone already)
     rows = []
-    while not stop and (chunk := _take(queue)) is not None:
+    # interrupt.requested(): a signal between the fork and the handlers above ran the
+    # inherited one, which set the flag this process inherited too
+    while not stop and not interrupt.requested() and (chunk := _take(queue)) is not None:
         for i in chunks[chunk]:
-            if stop:
+            if stop or interrupt.requested():
                 break
             r = results[i]
             work = _read_and_prepare(spool, load, r, tok, staged_at)
