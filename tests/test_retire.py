@@ -348,3 +348,22 @@ def test_remove_that_cannot_delete_the_pending_key_fails_and_keeps_the_state(tmp
     monkeypatch.undo()
     retire.remove(settings, "site")
     assert not (tmp_path / "state" / "certs" / "site").exists()
+
+
+def test_remove_deletes_the_copies_in_pruned_batches_not_deleted_yet(tmp_path, pebble):
+    # a pruned batch whose background deleter was killed (a service manager may do that): its
+    # keys must go with `remove` too, listed first
+    probes = tmp_path / "probes"
+    probes.mkdir()
+    probe_hook(tmp_path / "hooks" / "notify.d" / "ok", probes)
+    config = issue(tmp_path, pebble, names=("old", "keep"))
+    spool = tmp_path / "spool"
+    (batch,) = [p for p in (spool / "applied").iterdir() if p.is_dir()]
+    (spool / ".trash").mkdir(mode=0o700)
+    batch.rename(spool / ".trash" / f"{batch.name}.abc123")
+    config = write_config(tmp_path, pebble, {"keep": {"domains": ["keep.retire.example"]}})
+    result = run(["remove", "old", "--yes"], config, pebble, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    assert "pruned batches not deleted yet; keys included" in result.stdout
+    assert not list(spool.glob(".trash/*/old"))
+    assert not list(spool.glob(".trash/*"))  # the rest too: a run deletes leftovers it finds

@@ -585,4 +585,8 @@ def removal_lines(plan: Removal) -> list[str]:
         n = len(plan.applied)
         lines.append(f"{n} cop{'ies' if n > 1 else 'y'} in {plan.applied[0].parent.parent} "
                      f"(the record of applied batches; keys included)")
+    if plan.trashed:
+        n = len(plan.trashed)
+        lines.append(f"{n} cop{'ies' if n > 1 else 'y'} in {plan.trashed[0].parent.parent} "
+                     f"(pruned batches not deleted yet; keys included)")
     return lines

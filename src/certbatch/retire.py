@@ -161,6 +161,7 @@ class Removal:
     pending: Path | None = None  # <spool>/pending/<name>, if there is one
     targets: list[str] = field(default_factory=list)  # ledgers that name it
     applied: list[Path] = field(default_factory=list)  # its copies in <spool>/applied/<batch>/
+    trashed: list[Path] = field(default_factory=list)  # ... in pruned batches, not deleted yet
 
 
 def plan_removal(settings: Settings, name: str) -> Removal:
@@ -194,10 +195,11 @@ def plan_removal(settings: Settings, name: str) -> Removal:
     applied = spool.applied_copies(name)
     for copy in applied:
         safefs.check_dir(copy)
+    trashed = spool.trashed_copies(name)
     removal = Removal(name, folder if os.path.lexists(folder) else None, serial, not_after,
-                      pending if os.path.lexists(pending) else None, targets, applied)
+                      pending if os.path.lexists(pending) else None, targets, applied, trashed)
     if removal.state_folder is None and removal.pending is None and not targets \
-            and not applied:
+            and not applied and not trashed:
         raise UsageError(f"nothing named {name} in {store.root / 'certs'}, "
                          f"{spool.pending_dir} or the target ledgers")
     return removal
@@ -212,7 +214,7 @@ def remove(settings: Settings, name: str) -> Removal:
     store = Store(settings.paths.state)
     # The spool first: a failure or a crash after it leaves a state folder that a second
     # `remove` deletes, never a pending entry the next notify would hand the targets again.
-    if removal.pending is not None or removal.targets or removal.applied:
+    if removal.pending is not None or removal.targets or removal.applied or removal.trashed:
         _spool(settings).retire(name)
     if removal.state_folder is not None:
         _remove_folder(removal.state_folder)

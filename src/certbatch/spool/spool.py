@@ -619,6 +619,17 @@ class Spool:
         return [self.applied_dir / b / name for b in self.applied()
                 if os.path.lexists(self.applied_dir / b / name)]
 
+    def trashed_copies(self, name: str) -> list[Path]:
+        """`name`'s entries in pruned batches that wait in .trash/ to be deleted (UnsafePath
+        if .trash/ is not certbatch's own folder)."""
+        try:
+            safefs.check_dir(self.trash_dir)
+            batches = sorted(os.listdir(self.trash_dir))
+        except FileNotFoundError:
+            return []
+        return [self.trash_dir / b / name for b in batches
+                if os.path.lexists(self.trash_dir / b / name)]
+
     def _delete_trashed(self, name: str) -> None:
         """Delete `name`'s entries in the pruned batches that wait in .trash/, keys included,
         now: the process deleting them may have been killed. It may also be deleting them at
