@@ -64,6 +64,7 @@ class Proxied:
     problem: str | None = None  # the problem type of an error answer
     location: str | None = None  # the answer's Location header
     faulted: bool = False  # answered by a Fault, not by Pebble
+    forwarded: int = 0  # a Fault(forward=True): Pebble's status, which the client never saw
 
     @property
     def identifiers(self) -> list[str]:
@@ -169,7 +170,7 @@ class FaultProxy:
                 if fault is not None:
                     record.faulted = True
                     if fault.forward:  # the CA acts on it; the client never hears
-                        self.upstream(self.command, self.path, body)
+                        record.forwarded = self.upstream(self.command, self.path, body)[0]
                     time.sleep(fault.delay)
                     if not fault.status:
                         self.close_connection = True

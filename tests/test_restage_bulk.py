@@ -500,11 +500,17 @@ import os, sys, time
 from certbatch import cli
 from certbatch.spool import bulk
 parent, real, pids = os.getpid(), bulk._prepare_one, sys.argv[1]
+calls = []
 def prepare_one(*args):
     with open(pids, "a") as fh:
         fh.write(f"{os.getpid()}\\n")
     if os.getpid() != parent:
         time.sleep(1)
+    elif calls:  # after the first (made before the fork): once the helper has one too
+        deadline = time.monotonic() + 20
+        while len(set(open(pids).read().split())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    calls.append(1)
     return real(*args)
 bulk.SPLIT_MIN, bulk.CHUNK, bulk._prepare_one = 1, 1, prepare_one
 sys.argv = ["certbatch", "-c", sys.argv[2], "run-hook", "--target", "new", "--all"]
