@@ -21,6 +21,7 @@ import pytest
 from test_spool import cert
 
 import certbatch.spool.spool as spool_core
+from certbatch.locks import SharedLock
 from certbatch.spool import Spool
 
 # The fault points of pruning (test_crash checks that every point is crash-tested somewhere):
@@ -219,13 +220,22 @@ def test_where_no_process_can_be_started_the_run_deletes_after_the_lock(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spool = spool_in(tmp_path, 1)
     monkeypatch.setattr(spool_core.sys, "executable", str(tmp_path / "no-python"))
+    free_while_deleting = []
+    real = spool_core.empty_trash
+
+    def deleting(*args: object, **kwargs: object) -> None:
+        other = SharedLock(spool.lock.path)  # another open file: a flock of its own
+        free_while_deleting.append(other.acquire(timeout=0))
+        other.release()
+        real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool_core, "empty_trash", deleting)
     for name in ("a", "b"):
         assert spool.stage(cert(name)).ok
         spool.notify()
     assert trash(tmp_path) == []  # deleted before notify returned
+    assert free_while_deleting == [True]  # after the spool lock was released
     assert oct(spool.trash_dir.stat().st_mode & 0o777) == "0o700"
-    assert spool.lock.acquire(timeout=0)  # and the lock was free again
-    spool.lock.release()
     assert len(spool.applied()) == 1
 
 
