@@ -470,3 +470,14 @@ def test_webroot_missing_is_a_challenge_error_and_nothing_is_created(tmp_path: P
             WebrootSolver(webroot, "c").prepare([http01("tok")], soon())
         assert str(err.value) == f"webroot {webroot} {what}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_stop_brings_the_cleanup_deadline_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Removals run after a signal too, but end within STOPPED_CLEANUP_TIMEOUT of it (dns
+    scripts and DNS providers alike; tests/test_signals.py follows a real stop)."""
+    now = time.monotonic()
+    monkeypatch.setattr(challenges.interrupt, "requested_at", lambda: None)
+    assert challenges.cleanup_deadline(now + 60) == now + 60
+    monkeypatch.setattr(challenges.interrupt, "requested_at", lambda: now - 4)
+    assert challenges.cleanup_deadline(now + 60) == now - 4 + challenges.STOPPED_CLEANUP_TIMEOUT
+    assert challenges.cleanup_deadline(now + 1) == now + 1

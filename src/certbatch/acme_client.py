@@ -113,7 +113,6 @@ def _account_lock(directory_url: str) -> threading.Lock:
         return _account_locks.setdefault(directory_url, threading.Lock())
 
 
-
 class AcmeClient:
     """Issues certificates from one ACME directory; safe to share between threads."""
 

@@ -41,6 +41,14 @@ SCRIPT_TIMEOUT = 60.0  # seconds per dns script call (less if the deadline is cl
 CLEANUP_TIMEOUT = 60.0  # seconds per `remove` call; runs even after the deadline has passed
 STOPPED_CLEANUP_TIMEOUT = 10.0  # the same once certbatch is interrupted (a stop must end soon)
 
+
+def cleanup_deadline(deadline: float) -> float:
+    """`deadline` (time.monotonic()) for removing challenge responses, brought forward to
+    STOPPED_CLEANUP_TIMEOUT after a stop, if one came: cleanups run after a signal too."""
+    stopped_at = interrupt.requested_at()
+    return deadline if stopped_at is None else min(deadline,
+                                                   stopped_at + STOPPED_CLEANUP_TIMEOUT)
+
 # ACME tokens are base64url (RFC 8555 8.1); anything else could escape the webroot.
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
@@ -395,13 +403,11 @@ class DnsScriptSolver:
         for records in calls:
             if not records:
                 continue
-            # After a stop, every remove ends within STOPPED_CLEANUP_TIMEOUT of it (run_hook)
-            stopped_at = interrupt.requested_at()
-            deadline = time.monotonic() + CLEANUP_TIMEOUT if stopped_at is None else \
-                min(stopped_at + STOPPED_CLEANUP_TIMEOUT, time.monotonic() + CLEANUP_TIMEOUT)
+            # A stop during the remove brings its end forward too (run_hook's after_stop)
             try:
-                self._run("remove", records, deadline, deadline_bound=False,
-                          after_stop=STOPPED_CLEANUP_TIMEOUT)
+                self._run("remove", records,
+                          cleanup_deadline(time.monotonic() + CLEANUP_TIMEOUT),
+                          deadline_bound=False, after_stop=STOPPED_CLEANUP_TIMEOUT)
             except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
                 failed = True
                 log.warning("%s: %s", self.name, exc)

@@ -13,8 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .. import interrupt
-from ..challenges import STOPPED_CLEANUP_TIMEOUT
+from ..challenges import cleanup_deadline
 from ..config import ChallengeSettings
 from ..errors import ChallengeError, DeadlineExceeded, Interrupted
 from .lookup import Lookup, in_zone
@@ -160,11 +159,8 @@ class DnsProviderSolver:
         deadline = time.monotonic() + CLEANUP_TIMEOUT
         failed = 0
         for record in added:
-            stopped_at = interrupt.requested_at()  # a stop meanwhile: within 10 s of it
-            if stopped_at is not None:
-                deadline = min(deadline, stopped_at + STOPPED_CLEANUP_TIMEOUT)
             try:
-                self._provider.remove(record, deadline)
+                self._provider.remove(record, cleanup_deadline(deadline))
             except (ChallengeError, DeadlineExceeded, Interrupted) as exc:
                 failed += 1
                 self.cleanup_problems.append(str(exc))
